@@ -1,0 +1,9 @@
+"""Errors that carry a message a user can act on."""
+
+
+class InputError(ValueError):
+    """Bad user input (file, image, label map, option). The message says what is wrong and what to do."""
+
+
+class WeightsError(RuntimeError):
+    """Missing, corrupt or mismatched model weights."""
