@@ -1,0 +1,93 @@
+"""The grid networks work on (canonical RAS+, isotropic, shape a multiple of 16) and resampling to and from it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from .geometry import Geometry, Volume
+from .sitk_bridge import from_sitk, reference_image, to_sitk
+
+# Canonical RAS+ orientation written as an ITK (LPS) direction matrix: i -> R (-L), j -> A (-P), k -> S.
+RAS_DIRECTION = np.diag([-1.0, -1.0, 1.0])
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+# Extent a grid may exceed a whole number of voxels by through rounding and still count as that number.
+_EXTENT_TOL_VOXELS = 1e-4
+
+
+def corner_points(geometry: Geometry) -> np.ndarray:
+    """LPS positions (8, 3) of the centres of the grid's 8 corner voxels."""
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in geometry.shape])), dtype=np.float64)
+    return geometry.index_to_physical(corners)
+
+
+def network_geometry(
+    geometry: Geometry,
+    spacing: float = 1.0,
+    multiple: int = 16,
+    shape: tuple[int, int, int] | None = None,
+) -> Geometry:
+    """Axis-aligned RAS+ grid with isotropic ``spacing`` covering ``geometry``'s voxel centres, sharing their centre.
+
+    Each dimension is the fewest voxels whose centres span the bounding box of the input's corner voxel
+    centres, rounded up to a multiple of ``multiple``; ``shape`` overrides this (cropping or padding about
+    the same centre).
+    """
+    if not spacing > 0:
+        raise InputError(f"network grid spacing must be positive, got {spacing}.")
+    if int(multiple) < 1:
+        raise InputError(f"network grid multiple must be a positive integer, got {multiple}.")
+    corners = corner_points(geometry) @ RAS_DIRECTION  # D^T x: coordinates along the network's axes
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    if shape is None:
+        voxels = [math.ceil(extent / spacing - _EXTENT_TOL_VOXELS) + 1 for extent in high - low]
+        shape = tuple(int(multiple) * math.ceil(n / int(multiple)) for n in voxels)
+    elif len(shape) != 3 or min(int(s) for s in shape) < 1:
+        raise InputError(f"network grid shape must be three positive sizes, got {shape}.")
+    half_span = spacing * (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    origin = RAS_DIRECTION @ ((low + high) / 2.0 - half_span)
+    return Geometry(shape=tuple(shape), spacing=(spacing,) * 3, origin=origin, direction=RAS_DIRECTION)
+
+
+def _resample_scalar(volume: Volume, geometry: Geometry, interpolation: str, default: float) -> np.ndarray:
+    array = volume.array
+    if interpolation != "nearest" and not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    image = to_sitk(volume.with_array(array))
+    resampled = sitk.Resample(
+        image, reference_image(geometry), sitk.Transform(), _INTERPOLATORS[interpolation], float(default)
+    )
+    return from_sitk(resampled).array
+
+
+def resample(volume: Volume, geometry: Geometry, interpolation: str = "linear", default: float = 0.0) -> Volume:
+    """``volume`` sampled at the voxel centres of ``geometry`` (identity transform, ``default`` outside).
+
+    ``interpolation`` is "linear", "nearest" (label maps; keeps the voxel type) or "bspline" (cubic).
+    A vector volume ``(I, J, K, C)`` is resampled component by component.
+    """
+    if interpolation not in _INTERPOLATORS:
+        raise InputError(f"unknown interpolation '{interpolation}'; use one of {', '.join(_INTERPOLATORS)}.")
+    if volume.array.ndim == 4:
+        components = [
+            _resample_scalar(volume.with_array(volume.array[..., c]), geometry, interpolation, default)
+            for c in range(volume.array.shape[3])
+        ]
+        return Volume(np.stack(components, axis=-1), geometry)
+    return Volume(_resample_scalar(volume, geometry, interpolation, default), geometry)
+
+
+def to_network(volume: Volume, grid: Geometry, labels: bool = False) -> np.ndarray:
+    """The volume's array on the network grid (linear for images, nearest for label maps)."""
+    return resample(volume, grid, "nearest" if labels else "linear").array
+
+
+def from_network(array: np.ndarray, grid: Geometry, target: Geometry, labels: bool = False) -> Volume:
+    """An array on the network grid (scalar or ``(I, J, K, C)``) mapped back onto the user's grid ``target``."""
+    if tuple(array.shape[:3]) != grid.shape:
+        raise ValueError(f"array of shape {array.shape} is not on the network grid of shape {grid.shape}")
+    return resample(Volume(array, grid), target, "nearest" if labels else "linear")

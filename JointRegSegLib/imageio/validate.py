@@ -1,0 +1,128 @@
+"""Checks that an image or label map is something JointRegSeg can register; failures raise `InputError`.
+
+``name`` in every check is how the message refers to the input, e.g. ``"fixed image 'x.nii.gz'"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from .geometry import Geometry, Volume
+
+# Two grids count as the same when they differ by no more than float32 header precision allows:
+# spacing relatively, origin in mm relative to the voxel size, direction cosines absolutely.
+_SPACING_RTOL = 1e-4
+_ORIGIN_TOL_VOXELS = 1e-3
+_DIRECTION_ATOL = 1e-4
+
+
+def _array_of(volume: Volume | np.ndarray) -> np.ndarray:
+    return volume.array if isinstance(volume, Volume) else np.asarray(volume)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def check_3d(volume: Volume | np.ndarray, name: str) -> None:
+    """A single 3D scalar volume, at least two voxels along every axis."""
+    array = _array_of(volume)
+    shape = _shape_text(array.shape)
+    if array.ndim != 3:
+        raise InputError(
+            f"{name} has {array.ndim} dimensions ({shape}); JointRegSeg needs a single 3D volume. "
+            + (
+                "Give a 3D scan rather than a single slice."
+                if array.ndim < 3
+                else "Extract one 3D volume (one time point or channel) first, e.g. with Slicer or fslroi."
+            )
+        )
+    if min(array.shape) < 2:
+        raise InputError(
+            f"{name} is a single slice ({shape}); JointRegSeg needs a 3D volume with at least 2 voxels along "
+            "every axis. Give the full 3D scan."
+        )
+
+
+def check_image(volume: Volume | np.ndarray, name: str) -> None:
+    """A 3D intensity image: finite values that are not all zero and not all equal."""
+    check_3d(volume, name)
+    array = _array_of(volume)
+    if not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{name} has voxel type {array.dtype}; JointRegSeg needs numeric intensities.")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{name} has complex voxel values; give a magnitude image instead.")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array.size - int(finite.sum())
+        kinds = " and ".join(
+            kind for kind, present in (("NaN", np.isnan(array).any()), ("inf", np.isinf(array).any())) if present
+        )
+        raise InputError(
+            f"{name} has {bad} non-finite voxels ({kinds}); JointRegSeg needs finite intensities. "
+            "Replace them (e.g. by 0) before registering."
+        )
+    low, high = array.min(), array.max()
+    if low == high:
+        if low == 0:
+            raise InputError(f"{name} is empty: all voxels are zero. Check that the right file was given.")
+        raise InputError(
+            f"{name} is constant (every voxel is {low}); there is nothing to register. "
+            "Check that the right file was given."
+        )
+
+
+def check_labels(volume: Volume | np.ndarray, name: str) -> None:
+    """A 3D label map: finite, integer-valued, non-negative, with at least one non-zero label."""
+    check_3d(volume, name)
+    array = _array_of(volume)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{name} has voxel type {array.dtype}; a label map needs integer labels.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{name} has NaN or inf values; a label map needs integer labels.")
+        fractional = array != np.round(array)
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise InputError(
+                f"{name} has non-integer values (e.g. {example:g} in {int(fractional.sum())} voxels); a label map "
+                "needs integer labels. Was an intensity image given as a label map?"
+            )
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise InputError(f"{name} has negative labels (min {low}); label codes must be 0 (background) or positive.")
+    if high > np.iinfo(np.int32).max:
+        raise InputError(f"{name} has label {high}, larger than the largest supported code {np.iinfo(np.int32).max}.")
+    if high == 0:
+        raise InputError(f"{name} is empty: every voxel is background (0). Check that the right file was given.")
+
+
+def _geometry_of(item: Volume | Geometry) -> Geometry:
+    return item.geometry if isinstance(item, Volume) else item
+
+
+def check_same_grid(a: Volume | Geometry, b: Volume | Geometry, names: tuple[str, str]) -> None:
+    """``a`` and ``b`` lie on the same voxel grid (shape, spacing, origin, direction)."""
+    ga, gb = _geometry_of(a), _geometry_of(b)
+    differences = []
+    if ga.shape != gb.shape:
+        differences.append(f"shape {_shape_text(ga.shape)} vs {_shape_text(gb.shape)}")
+    if not np.allclose(ga.spacing, gb.spacing, rtol=_SPACING_RTOL, atol=0.0):
+        differences.append(f"spacing {_fmt(ga.spacing)} vs {_fmt(gb.spacing)} mm")
+    origin_tol = _ORIGIN_TOL_VOXELS * min(min(ga.spacing), min(gb.spacing))
+    if not np.allclose(ga.origin, gb.origin, rtol=0.0, atol=origin_tol):
+        differences.append(f"origin {_fmt(ga.origin)} vs {_fmt(gb.origin)} mm")
+    if not np.allclose(ga.direction, gb.direction, rtol=0.0, atol=_DIRECTION_ATOL):
+        differences.append("direction (orientation) differs")
+    if differences:
+        raise InputError(
+            f"{names[0]} and {names[1]} are not on the same voxel grid ({'; '.join(differences)}). "
+            f"Resample {names[0]} onto the grid of {names[1]} (nearest neighbour for label maps) first."
+        )
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

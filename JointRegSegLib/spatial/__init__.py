@@ -1,0 +1,43 @@
+"""Warping, displacement/velocity fields, affine matrices and physical (LPS mm) displacement fields.
+
+One convention everywhere: voxel fields ``(B, 3, I, J, K)`` on the network grid, pull warping
+``out(p) = image(p + u(p))`` through `warp`; physical fields are `Volume` ``(I, J, K, 3)`` LPS mm
+on the fixed grid (ITK convention).
+"""
+
+from .affine import (
+    affine_matrix,
+    affine_to_displacement,
+    compose_affines,
+    index_affine_to_normalised,
+    index_affine_to_physical,
+    normalised_affine_to_index,
+    to_sitk_affine,
+)
+from .field_io import read_displacement_field, to_sitk_transform, write_displacement_field
+from .fields import compose, integrate_velocity, rescale_field
+from .physical import physical_to_voxel_field, voxel_to_physical_field, warp_volume
+from .warp import check_field, identity_grid, sample_at_indices, warp
+
+__all__ = [
+    "affine_matrix",
+    "affine_to_displacement",
+    "check_field",
+    "compose",
+    "compose_affines",
+    "identity_grid",
+    "index_affine_to_normalised",
+    "index_affine_to_physical",
+    "integrate_velocity",
+    "normalised_affine_to_index",
+    "physical_to_voxel_field",
+    "read_displacement_field",
+    "rescale_field",
+    "sample_at_indices",
+    "to_sitk_affine",
+    "to_sitk_transform",
+    "voxel_to_physical_field",
+    "warp",
+    "warp_volume",
+    "write_displacement_field",
+]

@@ -1,0 +1,163 @@
+"""Affine matrices on voxel indices of the network grid, and their physical (LPS) equivalents.
+
+An index affine is a homogeneous 4x4 matrix ``A`` (or its top 3x4 rows) acting on column vectors:
+the fixed-grid index ``p`` maps to the moving-grid index ``A @ (p, 1)`` (pull convention, like a
+displacement field: ``warped(p) = moving(A p)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError
+from ..imageio.geometry import Geometry
+from .warp import identity_grid
+
+Matrix = np.ndarray | torch.Tensor
+
+
+def _homogeneous(matrix: Matrix) -> Matrix:
+    """``(..., 3, 4)`` or ``(..., 4, 4)`` -> ``(..., 4, 4)`` (same array type)."""
+    if matrix.ndim < 2 or tuple(matrix.shape[-2:]) not in ((3, 4), (4, 4)):
+        raise InputError(f"an affine matrix must have shape (..., 3, 4) or (..., 4, 4); got {tuple(matrix.shape)}")
+    if matrix.shape[-2] == 4:
+        return matrix
+    if isinstance(matrix, torch.Tensor):
+        last = torch.zeros(*matrix.shape[:-2], 1, 4, dtype=matrix.dtype, device=matrix.device)
+        last[..., 0, 3] = 1.0
+        return torch.cat([matrix, last], dim=-2)
+    last = np.zeros((*matrix.shape[:-2], 1, 4), dtype=matrix.dtype)
+    last[..., 0, 3] = 1.0
+    return np.concatenate([matrix, last], axis=-2)
+
+
+def affine_to_displacement(matrix: Matrix, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel displacement ``(B, 3, I, J, K)`` of an index affine: ``u(p) = A p - p``.
+
+    ``matrix`` is ``(B, 3, 4)`` / ``(B, 4, 4)`` (or one unbatched matrix); differentiable w.r.t. it.
+    """
+    if not isinstance(matrix, torch.Tensor):
+        matrix = torch.as_tensor(np.asarray(matrix), dtype=torch.float32)
+    matrix = _homogeneous(matrix)
+    if matrix.ndim == 2:
+        matrix = matrix[None]
+    if matrix.ndim != 3:
+        raise InputError(f"affine_to_displacement needs (B, 3, 4) or (B, 4, 4) matrices; got {tuple(matrix.shape)}")
+    grid = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)[0]
+    linear = matrix[:, :3, :3] - torch.eye(3, dtype=matrix.dtype, device=matrix.device)
+    return torch.einsum("brc,cijk->brijk", linear, grid) + matrix[:, :3, 3, None, None, None]
+
+
+def compose_affines(*matrices: Matrix) -> Matrix:
+    """The product ``M_1 @ M_2 @ ... @ M_n`` as ``(..., 4, 4)``: ``M_n`` acts on the point first.
+
+    Matches `compose`: the displacement of ``compose_affines(A, B)`` is
+    ``compose(affine_to_displacement(A), affine_to_displacement(B))``, i.e. warping by ``A`` and
+    then warping the result by ``B``. Takes numpy arrays or tensors (not mixed), batched or not.
+    """
+    if not matrices:
+        raise InputError("compose_affines needs at least one matrix")
+    kinds = {isinstance(m, torch.Tensor) for m in matrices}
+    if len(kinds) > 1:
+        raise InputError("compose_affines got both numpy arrays and torch tensors; pass one kind")
+    result = _homogeneous(matrices[0])
+    for m in matrices[1:]:
+        result = result @ _homogeneous(m)
+    return result
+
+
+def affine_matrix(
+    rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    translation: Sequence[float] = (0.0, 0.0, 0.0),
+    scale: Sequence[float] = (1.0, 1.0, 1.0),
+    shear: Sequence[float] = (0.0, 0.0, 0.0),
+    center: Sequence[float] | None = None,
+) -> np.ndarray:
+    """A 4x4 matrix ``x -> R Sh S (x - c) + c + t`` in whatever coordinates the caller uses.
+
+    ``R = R_2 R_1 R_0`` with ``R_a`` a rotation of ``rotation_deg[a]`` degrees about axis ``a``
+    (right-handed, applied axis 0 first); ``Sh`` is upper triangular with ``Sh[0,1], Sh[0,2], Sh[1,2]
+    = shear``; ``S = diag(scale)``; ``c`` is ``center`` (default: the origin); ``t`` is ``translation``.
+    """
+    angles = np.deg2rad(np.asarray(rotation_deg, dtype=np.float64))
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        a, b = (axis + 1) % 3, (axis + 2) % 3
+        r = np.eye(3)
+        r[a, a] = r[b, b] = np.cos(angle)
+        r[a, b], r[b, a] = -np.sin(angle), np.sin(angle)
+        rotation = r @ rotation
+    shear_m = np.eye(3)
+    shear_m[0, 1], shear_m[0, 2], shear_m[1, 2] = (float(s) for s in shear)
+    linear = rotation @ shear_m @ np.diag(np.asarray(scale, dtype=np.float64))
+    c = np.zeros(3) if center is None else np.asarray(center, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = linear
+    m[:3, 3] = c + np.asarray(translation, dtype=np.float64) - linear @ c
+    return m
+
+
+def _normaliser(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """4x4 ``N`` taking an index (i, j, k, 1) to grid_sample's normalised (x, y, z, 1) = (k, j, i) order, and ``N^-1``."""
+    if len(shape) != 3:
+        raise InputError(f"a 3D grid shape (I, J, K) is needed; got {tuple(shape)}")
+    n = np.zeros((4, 4))
+    n_inv = np.zeros((4, 4))
+    for row, axis in enumerate((2, 1, 0)):
+        half = max(int(shape[axis]) - 1, 1) / 2.0
+        n[row, axis], n[row, 3] = 1.0 / half, -1.0
+        n_inv[axis, row], n_inv[axis, 3] = half, half
+    n[3, 3] = n_inv[3, 3] = 1.0
+    return n, n_inv
+
+
+def _like(m: np.ndarray, ref: Matrix) -> Matrix:
+    if isinstance(ref, torch.Tensor):
+        return torch.as_tensor(m, dtype=ref.dtype, device=ref.device)
+    return m
+
+
+def index_affine_to_normalised(matrix: Matrix, shape: Sequence[int]) -> Matrix:
+    """``theta (..., 3, 4)`` for ``torch.nn.functional.affine_grid(theta, size, align_corners=True)``.
+
+    ``theta = N A N^-1`` (top rows), where ``N`` maps a voxel index to grid_sample's normalised
+    ``(x, y, z) = (k, j, i)`` coordinates. ``affine_grid`` + ``grid_sample`` with this theta gives
+    the same image as ``warp(image, affine_to_displacement(A, shape))``.
+    """
+    n, n_inv = _normaliser(shape)
+    return (_like(n, matrix) @ _homogeneous(matrix) @ _like(n_inv, matrix))[..., :3, :]
+
+
+def normalised_affine_to_index(theta: Matrix, shape: Sequence[int]) -> Matrix:
+    """Inverse of `index_affine_to_normalised`: ``A = N^-1 theta N`` as ``(..., 4, 4)``."""
+    n, n_inv = _normaliser(shape)
+    return _like(n_inv, theta) @ _homogeneous(theta) @ _like(n, theta)
+
+
+def index_affine_to_physical(matrix: Matrix, fixed_grid: Geometry, moving_grid: Geometry) -> np.ndarray:
+    """The LPS 4x4 ``M = G_moving A G_fixed^-1`` of one index affine ``A`` (``G`` = index-to-physical).
+
+    ``M`` maps a fixed physical point to the moving physical point (ITK's transform convention).
+    When both images were resampled onto one network grid, pass that grid as both arguments.
+    """
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().double().numpy()
+    matrix = _homogeneous(np.asarray(matrix, dtype=np.float64))
+    if matrix.shape != (4, 4):
+        raise InputError(f"index_affine_to_physical converts one matrix (3x4 or 4x4); got {matrix.shape}")
+    return moving_grid.index_to_physical_matrix @ matrix @ fixed_grid.physical_to_index_matrix
+
+
+def to_sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A SimpleITK affine transform of an LPS 4x4 matrix (fixed physical point -> moving physical point)."""
+    matrix = _homogeneous(np.asarray(matrix, dtype=np.float64))
+    if matrix.shape != (4, 4):
+        raise InputError(f"to_sitk_affine converts one 3x4 or 4x4 matrix; got {matrix.shape}")
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return transform

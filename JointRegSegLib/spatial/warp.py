@@ -1,0 +1,88 @@
+"""The one warping convention of JointRegSeg.
+
+A displacement field on a network grid is a tensor ``(B, 3, I, J, K)`` in voxels of that grid;
+channel ``c`` is the displacement along index axis ``c`` (i, j, k). Pull convention::
+
+    warped(p) = image(p + u(p))
+
+Sampling uses ``torch.nn.functional.grid_sample`` with ``align_corners=True``: index ``p`` along an
+axis of ``N`` voxels becomes the normalised coordinate ``2 p / (N - 1) - 1`` and the grid's last
+dimension is ordered ``(k, j, i)`` (grid_sample's x is the last array axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+_MODES = ("bilinear", "nearest")
+_PADDING = ("zeros", "border")
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel indices of a grid, ``(1, 3, I, J, K)``: channel ``c`` holds the index along axis ``c``."""
+    if len(shape) != 3:
+        raise InputError(f"identity_grid needs a 3D shape (I, J, K); got {tuple(shape)}")
+    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+
+
+def _check_options(mode: str, padding_mode: str) -> None:
+    if mode not in _MODES:
+        raise InputError(f"interpolation mode must be one of {_MODES}; got {mode!r}")
+    if padding_mode not in _PADDING:
+        raise InputError(f"padding mode must be one of {_PADDING}; got {padding_mode!r}")
+
+
+def sample_at_indices(
+    image: torch.Tensor, indices: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Sample ``image (B, C, I, J, K)`` at continuous voxel indices ``(B, I', J', K', 3)`` ordered (i, j, k).
+
+    Returns ``(B, C, I', J', K')``. Values outside the image follow ``padding_mode``.
+    """
+    _check_options(mode, padding_mode)
+    if image.ndim != 5 or indices.ndim != 5 or indices.shape[-1] != 3 or indices.shape[0] != image.shape[0]:
+        raise InputError(
+            f"sample_at_indices needs an image (B, C, I, J, K) and indices (B, I', J', K', 3) with the same B; "
+            f"got image {tuple(image.shape)} and indices {tuple(indices.shape)}"
+        )
+    if not image.is_floating_point():
+        raise InputError(f"the image to sample must be a floating-point tensor; got {image.dtype} (convert with .float())")
+    sizes = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], dtype=image.dtype, device=image.device)
+    normalised = 2.0 * indices.to(image.dtype) / sizes - 1.0
+    return F.grid_sample(image, normalised.flip(-1), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def check_field(image: torch.Tensor, disp: torch.Tensor) -> None:
+    """Raise `InputError` unless ``disp`` is a ``(B, 3, I, J, K)`` field matching ``image (B, C, I, J, K)``."""
+    if image.ndim != 5:
+        raise InputError(f"the image must be a 5D tensor (B, C, I, J, K); got shape {tuple(image.shape)}")
+    if disp.ndim != 5 or disp.shape[1] != 3:
+        raise InputError(
+            f"the displacement field must be a (B, 3, I, J, K) tensor (3 channels: i, j, k); got shape {tuple(disp.shape)}"
+        )
+    if disp.shape[0] != image.shape[0] or disp.shape[2:] != image.shape[2:]:
+        raise InputError(
+            f"image shape {tuple(image.shape)} and displacement field shape {tuple(disp.shape)} do not match: "
+            "they need the same batch size and the same spatial size (I, J, K)"
+        )
+
+
+def warp(
+    image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Warp ``image (B, C, I, J, K)`` by a voxel displacement ``disp (B, 3, I, J, K)``: ``out(p) = image(p + disp(p))``.
+
+    ``mode`` is ``"bilinear"`` (trilinear in 3D) or ``"nearest"`` (for label maps); ``padding_mode`` is
+    ``"zeros"`` or ``"border"``. Differentiable with respect to both ``image`` and ``disp``.
+    """
+    check_field(image, disp)
+    grid = identity_grid(disp.shape[2:], device=disp.device, dtype=disp.dtype) + disp
+    return sample_at_indices(image, grid.permute(0, 2, 3, 4, 1), mode=mode, padding_mode=padding_mode)
