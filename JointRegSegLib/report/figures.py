@@ -1,0 +1,316 @@
+"""PNG pictures of a registration result: orthogonal views of the images, checkerboard, maps, contours.
+
+All volumes given to one call must be on the same grid (the caller resamples; shapes are checked).
+Views follow the radiological display convention of `JointRegSegLib.report.slices`, oriented by the
+fixed image's geometry. Grey-level images are windowed by their own robust percentiles (1, 99).
+Matplotlib is used through `Figure` + `FigureCanvasAgg` only: no pyplot state, no open figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from JointRegSegLib.errors import InputError
+from JointRegSegLib.imageio.geometry import Geometry, Volume
+
+from .colormaps import (
+    JACOBIAN_FOLDING_RGB,
+    JACOBIAN_RANGE,
+    JacobianNorm,
+    jacobian_colormap,
+    jacobian_control_points,
+    pmm_colormap,
+)
+from .slices import Index3, checkerboard, default_index, orthogonal_aspects, orthogonal_slices
+
+ROBUST_PERCENTILES: tuple[float, float] = (1.0, 99.0)
+VIEW_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
+# (left, right, top, bottom) patient directions at the edges of each view (see slices.py).
+_EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
+_ROW_INCHES = 2.0
+_SIDE_COLUMN = 1.2  # width ratio of the column holding colour bars and legends
+
+
+@dataclass
+class _Row:
+    """One row of three views and how to draw it."""
+
+    label: str
+    views: tuple[np.ndarray, np.ndarray, np.ndarray]
+    cmap: Colormap | str = "gray"
+    norm: Normalize | None = None
+    contours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    colorbar: str | None = None
+    bar_norm: Normalize | None = None
+    extend: str = "neither"
+    legend: tuple[tuple[tuple[float, ...], str], ...] = ()
+
+
+def robust_window(array: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
+    """``(vmin, vmax)`` at the given percentiles of the finite values; a unit window if they coincide."""
+    values = np.asarray(array, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    if high <= low:
+        return low - 0.5, low + 0.5
+    return low, high
+
+
+def _array_of(image: Volume | np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(image.array if isinstance(image, Volume) else image)
+    if array.ndim != 3:
+        raise InputError(f"{name} must be a 3D scalar volume [i, j, k], got an array of shape {array.shape}.")
+    return array
+
+
+def _check_same_grid(arrays: dict[str, np.ndarray]) -> None:
+    names = list(arrays)
+    reference = arrays[names[0]].shape
+    for name in names[1:]:
+        if arrays[name].shape != reference:
+            raise InputError(
+                f"{name} has shape {arrays[name].shape} but {names[0]} has shape {reference}: "
+                f"resample every volume onto the {names[0]} grid before making the figure."
+            )
+
+
+def _normalised(array: np.ndarray) -> np.ndarray:
+    low, high = robust_window(array)
+    return np.clip((np.asarray(array, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def _jacobian_legend() -> tuple[tuple[tuple[float, ...], str], ...]:
+    ramp = {p[0]: p[1:] for p in jacobian_control_points()}
+    return (
+        (ramp[0.5], "det J < 1: compression"),
+        (ramp[1.0], "det J = 1: volume kept"),
+        (ramp[1.5], "det J > 1: expansion"),
+        (JACOBIAN_FOLDING_RGB, "det J <= 0: folding"),
+    )
+
+
+def _label_color(label: int) -> tuple[float, ...]:
+    return matplotlib.colormaps["tab20"](int(label) % 20)
+
+
+def _draw_contours(ax, labels_2d: np.ndarray) -> None:
+    for label in np.unique(labels_2d):
+        if label == 0:
+            continue
+        mask = (labels_2d == label).astype(np.float64)
+        if mask.min() == mask.max():
+            continue
+        ax.contour(mask, levels=[0.5], colors=[_label_color(label)], linewidths=0.8)
+
+
+def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | Path, title: str, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    widths = [view.shape[1] / (view.shape[0] * aspect) for view, aspect in zip(rows[0].views, aspects)]
+    has_side = any(row.colorbar or row.legend for row in rows)
+    ratios = widths + ([_SIDE_COLUMN] if has_side else [])
+    figure = Figure(
+        figsize=(_ROW_INCHES * sum(ratios) + 0.6, _ROW_INCHES * len(rows) + (0.4 if title else 0.0)),
+        layout="constrained",
+    )
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(len(rows), len(ratios), width_ratios=ratios)
+    for r, row in enumerate(rows):
+        image = None
+        for c, (view, aspect) in enumerate(zip(row.views, aspects)):
+            ax = figure.add_subplot(grid[r, c])
+            ax.set_facecolor("black")
+            image = ax.imshow(
+                view, cmap=row.cmap, norm=row.norm, aspect=aspect, interpolation="nearest", origin="upper"
+            )
+            if row.contours is not None:
+                _draw_contours(ax, row.contours[c])
+                ax.set_xlim(-0.5, view.shape[1] - 0.5)
+                ax.set_ylim(view.shape[0] - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row.label, fontsize=8)
+            if r == 0:
+                ax.set_title(VIEW_NAMES[c], fontsize=8)
+                _edge_letters(ax, _EDGE_LETTERS[c])
+        if has_side:
+            side = figure.add_subplot(grid[r, len(ratios) - 1])
+            side.set_axis_off()
+            if row.colorbar:
+                cax = side.inset_axes([0.0, 0.08, 0.1, 0.84])
+                mappable = image if row.bar_norm is None else ScalarMappable(row.bar_norm, row.cmap)
+                bar = figure.colorbar(mappable, cax=cax, extend=row.extend)
+                bar.set_label(row.colorbar, fontsize=7)
+                bar.ax.tick_params(labelsize=6)
+            if row.legend:
+                handles = [Patch(facecolor=colour, edgecolor="0.5", label=text) for colour, text in row.legend]
+                side.legend(
+                    handles=handles,
+                    loc="center left",
+                    bbox_to_anchor=(0.3, 0.5),
+                    fontsize=6,
+                    frameon=False,
+                    handlelength=1.0,
+                )
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=dpi, facecolor="white")
+    return path
+
+
+def _edge_letters(ax, letters: tuple[str, str, str, str]) -> None:
+    outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
+    style = dict(transform=ax.transAxes, color="yellow", fontsize=6, fontweight="bold", path_effects=outline)
+    left, right, top, bottom = letters
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+
+
+def _grey_row(label: str, array: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    low, high = robust_window(array)
+    return _Row(label, orthogonal_slices(array, index, geometry), "gray", Normalize(low, high))
+
+
+def _checkerboard_row(fixed: np.ndarray, warped: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    board = checkerboard(_normalised(fixed), _normalised(warped))
+    return _Row("checkerboard fixed / warped", orthogonal_slices(board, index, geometry), "gray", Normalize(0.0, 1.0))
+
+
+def _jacobian_row(jacobian: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    return _Row(
+        "Jacobian determinant",
+        orthogonal_slices(jacobian.astype(np.float64), index, geometry),
+        jacobian_colormap(),
+        JacobianNorm(),
+        colorbar="det J",
+        # JacobianNorm is not monotonic at 0, so the bar uses the plain linear norm; its lower
+        # extension (below 0) then shows the folding ("under") colour.
+        bar_norm=Normalize(*JACOBIAN_RANGE),
+        extend="both",
+        legend=_jacobian_legend(),
+    )
+
+
+def _pmm_row(pmm: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    low, high = robust_window(pmm)
+    views = orthogonal_slices(pmm.astype(np.float64), index, geometry)
+    return _Row("PMM (patch-wise NMI)", views, pmm_colormap(), Normalize(low, high), colorbar="PMM (higher = better)")
+
+
+def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    row = _grey_row(label, image, index, geometry)
+    row.contours = orthogonal_slices(np.rint(seg).astype(np.int64), index, geometry)
+    return row
+
+
+def save_registration_figure(
+    fixed: Volume,
+    moving: Volume,
+    warped: Volume,
+    path: str | Path,
+    jacobian: Volume | None = None,
+    pmm: Volume | None = None,
+    fixed_seg: Volume | np.ndarray | None = None,
+    warped_seg: Volume | np.ndarray | None = None,
+    title: str = "",
+    index: Index3 | None = None,
+    dpi: int = 110,
+) -> Path:
+    """Write one PNG: rows fixed, moving, warped, checkerboard, then (when given) Jacobian, PMM,
+    fixed segmentation contours over the warped image and warped segmentation contours over the
+    fixed image; three orthogonal views per row through ``index`` (default: centre of mass of the
+    fixed segmentation if given, else of the fixed image's nonzero voxels).
+
+    Every volume must be on the fixed grid (same shape), else `InputError` (a ValueError).
+    """
+    arrays = {name: _array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
+    optional = {"jacobian": jacobian, "pmm": pmm, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
+    arrays.update({name: _array_of(value, name) for name, value in optional.items() if value is not None})
+    _check_same_grid(arrays)
+    geometry = fixed.geometry if isinstance(fixed, Volume) else None
+    if index is None:
+        index = default_index(arrays["fixed_seg"] if "fixed_seg" in arrays else arrays["fixed"])
+    rows = [
+        _grey_row("fixed", arrays["fixed"], index, geometry),
+        _grey_row("moving", arrays["moving"], index, geometry),
+        _grey_row("warped moving", arrays["warped"], index, geometry),
+        _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
+    ]
+    if "jacobian" in arrays:
+        rows.append(_jacobian_row(arrays["jacobian"], index, geometry))
+    if "pmm" in arrays:
+        rows.append(_pmm_row(arrays["pmm"], index, geometry))
+    if "fixed_seg" in arrays:
+        rows.append(_contour_row("warped + fixed seg", arrays["warped"], arrays["fixed_seg"], index, geometry))
+    if "warped_seg" in arrays:
+        rows.append(_contour_row("fixed + warped seg", arrays["fixed"], arrays["warped_seg"], index, geometry))
+    return _render(rows, orthogonal_aspects(geometry), path, title, dpi)
+
+
+def save_slices_png(
+    volume: Volume,
+    path: str | Path,
+    cmap: Colormap | str = "gray",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    title: str = "",
+    index: Index3 | None = None,
+    dpi: int = 110,
+) -> Path:
+    """Write one PNG row of the axial, coronal and sagittal views of ``volume``.
+
+    The window defaults to the robust percentiles (1, 99) for whichever of ``vmin``/``vmax`` is None.
+    """
+    array = _array_of(volume, "volume")
+    low, high = robust_window(array)
+    norm = Normalize(low if vmin is None else vmin, high if vmax is None else vmax)
+    geometry = volume.geometry if isinstance(volume, Volume) else None
+    row = _Row("", orthogonal_slices(array, index, geometry), cmap, norm)
+    return _render([row], orthogonal_aspects(geometry), path, title, dpi)
+
+
+def save_individual_pictures(
+    out_dir: str | Path,
+    fixed: Volume,
+    moving: Volume,
+    warped: Volume,
+    jacobian: Volume | None,
+    pmm: Volume | None,
+    index: Index3 | None = None,
+    dpi: int = 110,
+) -> dict[str, Path]:
+    """Write fixed.png, moving.png, warped.png, checkerboard.png, jacobian.png and pmm.png (the last
+    two only when given) into ``out_dir``, all through the same point; returns name -> path."""
+    arrays = {name: _array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
+    arrays.update({name: _array_of(v, name) for name, v in (("jacobian", jacobian), ("pmm", pmm)) if v is not None})
+    _check_same_grid(arrays)
+    geometry = fixed.geometry if isinstance(fixed, Volume) else None
+    index = default_index(arrays["fixed"]) if index is None else index
+    aspects = orthogonal_aspects(geometry)
+    out_dir = Path(out_dir)
+    rows = {
+        "fixed": _grey_row("fixed", arrays["fixed"], index, geometry),
+        "moving": _grey_row("moving (on the fixed grid)", arrays["moving"], index, geometry),
+        "warped": _grey_row("warped moving", arrays["warped"], index, geometry),
+        "checkerboard": _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
+    }
+    if "jacobian" in arrays:
+        rows["jacobian"] = _jacobian_row(arrays["jacobian"], index, geometry)
+    if "pmm" in arrays:
+        rows["pmm"] = _pmm_row(arrays["pmm"], index, geometry)
+    return {name: _render([row], aspects, out_dir / f"{name}.png", "", dpi) for name, row in rows.items()}

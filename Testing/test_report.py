@@ -1,0 +1,155 @@
+"""Tests of JointRegSegLib.report: checkerboard, display orientation, Jacobian colours, PNG figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from JointRegSegLib.imageio.geometry import Geometry, Volume
+from JointRegSegLib.report import (
+    JACOBIAN_FOLDING_RGB,
+    JACOBIAN_RANGE,
+    checkerboard,
+    jacobian_colormap,
+    jacobian_control_points,
+    jacobian_rgba,
+    orthogonal_slices,
+    save_individual_pictures,
+    save_registration_figure,
+    save_slices_png,
+)
+
+
+def test_checkerboard_2d_matches_analytic_tiles():
+    # 8 x 12 array, 4 tiles per axis -> tiles of 2 x 3 pixels; the (0, 0) tile shows a.
+    a, b = np.full((8, 12), 3.0), np.full((8, 12), 7.0)
+    parity = np.add.outer(np.arange(4), np.arange(4)) % 2
+    expected = np.where(np.kron(parity, np.ones((2, 3))) == 1, 7.0, 3.0)
+    np.testing.assert_array_equal(checkerboard(a, b, tiles=4), expected)
+
+
+def test_checkerboard_3d_alternates_along_every_axis():
+    a, b = np.zeros((4, 6, 8)), np.ones((4, 6, 8))
+    board = checkerboard(a, b, tiles=2)
+    i, j, k = np.meshgrid(np.arange(4) // 2, np.arange(6) // 3, np.arange(8) // 4, indexing="ij")
+    np.testing.assert_array_equal(board, (i + j + k) % 2)
+
+
+def test_checkerboard_rejects_different_shapes():
+    with pytest.raises(ValueError):
+        checkerboard(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+def _lps_extremes(geometry: Geometry) -> dict[str, tuple[int, int, int]]:
+    """Voxel indices of the most left/posterior/superior corner, found from physical positions."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    lps = geometry.index_to_physical(index)
+    score = lps[:, 0] - lps[:, 1] + lps[:, 2]  # left, anterior, superior all count positively
+    return tuple(int(v) for v in index[np.argmax(score)])
+
+
+def test_orthogonal_slices_follow_the_direction_matrix():
+    # i -> Superior, j -> Right (-L), k -> Posterior: a permuted and flipped grid.
+    direction = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    geometry = Geometry((5, 6, 7), (1.0, 2.0, 3.0), (10.0, -4.0, 2.0), direction)
+    marker = _lps_extremes(geometry)  # the left-anterior-superior corner voxel
+    assert marker == (4, 0, 0)
+    array = np.zeros(geometry.shape)
+    array[marker] = 1.0
+    axial, coronal, sagittal = orthogonal_slices(array, index=marker, geometry=geometry)
+    # Sizes along L, P, S are 6 (j), 7 (k), 5 (i): axial (P, L), coronal (S, L), sagittal (S, P).
+    assert axial.shape == (7, 6) and coronal.shape == (5, 6) and sagittal.shape == (5, 7)
+    # Axial: anterior at the top, patient's left on the viewer's right.
+    assert np.argwhere(axial == 1).tolist() == [[0, 5]]
+    # Coronal: superior at the top, patient's left on the viewer's right.
+    assert np.argwhere(coronal == 1).tolist() == [[0, 5]]
+    # Sagittal: superior at the top, anterior on the viewer's left.
+    assert np.argwhere(sagittal == 1).tolist() == [[0, 0]]
+
+
+def test_orthogonal_slices_default_to_the_centre_of_mass_with_identity_direction():
+    array = np.zeros((9, 10, 11))
+    array[2, 3, 8] = 5.0  # i -> L, j -> P, k -> S without a geometry
+    axial, coronal, sagittal = orthogonal_slices(array)
+    assert np.argwhere(axial == 5).tolist() == [[3, 2]]
+    assert np.argwhere(coronal == 5).tolist() == [[11 - 1 - 8, 2]]
+    assert np.argwhere(sagittal == 5).tolist() == [[11 - 1 - 8, 3]]
+
+
+def test_jacobian_colormap_centre_sides_and_folding():
+    white, low, high = jacobian_rgba(np.array([1.0, 0.5, 1.6]))
+    assert np.ptp(white[:3]) < 0.02 and white[:3].min() > 0.95
+    assert low[2] > low[0] + 0.2  # compression is blue
+    assert high[0] > high[2] + 0.2  # expansion is red
+    folding = jacobian_rgba(np.array([0.0, -0.5, -3.0]))
+    np.testing.assert_array_equal(folding[:, :3], np.tile(JACOBIAN_FOLDING_RGB, (3, 1)))
+    # Just above zero is the ramp's first colour, not the folding colour.
+    assert not np.allclose(jacobian_rgba(np.array([1e-3]))[0, :3], JACOBIAN_FOLDING_RGB, atol=0.1)
+
+
+def test_jacobian_colormap_is_built_from_its_control_points():
+    points = np.array(jacobian_control_points())
+    assert points[0, 0] == JACOBIAN_RANGE[0] and points[-1, 0] == JACOBIAN_RANGE[1]
+    cmap = jacobian_colormap()
+    positions = (points[:, 0] - JACOBIAN_RANGE[0]) / (JACOBIAN_RANGE[1] - JACOBIAN_RANGE[0])
+    np.testing.assert_allclose(cmap(positions)[:, :3], points[:, 1:], atol=1.0 / 255)
+
+
+def _synthetic_case(shape=(24, 28, 20)) -> dict:
+    geometry = Geometry(shape, (1.0, 1.0, 1.5), (0.0, 0.0, 0.0))
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    r_fixed = np.sqrt((i - 12) ** 2 + (j - 14) ** 2 + ((k - 10) * 1.5) ** 2)
+    r_moving = np.sqrt((i - 13) ** 2 + (j - 13) ** 2 + ((k - 10) * 1.5) ** 2)
+    fixed = 100.0 * (r_fixed < 8) + 50.0 * (r_fixed < 4)
+    moving = 80.0 * (r_moving < 7) + 60.0 * (r_moving < 3)
+    jacobian = 1.0 + 0.8 * np.sin(i / 4.0)
+    jacobian[11:13, 13:15, 9:11] = -0.2
+    seg = (r_fixed < 8).astype(np.int64) + (r_fixed < 4)
+    volume = lambda a: Volume(a, geometry)  # noqa: E731
+    return dict(
+        fixed=volume(fixed),
+        moving=volume(moving),
+        warped=volume(fixed * 0.9),
+        jacobian=volume(jacobian),
+        pmm=volume(np.exp(-r_fixed / 10.0)),
+        fixed_seg=volume(seg),
+        warped_seg=volume(seg),
+    )
+
+
+def _assert_valid_png(path) -> None:
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0
+    rgb = np.rint(image[..., :3] * 255).astype(np.int64)
+    assert np.unique(rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]).size > 10  # not one colour
+
+
+def test_save_registration_figure_writes_a_png_with_all_parts(tmp_path):
+    case = _synthetic_case()
+    path = save_registration_figure(path=tmp_path / "figure.png", title="synthetic", **case)
+    _assert_valid_png(path)
+    # The Jacobian row shows the folding colour (exactly, for pixels inside the folded block).
+    image = imread(path)[..., :3]
+    assert np.any(np.all(np.abs(image - np.array(JACOBIAN_FOLDING_RGB)) < 1.0 / 255, axis=-1))
+
+
+def test_save_registration_figure_rejects_mismatched_shapes(tmp_path):
+    case = _synthetic_case()
+    other = Geometry((24, 28, 19), (1.0, 1.0, 1.5), (0.0, 0.0, 0.0))
+    case["pmm"] = Volume(np.ones(other.shape), other)
+    with pytest.raises(ValueError, match="pmm"):
+        save_registration_figure(path=tmp_path / "bad.png", **case)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_save_individual_pictures_and_slices_png(tmp_path):
+    case = _synthetic_case()
+    paths = save_individual_pictures(
+        tmp_path / "pictures", case["fixed"], case["moving"], case["warped"], case["jacobian"], case["pmm"]
+    )
+    assert set(paths) == {"fixed", "moving", "warped", "checkerboard", "jacobian", "pmm"}
+    for name, path in paths.items():
+        assert path.name == f"{name}.png"
+        _assert_valid_png(path)
+    _assert_valid_png(save_slices_png(case["fixed"], tmp_path / "fixed_slices.png"))
