@@ -1,0 +1,28 @@
+"""Evaluation metrics on the fixed image's grid: overlap, similarity, Jacobian and the PMM."""
+
+from .jacobian import folding_percent, jacobian_determinant, sdlogj
+from .overlap import dice_per_label, hd95_per_label, mean_dice
+from .pmm import pmm_map, pmm_mean
+from .similarity import (
+    arithmetic_normalised_mutual_information,
+    joint_histogram,
+    mutual_information,
+    ncc,
+    normalised_mutual_information,
+)
+
+__all__ = [
+    "arithmetic_normalised_mutual_information",
+    "dice_per_label",
+    "folding_percent",
+    "hd95_per_label",
+    "jacobian_determinant",
+    "joint_histogram",
+    "mean_dice",
+    "mutual_information",
+    "ncc",
+    "normalised_mutual_information",
+    "pmm_map",
+    "pmm_mean",
+    "sdlogj",
+]

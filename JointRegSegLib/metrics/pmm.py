@@ -1,0 +1,124 @@
+"""Patch-wise mutual information map (PMM), seed 004 Appendix C.
+
+Definitions (Appendix C; the choices the paper leaves open are marked *):
+
+- Domain D: the boolean ``mask`` (a ROI or brain mask), or the whole image when None.
+- Patches P_k: cubes of ``patch``^3 voxels whose corners lie at multiples of ``stride`` along
+  each axis, from 0 up to the first corner whose patch reaches the last voxel
+  (ceil((N - patch) / stride) * stride; a single patch at 0 when N <= patch). *Parts of a patch
+  beyond the image count as outside D. ``stride`` must divide ``patch``.
+- Per patch, over the voxels of P_k n D: if their number reaches ``min_fraction * patch^3``
+  (*the "minimal sample threshold", default 1/8 = 512 voxels for 16^3), the joint histogram of
+  the two images gives the patch score I_k. *Intensities are binned once for the whole domain:
+  ``bins`` equal bins over each image's own [min, max] inside D (`similarity.quantise`), so all
+  patches share one intensity scale; the default 16 bins keep the 256 joint cells at about 16
+  samples each for a full 16^3 patch, which limits the small-sample bias of MI. *I_k is the normalised MI 2 I / (H_F + H_M) in [0, 1]
+  (`similarity.arithmetic_normalised_mutual_information`): the paper's main text calls the PMM
+  an NMI that reaches 1 only for matching contrasts, while Appendix C's formula is the raw MI
+  I_k it normalises. *A patch where both images are constant has no defined NMI and is skipped
+  like a patch under the threshold.
+- Map: MI_D(r) = (1 / N(r)) sum_{k: r in P_k n D} I_k for r in D, N(r) the number of scored
+  patches covering r. *Voxels outside D, and voxels of D that no scored patch covers, are NaN
+  (0 would read as "independent intensities"); `pmm_mean` averages the finite values.
+
+Computation: the grid is split into ``stride``^3 blocks; one ``np.bincount`` gives every block's
+joint histogram; box sums over (patch/stride)^3 neighbouring blocks give every patch's histogram;
+NMI is evaluated for all patches at once (c log c from a lookup table); a second box sum over the
+patch grid averages, per block, the scores of the patches covering it, so every voxel of a block
+gets the same value. Measured on 160x192x224 (2 shared CPU cores): 1.3-3 s for the whole volume
+with bins=16 (about 2 s with bins=32), under 1 s inside a brain mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..imageio.geometry import Volume
+from .similarity import arithmetic_nmi_from_joint, as_array, quantise
+
+_CHUNK_BYTES = 128 * 2**20  # cap on the block-histogram temporaries per chunk of patch rows
+
+
+def _box_sum(x: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Sums of ``width`` consecutive entries along ``axis`` (length shrinks by width - 1)."""
+    n = x.shape[axis] - width + 1
+    head = (slice(None),) * axis
+    out = x[head + (slice(0, n),)].copy()
+    for shift in range(1, width):
+        out += x[head + (slice(shift, shift + n),)]
+    return out
+
+
+def pmm_map(
+    fixed: np.ndarray | Volume,
+    warped: np.ndarray | Volume,
+    mask: np.ndarray | Volume | None = None,
+    patch: int = 16,
+    stride: int = 4,
+    bins: int = 16,
+    min_fraction: float = 0.125,
+) -> np.ndarray:
+    """PMM of two images on one grid (module docstring): float32, same shape, NaN outside the map."""
+    f, w = as_array(fixed, "fixed image"), as_array(warped, "warped image")
+    if f.ndim != 3 or f.shape != w.shape:
+        raise InputError(f"PMM needs two 3D images of one shape, got {f.shape} and {w.shape}")
+    if patch < 1 or stride < 1 or patch % stride:
+        raise InputError(f"the stride ({stride}) must be a positive divisor of the patch size ({patch})")
+    if not 0.0 < min_fraction <= 1.0:
+        raise InputError(f"min_fraction must lie in (0, 1], got {min_fraction}")
+    domain = np.ones(f.shape, dtype=bool) if mask is None else as_array(mask, "mask").astype(bool)
+    if domain.shape != f.shape:
+        raise InputError(f"mask shape {domain.shape} differs from image shape {f.shape}")
+    if not domain.any():
+        raise InputError("the PMM mask is empty: give a mask with at least one voxel inside")
+
+    nbb = bins * bins
+    per_block = nbb + 1  # the last slot of each block collects the voxels outside the domain
+    width = patch // stride
+    n_blocks = tuple(max(-(-n // stride), width) for n in f.shape)
+    padded = tuple(nb * stride for nb in n_blocks)
+    codes = np.full(padded, nbb, dtype=np.int64)
+    inner = codes[: f.shape[0], : f.shape[1], : f.shape[2]]
+    inner[domain] = quantise(f[domain], bins) * bins + quantise(w[domain], bins)
+
+    # block index within one i-row of blocks, for every (j, k) voxel
+    jk_block = (np.arange(padded[1]) // stride)[:, None] * n_blocks[2] + (np.arange(padded[2]) // stride)[None, :]
+    n_patches = tuple(nb - width + 1 for nb in n_blocks)
+    blocks_per_row = n_blocks[1] * n_blocks[2]
+    rows_per_chunk = max(1, _CHUNK_BYTES // (blocks_per_row * per_block * 8) - width + 1)
+    min_count = min_fraction * patch**3
+    scores = np.full(n_patches, np.nan)
+    for p0 in range(0, n_patches[0], rows_per_chunk):
+        p1 = min(p0 + rows_per_chunk, n_patches[0])
+        b0, b1 = p0, p1 + width - 1  # block rows feeding patch rows p0..p1-1
+        slab = codes[b0 * stride : b1 * stride]
+        block = (np.arange(slab.shape[0]) // stride)[:, None, None] * blocks_per_row + jk_block[None]
+        hist = np.bincount((block * per_block + slab).ravel(), minlength=(b1 - b0) * blocks_per_row * per_block)
+        hist = hist.reshape(b1 - b0, n_blocks[1], n_blocks[2], per_block)[..., :nbb].astype(np.int32)
+        for axis in range(3):
+            hist = _box_sum(hist, width, axis)
+        counted = hist.sum(axis=-1) >= min_count
+        scores[p0:p1][counted] = arithmetic_nmi_from_joint(hist[counted].reshape(-1, bins, bins))
+
+    scored = np.isfinite(scores)
+    total = np.pad(np.where(scored, scores, 0.0), width - 1)
+    count = np.pad(scored.astype(np.int32), width - 1)
+    for axis in range(3):
+        total, count = _box_sum(total, width, axis), _box_sum(count, width, axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        block_mean = np.where(count > 0, total / count, np.nan)
+    voxel_mean = block_mean.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: f.shape[0], : f.shape[1], : f.shape[2]]
+    return np.where(domain, voxel_mean, np.nan).astype(np.float32)
+
+
+def pmm_mean(pmm: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> float:
+    """Mean of the finite PMM values (inside ``mask`` when given); NaN when there is none."""
+    values = as_array(pmm, "PMM")
+    if mask is not None:
+        m = as_array(mask, "mask").astype(bool)
+        if m.shape != values.shape:
+            raise InputError(f"mask shape {m.shape} differs from the PMM's shape {values.shape}")
+        values = values[m]
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")

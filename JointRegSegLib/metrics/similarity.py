@@ -1,0 +1,155 @@
+"""Global intensity similarity: NCC, mutual information and two normalised mutual informations.
+
+All functions take two images of the same shape (numpy arrays or `Volume`s on the same grid,
+e.g. the fixed image and the warped moving image) and an optional boolean mask restricting the
+voxels used.
+
+Histogram rule (MI and NMI): each image is binned into ``bins`` equal-width bins spanning its OWN
+[min, max] inside the mask (the last bin is closed), exactly like ``np.histogram2d`` with
+``range=[[a.min(), a.max()], [b.min(), b.max()]]``. Entropies are in nats.
+
+Two normalisations of MI are provided, with different ranges:
+
+- `normalised_mutual_information`: Studholme's NMI = (H(A) + H(B)) / H(A, B), in [1, 2]
+  (2 for an image against itself); the registration-literature and scikit-image definition.
+- `arithmetic_normalised_mutual_information`: 2 I(A; B) / (H(A) + H(B)), in [0, 1]
+  (1 for an image against itself); scikit-learn's default NMI. This is the one the patch-wise
+  MI map (`pmm`) uses, because seed 004 reports PMM values that "will not reach a value of 1"
+  for multi-modal pairs, i.e. a normalisation whose maximum is 1.
+The two are monotonically related: arithmetic = 2 - 2 / Studholme.
+Undefined cases (every voxel in one bin for both images) give NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import xlogy
+
+from ..errors import InputError
+from ..imageio.geometry import Volume
+
+_TABLE_MAX = 2**16  # largest histogram total for which `entropies` uses a c log c lookup table
+
+
+def as_array(x: np.ndarray | Volume, name: str = "image") -> np.ndarray:
+    """The array of a `Volume`, or the array itself."""
+    if isinstance(x, Volume):
+        return x.array
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{name} must be a numpy array or a Volume, got {type(x).__name__}")
+    return x
+
+
+def masked_pair(
+    a: np.ndarray | Volume, b: np.ndarray | Volume, mask: np.ndarray | Volume | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel values of ``a`` and ``b`` inside ``mask`` (all voxels when None), as 1D float64."""
+    a, b = as_array(a, "first image"), as_array(b, "second image")
+    if a.shape != b.shape:
+        raise InputError(f"images have different shapes {a.shape} and {b.shape}: resample them onto one grid first")
+    if mask is None:
+        return a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    m = as_array(mask, "mask")
+    if m.shape != a.shape:
+        raise InputError(f"mask shape {m.shape} differs from image shape {a.shape}: use a mask on the image grid")
+    m = m.astype(bool)
+    if not m.any():
+        raise InputError("the mask is empty: give a mask with at least one voxel inside")
+    return a[m].astype(np.float64), b[m].astype(np.float64)
+
+
+def quantise(values: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index (0..bins-1) of each value, with ``bins`` equal bins over [values.min(), values.max()].
+
+    Same bin assignment as ``np.histogram``/``np.histogram2d`` (edges ``np.linspace(min, max,
+    bins + 1)``, last bin closed). A constant input falls entirely into bin 0.
+    """
+    if bins < 2:
+        raise InputError(f"bins must be at least 2, got {bins}")
+    lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError("the image holds NaN or infinite intensities: replace them (e.g. by 0) before scoring")
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.intp)
+    edges = np.linspace(lo, hi, bins + 1)
+    values = np.asarray(values, dtype=np.float64)
+    index = np.minimum(((values - lo) * (bins / (hi - lo))).astype(np.intp), bins - 1)
+    # fix the rounding of the scaled value against the exact edges, as np.histogram does
+    index -= values < edges[index]
+    index += (values >= edges[index + 1]) & (index < bins - 1)
+    return index
+
+
+def joint_histogram(
+    a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
+) -> np.ndarray:
+    """Joint histogram counts, shape (bins, bins), rows indexing ``a``'s bins, columns ``b``'s."""
+    va, vb = masked_pair(a, b, mask)
+    codes = quantise(va, bins) * bins + quantise(vb, bins)
+    return np.bincount(codes, minlength=bins * bins).reshape(bins, bins)
+
+
+def entropies(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marginal and joint entropies (nats) of joint histograms ``(..., B, B)`` of counts.
+
+    H = log n - (1/n) sum_c c log c, for counts c summing to n. Returns (H(A), H(B), H(A, B)),
+    each of the leading shape; NaN where a histogram is empty.
+    """
+    joint = np.asarray(joint)
+    row, col = joint.sum(axis=-1), joint.sum(axis=-2)
+    n = row.sum(axis=-1)
+    cells = joint.reshape(*joint.shape[:-2], -1)
+    if np.issubdtype(joint.dtype, np.integer) and 0 < n.size and 0 <= joint.min() and n.max() <= _TABLE_MAX:
+        # small integer counts (patches): c log c from a lookup table, much faster than xlogy
+        table = xlogy(np.arange(n.max() + 1.0), np.arange(n.max() + 1.0))
+        sum_ab, sum_a, sum_b = (table[c].sum(axis=-1) for c in (cells, row, col))
+    else:
+        sum_ab, sum_a, sum_b = (xlogy(c, c.astype(np.float64)).sum(axis=-1) for c in (cells, row, col))
+    n = n.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_n = np.log(n)
+        h_a, h_b, h_ab = log_n - sum_a / n, log_n - sum_b / n, log_n - sum_ab / n
+    empty = n == 0
+    return tuple(np.where(empty, np.nan, h) for h in (h_a, h_b, h_ab))  # type: ignore[return-value]
+
+
+def arithmetic_nmi_from_joint(joint: np.ndarray) -> np.ndarray:
+    """2 I / (H(A) + H(B)) of joint histograms ``(..., B, B)``; NaN where both images are constant."""
+    h_a, h_b, h_ab = entropies(joint)
+    h_sum = h_a + h_b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(h_sum > 0, 2.0 * (h_sum - h_ab) / h_sum, np.nan)
+
+
+def ncc(a: np.ndarray | Volume, b: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> float:
+    """Global normalised cross-correlation (Pearson r) inside the mask, in [-1, 1].
+
+    Seed 004 Appendix B, eq. (4), without the loss's minus sign. NaN when either image is constant.
+    """
+    va, vb = masked_pair(a, b, mask)
+    da, db = va - va.mean(), vb - vb.mean()
+    denom = np.sqrt(np.dot(da, da) * np.dot(db, db))
+    return float(np.dot(da, db) / denom) if denom > 0 else float("nan")
+
+
+def mutual_information(
+    a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
+) -> float:
+    """I(A; B) = H(A) + H(B) - H(A, B) in nats, from the joint histogram (module docstring)."""
+    h_a, h_b, h_ab = entropies(joint_histogram(a, b, bins, mask))
+    return float(h_a + h_b - h_ab)
+
+
+def normalised_mutual_information(
+    a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
+) -> float:
+    """Studholme's NMI (H(A) + H(B)) / H(A, B), in [1, 2]; NaN when both images are constant."""
+    h_a, h_b, h_ab = entropies(joint_histogram(a, b, bins, mask))
+    return float((h_a + h_b) / h_ab) if h_ab > 0 else float("nan")
+
+
+def arithmetic_normalised_mutual_information(
+    a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
+) -> float:
+    """NMI = 2 I(A; B) / (H(A) + H(B)), in [0, 1] (the PMM's per-patch score); NaN when both are constant."""
+    return float(arithmetic_nmi_from_joint(joint_histogram(a, b, bins, mask)))

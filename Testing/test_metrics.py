@@ -1,0 +1,329 @@
+"""Tests of JointRegSegLib.metrics against MONAI, SimpleITK, numpy histograms and analytic cases."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from scipy.ndimage import gaussian_filter
+
+from JointRegSegLib.errors import InputError
+from JointRegSegLib.imageio.geometry import Geometry, Volume
+from JointRegSegLib.imageio.sitk_bridge import from_sitk, to_sitk
+from JointRegSegLib.metrics import (
+    arithmetic_normalised_mutual_information,
+    dice_per_label,
+    folding_percent,
+    hd95_per_label,
+    jacobian_determinant,
+    mean_dice,
+    mutual_information,
+    ncc,
+    normalised_mutual_information,
+    pmm_map,
+    pmm_mean,
+    sdlogj,
+)
+
+
+def _ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+def _one_hot(seg: np.ndarray, labels: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([seg == label for label in labels])[None].astype(np.float32))
+
+
+@pytest.fixture
+def label_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Offset spheres (1), offset boxes (2), a label only in ``a`` (3) and one only in ``b`` (4)."""
+    shape = (40, 36, 32)
+    a = np.zeros(shape, dtype=np.int16)
+    b = np.zeros(shape, dtype=np.int16)
+    a[_ball(shape, (14, 14, 12), 8)] = 1
+    b[_ball(shape, (17, 13, 14), 7)] = 1
+    a[26:36, 20:30, 4:14] = 2
+    b[24:35, 22:33, 6:14] = 2
+    a[2:5, 30:34, 25:30] = 3
+    b[34:38, 2:5, 26:30] = 4
+    return a, b
+
+
+# ----------------------------------------------------------------------------------- overlap
+
+
+def test_dice_matches_monai(label_pair):
+    a, b = label_pair
+    ours = dice_per_label(a, b)
+    assert sorted(ours) == [1, 2, 3, 4]
+    monai = DiceMetric(include_background=True, reduction="none")(_one_hot(a, [1, 2]), _one_hot(b, [1, 2]))
+    np.testing.assert_allclose([ours[1], ours[2]], monai[0].numpy(), rtol=1e-6)
+    assert ours[3] == 0.0 and ours[4] == 0.0
+    assert mean_dice(a, b) == pytest.approx((ours[1] + ours[2]) / 2)  # labels in both only
+    assert dice_per_label(a, b, labels=[1, 7]) == {1: ours[1]}  # absent from both: omitted
+    assert dice_per_label(a, a) == {1: 1.0, 2: 1.0, 3: 1.0}
+
+
+def test_hd95_matches_monai_with_anisotropic_spacing(label_pair):
+    a, b = label_pair
+    spacing = (0.8, 1.5, 2.5)
+    ours = hd95_per_label(a, b, spacing)
+    metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+    monai = metric(_one_hot(a, [1, 2]), _one_hot(b, [1, 2]), spacing=spacing)[0].numpy()
+    np.testing.assert_allclose([ours[1], ours[2]], monai, rtol=1e-5)
+    assert math.isinf(ours[3]) and math.isinf(ours[4])  # present in one map only, as MONAI
+    assert hd95_per_label(a, a, spacing) == {1: 0.0, 2: 0.0, 3: 0.0}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
+    # Two one-voxel-thick plates, the second shifted by d voxels normal to itself: every surface
+    # voxel of one lies exactly d * spacing[axis] from the other, so every percentile equals it.
+    spacing, d = (0.7, 1.3, 2.9), 3
+    a = np.zeros((24, 24, 24), dtype=np.uint8)
+    b = np.zeros_like(a)
+    plate = [slice(4, 20)] * 3
+    plate[axis] = slice(8, 9)
+    a[tuple(plate)] = 5
+    plate[axis] = slice(8 + d, 9 + d)
+    b[tuple(plate)] = 5
+    assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
+
+
+def test_overlap_rejects_bad_input(label_pair):
+    a, b = label_pair
+    with pytest.raises(InputError, match="shapes"):
+        dice_per_label(a, b[:-1])
+    with pytest.raises(InputError, match="integers"):
+        hd95_per_label(a.astype(np.float32), b, (1, 1, 1))
+    with pytest.raises(InputError, match="spacing"):
+        hd95_per_label(a, b, (1, 1))
+
+
+# -------------------------------------------------------------------------------- similarity
+
+
+def _reference_entropies(a: np.ndarray, b: np.ndarray, bins: int) -> tuple[float, float, float]:
+    counts, _, _ = np.histogram2d(a, b, bins=bins, range=[[a.min(), a.max()], [b.min(), b.max()]])
+    p = counts / counts.sum()
+
+    def h(q: np.ndarray) -> float:
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    return h(p.sum(axis=1)), h(p.sum(axis=0)), h(p)
+
+
+def test_mutual_information_matches_histogram2d():
+    rng = np.random.default_rng(1)
+    a = rng.gamma(2.0, size=(20, 22, 24))
+    b = np.sqrt(a) + 0.3 * rng.normal(size=a.shape)
+    mask = rng.random(a.shape) > 0.3
+    for m in (None, mask):
+        va, vb = (a.ravel(), b.ravel()) if m is None else (a[m], b[m])
+        h_a, h_b, h_ab = _reference_entropies(va, vb, 24)
+        assert mutual_information(a, b, bins=24, mask=m) == pytest.approx(h_a + h_b - h_ab, rel=1e-12)
+        assert normalised_mutual_information(a, b, bins=24, mask=m) == pytest.approx((h_a + h_b) / h_ab, rel=1e-12)
+        assert arithmetic_normalised_mutual_information(a, b, bins=24, mask=m) == pytest.approx(
+            2 * (h_a + h_b - h_ab) / (h_a + h_b), rel=1e-12
+        )
+
+
+def test_mutual_information_extremes_and_invariance():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(16, 16, 16))
+    b = a + 0.5 * rng.normal(size=a.shape)
+    assert normalised_mutual_information(a, a) == pytest.approx(2.0)
+    assert arithmetic_normalised_mutual_information(a, a) == pytest.approx(1.0)
+    h_a = _reference_entropies(a.ravel(), a.ravel(), 32)[0]
+    assert mutual_information(a, a) == pytest.approx(h_a)
+    # equal-width bins over each image's own range: invariant to increasing and decreasing affine maps
+    for remapped in (3.0 * b + 7.0, -0.2 * b + 1.0):
+        assert mutual_information(a, remapped) == pytest.approx(mutual_information(a, b), rel=1e-12)
+    assert normalised_mutual_information(a, b) < normalised_mutual_information(a, a)
+    assert mutual_information(a, rng.normal(size=a.shape), bins=8) < 0.05
+    with pytest.raises(InputError, match="NaN"):
+        mutual_information(a, np.where(b > 2, np.nan, b))
+
+
+def test_ncc_matches_corrcoef():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(12, 13, 14))
+    b = 0.5 * a + rng.normal(size=a.shape)
+    mask = a > -0.5
+    assert ncc(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], rel=1e-12)
+    assert ncc(a, b, mask) == pytest.approx(np.corrcoef(a[mask], b[mask])[0, 1], rel=1e-12)
+    assert ncc(a, -2 * a + 1) == pytest.approx(-1.0)
+    with pytest.raises(InputError, match="mask is empty"):
+        ncc(a, b, np.zeros(a.shape, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------- jacobian
+
+
+def _smooth_field(shape: tuple[int, int, int], amplitude_mm: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u = np.stack([gaussian_filter(rng.normal(size=shape), 3.0) for _ in range(3)], axis=-1)
+    return u * (amplitude_mm / np.abs(u).max())
+
+
+def _random_rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def _sitk_jacobian(field: Volume) -> np.ndarray:
+    image = to_sitk(field.with_array(field.array.astype(np.float64)))
+    assert image.GetPixelID() == sitk.sitkVectorFloat64
+    return from_sitk(sitk.DisplacementFieldJacobianDeterminant(image)).array
+
+
+def test_jacobian_matches_simpleitk_identity_direction():
+    geometry = Geometry((20, 22, 24), (1.0, 1.5, 2.5), (-10.0, 4.0, 30.0))
+    field = Volume(_smooth_field(geometry.shape, 4.0, seed=4), geometry)
+    ours = jacobian_determinant(field)
+    assert ours.geometry is geometry
+    reference = _sitk_jacobian(field)
+    inner = (slice(1, -1),) * 3
+    np.testing.assert_allclose(ours.array[inner], reference[inner], atol=1e-4)
+    assert np.ptp(ours.array) > 0.1  # the field is not trivially rigid
+
+
+def test_jacobian_oblique_direction_matches_simpleitk_on_rotated_vectors():
+    # SimpleITK ignores the direction matrix; on an identity-direction grid with the vectors
+    # expressed along the grid axes (R^T u) it computes the physical Jacobian of u exactly.
+    rotation = _random_rotation(5)
+    oblique = Geometry((18, 20, 22), (1.2, 0.9, 2.0), (3.0, -2.0, 1.0), rotation)
+    u = _smooth_field(oblique.shape, 3.0, seed=6)
+    ours = jacobian_determinant(Volume(u, oblique)).array
+    aligned = Geometry(oblique.shape, oblique.spacing, oblique.origin)
+    reference = _sitk_jacobian(Volume(u @ rotation, aligned))
+    inner = (slice(1, -1),) * 3
+    np.testing.assert_allclose(ours[inner], reference[inner], atol=1e-4)
+    ignoring_direction = _sitk_jacobian(Volume(u, oblique))
+    assert np.abs(ignoring_direction[inner] - ours[inner]).max() > 1e-3
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), _random_rotation(7)])
+def test_jacobian_of_uniform_scaling_is_s_cubed(direction):
+    geometry = Geometry((9, 10, 11), (0.8, 1.7, 3.1), (12.0, -40.0, 7.5), direction)
+    s = 1.15
+    x = geometry.index_to_physical(np.moveaxis(np.indices(geometry.shape, dtype=np.float64), 0, -1))
+    centre = x.mean(axis=(0, 1, 2))
+    jac = jacobian_determinant(Volume((s - 1.0) * (x - centre), geometry)).array
+    np.testing.assert_allclose(jac, s**3, rtol=1e-10)  # linear field: exact at the border too
+
+
+def test_folding_percent_and_sdlogj():
+    geometry = Geometry((20, 8, 8), (1.5, 1.0, 1.0), (0.0, 0.0, 0.0))
+    i0, i1 = 6, 11
+    u = np.zeros((*geometry.shape, 3))
+    # u_x = -2 (x - x0) on the slab i0..i1, constant outside: du_x/dx = -2 inside (det = -1), the
+    # central difference straddling each slab face gives -1 (det = 0): i0..i1 all fold
+    i = np.arange(geometry.shape[0])
+    u[..., 0] = (-2.0 * geometry.spacing[0] * (np.clip(i, i0, i1) - i0))[:, None, None]
+    jac = jacobian_determinant(Volume(u, geometry))
+    expected = 100.0 * (i1 - i0 + 1) / geometry.shape[0]
+    assert folding_percent(jac) == pytest.approx(expected)
+    assert folding_percent(jac.array) == pytest.approx(expected)
+    slab = np.zeros(geometry.shape, dtype=bool)
+    slab[i0 + 1 : i1] = True
+    assert folding_percent(jac, mask=slab) == 100.0
+    np.testing.assert_allclose(jac.array[slab], -1.0)
+
+    smooth = jacobian_determinant(Volume(_smooth_field((16, 16, 16), 0.5, seed=8), Geometry((16,) * 3, (1,) * 3, (0,) * 3)))
+    assert folding_percent(smooth) == 0.0
+
+    identity = jacobian_determinant(Volume(np.zeros((6, 6, 6, 3)), Geometry((6,) * 3, (2.0,) * 3, (0,) * 3)))
+    np.testing.assert_allclose(identity.array, 1.0)
+    assert sdlogj(identity) == 0.0
+    # std of log(det + shift): log values {1, 3} -> population std 1
+    assert sdlogj(np.array([math.e - 3.0, math.e**3 - 3.0])) == pytest.approx(1.0)
+    assert sdlogj(np.array([math.exp(-1.0), math.e]), shift=0.0) == pytest.approx(1.0)
+    assert np.isfinite(sdlogj(jac))  # folded voxels are clipped, not -inf
+
+
+def test_jacobian_rejects_non_fields():
+    with pytest.raises(InputError, match=r"\(I, J, K, 3\)"):
+        jacobian_determinant(Volume(np.zeros((4, 4, 4)), Geometry((4,) * 3, (1,) * 3, (0,) * 3)))
+
+
+# --------------------------------------------------------------------------------------- PMM
+
+
+def _pmm_reference(
+    fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None, patch: int, stride: int, bins: int, min_fraction: float
+) -> np.ndarray:
+    """Appendix C with plain loops: every patch, its in-domain voxels, its NMI, averaged per voxel."""
+    domain = np.ones(fixed.shape, dtype=bool) if mask is None else mask
+    edges = [np.linspace(x[domain].min(), x[domain].max(), bins + 1) for x in (fixed, warped)]
+    total = np.zeros(fixed.shape)
+    count = np.zeros(fixed.shape)
+    corners = [range(0, max(0, math.ceil((n - patch) / stride) * stride) + 1, stride) for n in fixed.shape]
+    for corner in itertools.product(*corners):
+        box = tuple(slice(c, c + patch) for c in corner)
+        inside = domain[box]
+        if inside.sum() < min_fraction * patch**3:
+            continue
+        joint, _, _ = np.histogram2d(fixed[box][inside], warped[box][inside], bins=edges)
+        p = joint / joint.sum()
+        h = [float(-(q[q > 0] * np.log(q[q > 0])).sum()) for q in (p.sum(axis=1), p.sum(axis=0), p)]
+        if h[0] + h[1] == 0:
+            continue
+        total[box][inside] += 2 * (h[0] + h[1] - h[2]) / (h[0] + h[1])
+        count[box][inside] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(domain & (count > 0), total / count, np.nan)
+
+
+@pytest.mark.parametrize(
+    ("shape", "use_mask", "min_fraction"),
+    [((30, 33, 36), False, 0.125), ((32, 32, 32), True, 0.125), ((34, 29, 31), True, 0.4), ((10, 20, 13), False, 0.1)],
+)
+def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
+    rng = np.random.default_rng(9)
+    fixed = gaussian_filter(rng.normal(size=shape), 2.0)
+    warped = fixed**2 + 0.02 * rng.normal(size=shape)
+    mask = _ball(shape, tuple(n / 2 for n in shape), min(shape) / 2.2) if use_mask else None
+    ours = pmm_map(fixed, warped, mask, patch=16, stride=4, bins=16, min_fraction=min_fraction)
+    reference = _pmm_reference(fixed, warped, mask, 16, 4, 16, min_fraction)
+    assert ours.dtype == np.float32 and ours.shape == shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert np.isfinite(reference).mean() > 0.3
+    if mask is not None:
+        assert np.all(np.isnan(ours[~mask]))
+        assert pmm_mean(ours, mask) == pytest.approx(np.nanmean(reference[mask]), rel=1e-5)
+
+
+def test_pmm_rejects_bad_parameters():
+    image = np.zeros((20, 20, 20))
+    with pytest.raises(InputError, match="divisor"):
+        pmm_map(image, image, patch=16, stride=5)
+    with pytest.raises(InputError, match="empty"):
+        pmm_map(image, image, np.zeros(image.shape, dtype=bool))
+
+
+def test_pmm_on_real_brain_prefers_the_aligned_pair(shared_data_dir: Path):
+    fixed = from_sitk(sitk.ReadImage(str(shared_data_dir / "pair" / "fixed_img.nii.gz"), sitk.sitkFloat32)).array
+    centre = [n // 2 for n in fixed.shape]
+    crop = fixed[tuple(slice(c - 32, c + 32) for c in centre)]
+    rng = np.random.default_rng(10)
+    aligned = crop + 0.02 * rng.normal(size=crop.shape)
+    shifted = np.roll(crop, 3, axis=0) + 0.02 * rng.normal(size=crop.shape)
+    mask = gaussian_filter(crop, 1.0) > 0.1
+    assert mask.mean() > 0.3
+
+    self_map = pmm_map(crop, crop, mask)
+    np.testing.assert_allclose(self_map[np.isfinite(self_map)], 1.0, rtol=1e-6)
+    aligned_mean = pmm_mean(pmm_map(crop, aligned, mask), mask)
+    shifted_mean = pmm_mean(pmm_map(crop, shifted, mask), mask)
+    assert 0.0 < shifted_mean < aligned_mean < 1.0
+    assert aligned_mean - shifted_mean > 0.05
