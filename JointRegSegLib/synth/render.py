@@ -1,0 +1,112 @@
+"""Render a label map into a random-contrast image (SynthMorph / SynthSeg generative model).
+
+Steps, per sample (Hoffmann et al. 2022, section III; ranges are SynthMorph's unless noted):
+
+1. Gaussian mixture: label ``l`` gets a mean ``mu_l ~ U(25, 225)`` and a standard deviation
+   ``sd_l ~ U(5, 25)``; voxel ``p`` is ``N(mu_{L(p)}, sd_{L(p)}^2)``. Lookup tables indexed by the
+   label code (no loop over voxels), so codes may be sparse (FreeSurfer codes up to 530).
+2. Gaussian blur with ``sigma ~ U(0, max_blur)`` voxels (separable, replicate padding).
+3. Multiplicative bias field ``exp(b)``, ``b`` = smooth noise (control grid at ``bias_resolution``
+   of the grid size, trilinear upsampling) with standard deviation ``U(0, max_bias_std)``.
+4. Min-max normalisation to [0, 1].
+5. Gamma ``x ** exp(g)``, ``g ~ N(0, gamma_std^2)`` (keeps [0, 1]; min 0 and max 1 stay).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ..errors import InputError
+from .deform import smooth_noise
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Ranges of the random contrast model (see the module docstring)."""
+
+    mean_range: tuple[float, float] = (25.0, 225.0)
+    std_range: tuple[float, float] = (5.0, 25.0)
+    max_blur: float = 1.0
+    max_bias_std: float = 0.3
+    bias_resolution: float = 1.0 / 16.0
+    gamma_std: float = 0.25
+
+
+def _uniform(low: float, high: float, size: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator, device=generator.device)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur ``image (B, 1, I, J, K)`` with an isotropic Gaussian of ``sigma[b]`` voxels per sample.
+
+    Separable: three 1D convolutions with kernels of ``2 * radius + 1`` taps (grouped over the
+    batch), replicate padding. ``sigma = 0`` leaves the image unchanged.
+    """
+    batch = image.shape[0]
+    taps = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    out = image.reshape(1, batch, *image.shape[2:])
+    for axis in range(3):
+        shape = [batch, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * radius + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.reshape(shape), groups=batch)
+    return out.reshape(image.shape)
+
+
+def render_image(
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    options: RenderOptions = RenderOptions(),
+    means: torch.Tensor | None = None,
+    stds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Random-contrast image ``(B, 1, I, J, K)`` in [0, 1] from integer ``labels (B, 1, I, J, K)``.
+
+    ``means`` / ``stds`` ``(B, L)`` (``L`` > the largest code) replace the random mixture
+    parameters when given. Random numbers come from ``generator`` (on the labels' device).
+    """
+    if labels.ndim != 5 or labels.shape[1] != 1 or labels.is_floating_point():
+        raise InputError(f"labels must be an integer tensor (B, 1, I, J, K); got {labels.dtype} {tuple(labels.shape)}")
+    if labels.min() < 0:
+        raise InputError("labels must be non-negative codes")
+    if generator.device != labels.device:
+        raise InputError(
+            f"the generator is on {generator.device} but the labels are on {labels.device}: use one device"
+        )
+    batch = labels.shape[0]
+    n_codes = int(labels.max()) + 1
+    if means is None:
+        means = _uniform(*options.mean_range, (batch, n_codes), generator)
+    if stds is None:
+        stds = _uniform(*options.std_range, (batch, n_codes), generator)
+    if means.shape[0] != batch or stds.shape[0] != batch or min(means.shape[1], stds.shape[1]) < n_codes:
+        raise InputError(
+            f"means {tuple(means.shape)} and stds {tuple(stds.shape)} need shape (B={batch}, L >= {n_codes})"
+        )
+    flat = labels.reshape(batch, -1).long()
+    noise = torch.randn(flat.shape, generator=generator, device=labels.device)
+    image = torch.gather(means.float(), 1, flat) + torch.gather(stds.float(), 1, flat) * noise
+    image = image.reshape(labels.shape)
+
+    if options.max_blur > 0:
+        sigma = _uniform(0.0, options.max_blur, (batch,), generator)
+        image = gaussian_blur(image, sigma, radius=max(1, math.ceil(3.0 * options.max_blur)))
+    if options.max_bias_std > 0:
+        bias_std = _uniform(0.0, options.max_bias_std, (batch,), generator)
+        bias = smooth_noise(labels.shape[2:], generator, batch, 1, options.bias_resolution)
+        image = image * torch.exp(bias * bias_std.view(-1, 1, 1, 1, 1))
+
+    low = image.amin(dim=(1, 2, 3, 4), keepdim=True)
+    high = image.amax(dim=(1, 2, 3, 4), keepdim=True)
+    image = (image - low) / (high - low).clamp_min(1e-6)
+    if options.gamma_std > 0:
+        gamma = torch.exp(options.gamma_std * torch.randn(batch, generator=generator, device=labels.device))
+        image = image.clamp(0.0, 1.0) ** gamma.view(-1, 1, 1, 1, 1)
+    return image.clamp(0.0, 1.0)
