@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +45,12 @@ def run_worker(job: dict, tmp_path: Path, env: dict | None = None, timeout: floa
     )
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     return proc.returncode, events, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small volumes run several times faster on one thread than on a busy 2-core pool; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,14 +8,7 @@ from JointRegSegLib import spatial
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.nets import RegistrationUNet, count_parameters, student_unet, teacher_unet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small volumes run several times faster on one thread than on a busy 2-core pool; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Seed 004, sections 2.1.1 and 2.2: "lowers the parameter count from 0.6M to 0.23M".

@@ -18,14 +18,7 @@ from JointRegSegLib.synth import (
     smooth_noise_labelmap,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small volumes run several times faster on one thread than on a busy 2-core pool; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (32, 32, 32)
