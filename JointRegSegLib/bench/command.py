@@ -1,0 +1,71 @@
+"""``jointregseg bench``: its options and what it runs (registered by `JointRegSegLib.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .peers import PEERS, PRESETS
+
+DEFAULT_PEERS = ",".join(PEERS)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    parser.add_argument("--pairs", default="shared", help="shared (../shared/data/pair), sample (bundled, 2 mm), synthetic (known fields), or a pair-list CSV")
+    parser.add_argument("--methods", default="tto", help="our methods, comma-separated ('' for none; default tto)")
+    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"peer tools, comma-separated ('' for none; default {DEFAULT_PEERS})")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (tables, figures, every run's outputs)")
+    parser.add_argument("--device", default="cpu", help="device of our methods: cpu, cuda, cuda:N or auto (peers run on the CPU)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every tool (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per tool and pair; the time is their median")
+    parser.add_argument("--peer-settings", choices=PRESETS, default="default", help="default: each tool's defaults; fast: few iterations (tests)")
+    parser.add_argument(
+        "--peer-python",
+        default=os.environ.get("JRS_PEER_PYTHON", sys.executable),
+        help="the Python that runs the peers (default $JRS_PEER_PYTHON, else this one); antspyx needs numpy < 2.4, so it may live in its own environment",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every tool (and of the synthetic set)")
+    parser.add_argument("--iterations", type=int, help="iteration cap passed to our methods")
+    parser.add_argument("--time-budget", type=float, help="seconds of optimisation allowed to our methods")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="option of our methods (JSON value), repeatable")
+    parser.add_argument("--synthetic-count", type=int, default=3, help="pairs in the synthetic set")
+    parser.add_argument("--synthetic-spacing", type=float, help="resample the synthetic set's brain to this spacing (mm) first")
+    parser.add_argument("--timeout", type=float, help="seconds after which a tool's run is stopped and reported as failed")
+    parser.add_argument("--own-warped", action="store_true", help="also keep each peer's own warped image (own_warped.nii.gz)")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the benchmark an invocation describes; print the Markdown table; return the output folder."""
+    from ..cli import parse_options
+    from .pairs import SyntheticOptions, resolve_pairs
+    from .runner import BenchSettings, run_benchmark
+
+    settings = BenchSettings(
+        methods=_names(args.methods),
+        peers=_names(args.peers),
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats,
+        preset=args.peer_settings,
+        peer_python=args.peer_python,
+        seed=args.seed,
+        iterations=args.iterations,
+        time_budget=args.time_budget,
+        options=parse_options(args.option),
+        own_warped=args.own_warped,
+        timeout_s=args.timeout,
+    )
+    settings.check()
+    synthetic = SyntheticOptions(count=args.synthetic_count, seed=args.seed, spacing=args.synthetic_spacing)
+    pairs = resolve_pairs(args.pairs, args.out, synthetic)
+    run_benchmark(pairs, settings, args.out)
+    print((args.out / "results.md").read_text())
+    print(f"tables, figures and every run's outputs in {args.out}")
+    return args.out

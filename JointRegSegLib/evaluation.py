@@ -1,0 +1,117 @@
+"""Quality maps and numbers of one registration result, shared by the worker and the benchmark.
+
+All evaluation happens on the fixed image's grid: the Jacobian-determinant map of the written
+physical field, the patch-wise NMI map (PMM, seed 004 appendix C) inside the fixed image's
+foreground, image similarity before and after, and Dice/HD95 per label when label maps are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .imageio.geometry import Volume
+from .imageio.intensity import normalise_intensity
+from .imageio.network_grid import resample
+from .labels import EVALUATION_LABELS, label_info
+from .methods.base import Inputs, Result
+from .metrics import (
+    dice_per_label,
+    folding_percent,
+    hd95_per_label,
+    jacobian_determinant,
+    mutual_information,
+    ncc,
+    normalised_mutual_information,
+    pmm_map,
+    pmm_mean,
+    sdlogj,
+)
+
+FOREGROUND_THRESHOLD = 0.05
+
+
+@dataclass
+class Maps:
+    """Voxel-wise quality maps on the fixed grid."""
+
+    jacobian: Volume
+    pmm: Volume
+    mask: np.ndarray
+
+
+def foreground_mask(image: Volume) -> np.ndarray:
+    """The image's foreground: normalised intensity above 5 %, holes filled (the PMM domain mask)."""
+    mask = normalise_intensity(image.array) > FOREGROUND_THRESHOLD
+    return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+
+
+def quality_maps(fixed: Volume, warped: Volume, displacement: Volume) -> Maps:
+    """Jacobian-determinant map of the field and PMM of (fixed, warped) inside the fixed foreground."""
+    mask = foreground_mask(fixed)
+    pmm = pmm_map(normalise_intensity(fixed.array), normalise_intensity(warped.array), mask)
+    return Maps(jacobian=jacobian_determinant(displacement), pmm=fixed.with_array(pmm.astype(np.float32)), mask=mask)
+
+
+def evaluate(inputs: Inputs, result: Result, maps: Maps) -> dict[str, Any]:
+    """Metrics of a result, with the same numbers before registration (moving resampled as it lies)."""
+    fixed = normalise_intensity(inputs.fixed.array)
+    warped = normalise_intensity(result.warped.array)
+    initial = normalise_intensity(resample(inputs.moving, inputs.fixed.geometry).array)
+    mask = maps.mask
+    metrics: dict[str, Any] = {
+        "ncc": ncc(fixed, warped, mask),
+        "ncc_initial": ncc(fixed, initial, mask),
+        "mi": mutual_information(fixed, warped, mask=mask),
+        "mi_initial": mutual_information(fixed, initial, mask=mask),
+        "nmi": normalised_mutual_information(fixed, warped, mask=mask),
+        "pmm_mean": pmm_mean(maps.pmm.array, mask),
+        "pmm_mean_initial": pmm_mean(pmm_map(fixed, initial, mask), mask),
+        "folding_percent": folding_percent(maps.jacobian.array),
+        "sdlogj": sdlogj(maps.jacobian.array),
+        "jacobian_min": float(maps.jacobian.array.min()),
+        "jacobian_max": float(maps.jacobian.array.max()),
+    }
+    if inputs.fixed_seg is not None and result.warped_seg is not None and inputs.moving_seg is not None:
+        moving_seg_initial = resample(inputs.moving_seg, inputs.fixed.geometry, interpolation="nearest").array
+        metrics.update(label_metrics(inputs.fixed_seg, result.warped_seg.array, moving_seg_initial))
+    return metrics
+
+
+def label_metrics(fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.ndarray) -> dict[str, Any]:
+    """Dice (after and before) and HD95 per label shared by both label maps, and their means.
+
+    The mean Dice is over the 30 standard evaluation structures (../shared/data/README.md) where the
+    label maps use FreeSurfer codes and share any of them, otherwise over all shared labels.
+    """
+    fixed = fixed_seg.array
+    shared = sorted(set(np.unique(fixed).tolist()) & set(np.unique(initial_seg).tolist()) - {0})
+    dice = dice_per_label(fixed, warped_seg, labels=shared)
+    dice_initial = dice_per_label(fixed, initial_seg, labels=shared)
+    hd95 = hd95_per_label(fixed, warped_seg, fixed_seg.geometry.spacing, labels=shared)
+    evaluation = [label for label in shared if label in EVALUATION_LABELS]
+    chosen = evaluation or shared
+    per_label = {
+        str(label): {
+            "name": label_info(label).name,
+            "dice": dice.get(label, 0.0),
+            "dice_initial": dice_initial.get(label, 0.0),
+            "hd95": hd95.get(label, float("nan")),
+        }
+        for label in shared
+    }
+    return {
+        "dice_mean": _mean([dice.get(label, 0.0) for label in chosen]),
+        "dice_mean_initial": _mean([dice_initial.get(label, 0.0) for label in chosen]),
+        "hd95_mean": _mean([hd95[label] for label in chosen if np.isfinite(hd95.get(label, np.nan))]),
+        "dice_label_set": "evaluation-30" if evaluation else "shared",
+        "dice_label_count": len(chosen),
+        "labels": per_label,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

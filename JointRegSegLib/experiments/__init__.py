@@ -1,0 +1,1 @@
+"""Experiments that reproduce figures of the seed papers (scripts run with python -m)."""

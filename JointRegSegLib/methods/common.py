@@ -1,0 +1,67 @@
+"""Steps every network method shares: inputs onto the network grid, and a network field back to a `Result`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..imageio.geometry import Geometry, Volume
+from ..imageio.intensity import normalise_intensity
+from ..imageio.network_grid import network_geometry, to_network
+from ..spatial.affine import index_affine_to_physical
+from ..spatial.physical import voxel_to_physical_field, warp_volume
+from .base import Inputs, Result
+
+
+@dataclass
+class NetworkPair:
+    """Fixed and moving images (and label maps) resampled onto one network grid, as tensors (1, 1, I, J, K)."""
+
+    grid: Geometry
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_seg: torch.Tensor | None = None
+    moving_seg: torch.Tensor | None = None
+
+
+def prepare_pair(
+    inputs: Inputs, device: torch.device, spacing: float = 1.0, shape: tuple[int, int, int] | None = None
+) -> NetworkPair:
+    """Resample both images onto the fixed image's network grid and normalise them to [0, 1].
+
+    The moving image is resampled through physical space (identity transform), so the network sees
+    both images in the same world coordinates; a network field is then directly a field on this grid.
+    """
+    grid = network_geometry(inputs.fixed.geometry, spacing=spacing, shape=shape)
+
+    def image(volume: Volume) -> torch.Tensor:
+        array = normalise_intensity(to_network(volume, grid))
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+    def labels(volume: Volume | None) -> torch.Tensor | None:
+        if volume is None:
+            return None
+        return torch.from_numpy(to_network(volume, grid, labels=True).astype(np.int64))[None, None].to(device)
+
+    return NetworkPair(grid, image(inputs.fixed), image(inputs.moving), labels(inputs.fixed_seg), labels(inputs.moving_seg))
+
+
+def result_from_network_field(
+    inputs: Inputs,
+    grid: Geometry,
+    disp: torch.Tensor,
+    affine_index: np.ndarray | None = None,
+) -> Result:
+    """Turn a voxel displacement on the network grid (the whole mapping) into a `Result` on the fixed grid.
+
+    The moving image (and its label map) are warped at their own resolution by the physical field,
+    so the output is as sharp as the input allows. ``affine_index`` is the affine part alone, as a
+    4x4 matrix on network-grid voxel indices (fixed index -> moving index), where there is one.
+    """
+    field = voxel_to_physical_field(disp.detach()[0].float().cpu(), grid, inputs.fixed.geometry)
+    warped = warp_volume(inputs.moving, field)
+    warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
+    affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None
+    return Result(displacement=field, warped=warped, affine=affine, warped_seg=warped_seg)

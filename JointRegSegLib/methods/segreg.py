@@ -1,0 +1,880 @@
+"""SegReg (seed 001): segmentation-driven, piecewise-smooth registration.
+
+Each region pair ``(I_m * S_m^i, I_f * S_f^i)`` (eq. 3) is registered by its own smooth field
+``Phi_i``; the fields are composed on the fixed grid, ``Phi = sum_i Phi_i * S_f^i`` (section
+"Deformation Field Composition"), so the deformation may slide at region borders. Regions come
+from the two label maps (`regions`: ``all``, ``coarse`` or ``N``). Options (``options.extra``;
+the CLI's ``--option KEY=VALUE``):
+
+``variant``           ``iterative`` (default; no training) or ``learned`` (the shared U-Net)
+``mask_loss``         ``dice`` (default), ``edt`` or ``edt-dice`` (L_m of eq. 5)
+``regions``           ``all`` (default), ``coarse`` or a number of regions (see `regions`)
+``similarity``        L_v: ``ncc`` (default), ``mse`` or ``none``
+``weights``           ``[g0, g1, g2]`` of eq. 5 (defaults below)
+``levels``            iterative: pooling factors of the pyramid, coarse to fine (default ``[4, 2]``)
+``level_iterations``  iterative: Adam iterations per pyramid level (default ``[60, 40]``)
+``fine_iterations``   iterative: iterations of the sampled fine stage (default 60)
+                      (``options.iterations`` sets every level and the fine stage)
+``lr``                iterative: Adam learning rate, in voxels of the level (default 0.25)
+``field_smoothing``   iterative: 3x3x3 box passes applied to the optimised field (default 2)
+``integration_steps`` iterative: scaling-and-squaring steps (default 0: the field is the displacement)
+``margin_mm``         iterative: context kept around each region (default 5 mm)
+``mask_smoothing``    Gaussian sigma (voxels of the fine grid) of the composition masks (default 0:
+                      the paper's hard masks)
+``affine``            the affine pre-alignment: ``image`` (default: `affine_stage.fit_affine`, MI on
+                      the images), ``labels`` (least squares on the shared labels' centroids, fast and
+                      contrast-free) or ``none``
+``spacing``           the fine network grid spacing in mm (default 1)
+``weights_name``      learned: which shipped weights (default ``segreg-<mask_loss>``)
+``batch``             learned: region crops per network call (default 4)
+
+Choices where the paper is silent (recorded here, as METHODS.md asks):
+
+- Grid: both images (and label maps, nearest neighbour) are resampled onto the fixed image's
+  network grid (`common.prepare_pair`, RAS, isotropic ``spacing``). The pair of ../shared/data is
+  only centre-of-mass aligned, so an affine stage comes first; the moving image and label map are
+  resampled through it once (trilinear / nearest), the region fields register that pre-aligned
+  moving image, and the output field is the composition ``affine o composed`` (`spatial.compose`),
+  so the written field holds the whole mapping.
+- Crops: region i is optimised on the box of its fixed mask widened by ``margin_mm`` (corners on
+  multiples of the coarsest pooling factor); the moving side samples the box of the moving mask
+  widened the same way (border padding). A region's field only matters where ``S_f^i`` is 1, so
+  cost follows the regions' sizes, not their number. The background's box is that of the
+  foreground it surrounds (plus the margin); beyond it the background field repeats its edge
+  values (the far background holds nothing to align).
+- Iterative variant (section "Training and Inference", ThoraxCBCT): per region, the field is
+  optimised directly with Adam, starting from the translation between the region's fixed and
+  moving centroids (zero for the background), on a pyramid of average-pooled crops (``levels``),
+  carried to the next level by cell-centred trilinear upsampling (``align_corners=False``, values
+  scaled by the factor), with the paper's polynomial learning-rate decay (power 0.9) restarted at
+  each stage. Average pooling is not translation-equivariant (a mask shifted by 3 voxels and
+  pooled by 2 is not the pooled mask shifted by 1.5), so a pooled loss is biased by up to a
+  pooled voxel and leaves a wavy field; a last *sampled fine stage* keeps the field at the finest
+  level but evaluates the loss at fine-grid voxels on a stride-``factor`` lattice whose offset
+  cycles through all ``factor^3`` positions (seeded order), sampling the fine crops: unbiased, at
+  the cost of the pooled level. The parameter goes through ``field_smoothing`` passes of a 3x3x3
+  box average before use (the instance optimisation of ConvexAdam, Siebert et al. 2021, which the
+  paper compares with): Adam's per-voxel step normalisation otherwise lets weakly constrained
+  voxels wander. ``integration_steps`` > 0 makes the parameter a stationary velocity integrated by
+  scaling and squaring (`spatial.integrate_velocity`), R then acting on the velocity (VoxelMorph).
+  Fields stay at the finest pyramid level (2 mm for the 1 mm pair; smooth within a region) and
+  are upsampled to the fine grid for the composition, which uses the fine masks, so the
+  discontinuities sit on the 1 mm borders.
+- Losses per region (eq. 5), summed over regions: ``g0 L_v + g1 L_m + g2 R``.
+  L_v: global NCC (`losses.ncc_loss`) of the masked images over the region's crop (the paper's
+  abdomen setting, inter-subject), or MSE summed over the crop and divided by the fixed region's
+  voxel count. L_m Dice: `losses.soft_dice_loss` of the warped (trilinear, so soft) moving region
+  mask against the fixed one. L_m EDT: `losses.edt_mask` maps of both masks (distance to the
+  region border inside, normalised to 0-1; computed once on the fine grid, average-pooled per
+  level), `losses.edt_loss` (MSE) rescaled from the crop's mean to a mean over the fixed region's
+  voxels, so the term does not depend on how much background a crop holds. EDT&Dice:
+  `losses.edt_dice_loss`, ``(L_Dice + w L_EDT) / 2`` on that region-mean EDT term with w = 10
+  (the paper's w = 100 multiplies a whole-image mean; for a 3-voxel misalignment of a 20-voxel
+  structure our region-mean EDT term is about a tenth of the Dice loss, so w = 10 balances them
+  as the paper intends). R (section "Training and Inference": "L2-regularisation within each
+  sub-region, split by the fixed segmentation"): forward-difference gradient-L2 (the convention
+  of `losses.gradient_l2`, which it equals for a mask of ones) weighted by the fixed region mask
+  dilated by 2 voxels of the level (the field is also read just outside the region by trilinear
+  upsampling and mask smoothing); outside that band the field is free and never used.
+- Default weights ``[g0, g1, g2]``: dice ``[1, 1, 0.5]``, edt ``[1, 10, 0.5]``, edt-dice
+  ``[1, 1, 0.5]`` (the paper's abdomen ratios are 1:1:0.1 and 1:100:0.1 for its normalisations;
+  on ../shared/data/pair g2 = 0.5 instead of 0.05 cost 0.005 Dice and removed 40 % of the folding).
+- Composition: ``u = sum_i u_i * S_f^i`` (the identity parts cancel since ``sum_i S_f^i = 1``);
+  with ``mask_smoothing`` = sigma > 0 the masks are Gaussian-blurred and renormalised to sum 1
+  (a light smoothing of the discontinuity, METHODS.md: fewer folds, lower Dice for thin
+  structures). A region empty in the fixed map has no weight anywhere and is skipped.
+- Learned variant: `nets.RegistrationUNet` (VoxelMorph-like: 4 down / 4 up with skips; the
+  architecture is stored with the weights) predicts a stationary velocity on each region pair
+  (moving first), integrated by scaling and squaring, at the coarser level the weights were
+  trained for (``factor`` 2: 2 mm for a 1 mm grid). Inference batches the regions: each region's
+  crop (the box of both masks plus 3 network voxels, its size rounded up to a multiple of 16 at
+  the network's level, the rule training uses) is grouped with the crops of the same size,
+  ``batch`` per network call. A region pair whose masked images are both empty (the background
+  of skull-stripped scans) carries no information: its voxels get the smooth extension of the
+  other regions' composed field (`extend_field`: normalised Gaussian convolution), which keeps
+  the brain outline where the neighbouring structures put it. Training: `training.segreg`.
+- Time budget (``options.time_budget``, seconds): the iterative optimisation stops when it is
+  spent and composes the fields reached so far. Deterministic for a given seed (the only random
+  draws are the affine stage's voxel sampling and the fine stage's lattice order, both seeded
+  with ``options.seed``).
+- Inputs: both label maps are required. Each may lie on its own grid: it is resampled (nearest,
+  through physical space) onto the network grid; a label map that covers less than half of its
+  image's extent is taken for the wrong file and refused. Regions found in one map only are
+  merged into their neighbours (`regions`); maps sharing no label are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..errors import InputError
+from ..imageio.geometry import Volume
+from ..imageio.network_grid import corner_points, network_geometry
+from ..losses import edt_dice_loss, edt_loss, edt_mask, ncc_loss, soft_dice_loss
+from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..synth.render import gaussian_blur
+from .affine_stage import fit_affine
+from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .common import NetworkPair, prepare_pair, result_from_network_field
+from .regions import RegionPlan, parse_regions, plan_regions
+
+VARIANTS = ("iterative", "learned")
+MASK_LOSSES = ("dice", "edt", "edt-dice")
+SIMILARITIES = ("ncc", "mse", "none")
+AFFINE_MODES = ("image", "labels", "none")
+DEFAULT_WEIGHTS = {"dice": (1.0, 1.0, 0.5), "edt": (1.0, 10.0, 0.5), "edt-dice": (1.0, 1.0, 0.5)}
+EDT_MIX_WEIGHT = 10.0  # EDT&Dice = (L_Dice + w L_EDT) / 2 with L_EDT a mean over the region (paper: w = 100, image mean)
+REG_DILATION = 2  # voxels of the level around the fixed region where R applies
+MIN_COVERAGE = 0.5
+
+_DEFAULTS: dict[str, Any] = {
+    "variant": "iterative",
+    "mask_loss": "dice",
+    "regions": "all",
+    "similarity": "ncc",
+    "weights": None,
+    "levels": (4, 2),
+    "level_iterations": (60, 40),
+    "fine_iterations": 60,
+    "lr": 0.25,
+    "integration_steps": 0,
+    "field_smoothing": 2,
+    "margin_mm": 5.0,
+    "mask_smoothing": 0.0,
+    "affine": "image",
+    "spacing": 1.0,
+    "weights_name": None,
+    "batch": 4,
+}
+
+
+@dataclass
+class Settings:
+    """SegReg's options, checked (see the module docstring)."""
+
+    variant: str = "iterative"
+    mask_loss: str = "dice"
+    regions: str | int = "all"
+    similarity: str = "ncc"
+    weights: tuple[float, float, float] = DEFAULT_WEIGHTS["dice"]
+    levels: tuple[int, ...] = (4, 2)
+    level_iterations: tuple[int, ...] = (60, 40)
+    fine_iterations: int = 60
+    lr: float = 0.25
+    integration_steps: int = 0
+    field_smoothing: int = 2
+    margin_mm: float = 5.0
+    mask_smoothing: float = 0.0
+    affine: str = "image"
+    spacing: float = 1.0
+    weights_name: str = "segreg-dice"
+    batch: int = 4
+
+    @classmethod
+    def from_options(cls, options: Options) -> "Settings":
+        extra = dict(options.extra or {})
+        unknown = sorted(set(extra) - set(_DEFAULTS))
+        if unknown:
+            raise InputError(f"unknown segreg option(s) {', '.join(unknown)}; the options are: {', '.join(_DEFAULTS)}.")
+        values = {**_DEFAULTS, **{k: v for k, v in extra.items() if v is not None}}
+        variant = _choice(values["variant"], VARIANTS, "variant")
+        mask_loss = _choice(values["mask_loss"], MASK_LOSSES, "mask_loss")
+        similarity = _choice(values["similarity"], SIMILARITIES, "similarity")
+        affine = _choice(values["affine"], AFFINE_MODES, "affine")
+        weights = DEFAULT_WEIGHTS[mask_loss] if values["weights"] is None else _floats(values["weights"], "weights", 3)
+        levels = tuple(int(f) for f in _floats(values["levels"], "levels"))
+        if not levels or any(f not in (1, 2, 4, 8, 16) for f in levels) or list(levels) != sorted(levels, reverse=True):
+            raise InputError(f"levels must be pooling factors among 1, 2, 4, 8, 16, coarse to fine (e.g. [4, 2]); got {levels}")
+        if options.iterations is not None:
+            iterations = (int(options.iterations),) * len(levels)
+            fine_iterations = int(options.iterations)
+        else:
+            iterations = tuple(int(n) for n in _floats(values["level_iterations"], "level_iterations", len(levels)))
+            fine_iterations = int(values["fine_iterations"])
+        if min(iterations) < 0 or fine_iterations < 0 or (options.iterations is not None and options.iterations < 1):
+            raise InputError(f"iteration counts must be positive; got {iterations} and fine_iterations {fine_iterations}")
+        numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing", "spacing")}
+        if numbers["lr"] <= 0 or numbers["spacing"] <= 0 or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
+            raise InputError(f"lr and spacing must be positive, margin_mm and mask_smoothing non-negative; got {numbers}")
+        steps, batch, passes = int(values["integration_steps"]), int(values["batch"]), int(values["field_smoothing"])
+        if steps < 0 or batch < 1 or passes < 0:
+            raise InputError(
+                f"integration_steps and field_smoothing must be >= 0 and batch >= 1; got {steps}, {passes} and {batch}"
+            )
+        return cls(
+            variant=variant,
+            mask_loss=mask_loss,
+            regions=parse_regions(values["regions"]),
+            similarity=similarity,
+            weights=weights,
+            levels=levels,
+            level_iterations=iterations,
+            fine_iterations=fine_iterations,
+            lr=numbers["lr"],
+            integration_steps=steps,
+            field_smoothing=passes,
+            margin_mm=numbers["margin_mm"],
+            mask_smoothing=numbers["mask_smoothing"],
+            affine=affine,
+            spacing=numbers["spacing"],
+            weights_name=str(values["weights_name"] or f"segreg-{mask_loss}"),
+            batch=batch,
+        )
+
+
+def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise InputError(f"segreg option {name} must be one of {', '.join(choices)}; got {value!r}")
+    return text
+
+
+def _floats(value: Any, name: str, count: int | None = None) -> tuple[float, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]() ").replace(",", " ").split()
+    try:
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"segreg option {name} must be a list of numbers; got {value!r}") from error
+    if count is not None and len(numbers) != count:
+        raise InputError(f"segreg option {name} needs {count} numbers; got {value!r}")
+    return numbers
+
+
+# ----------------------------------------------------------------------------- inputs and regions
+
+
+def check_segmentations(inputs: Inputs) -> None:
+    """Both label maps are present and each covers its image (else `InputError` saying what to do)."""
+    for which in ("fixed", "moving"):
+        labels: Volume | None = getattr(inputs, f"{which}_seg")
+        if labels is None:
+            raise InputError(
+                f"segreg needs label maps of both images; the {which} label map is missing. Give --{which}-seg "
+                "(a label map file or a Slicer segmentation), or produce one with a segmentation method first."
+            )
+        image: Volume = getattr(inputs, which)
+        coverage = _coverage(labels, image)
+        if coverage < MIN_COVERAGE:
+            raise InputError(
+                f"the {which} label map covers only {100 * coverage:.0f}% of the {which} image's extent: it was "
+                f"probably made for another image. Give the label map of this {which} image."
+            )
+
+
+def _coverage(labels: Volume, image: Volume) -> float:
+    """Fraction of the image's bounding box (along its own axes) that the label map's bounding box covers."""
+    to_image = image.geometry.physical_to_index_matrix
+    corners = corner_points(labels.geometry) @ to_image[:3, :3].T + to_image[:3, 3]
+    low = np.maximum(corners.min(axis=0), -0.5)
+    high = np.minimum(corners.max(axis=0), np.asarray(image.geometry.shape) - 0.5)
+    extent = np.clip(high - low, 0.0, None)
+    return float(np.prod(extent / np.asarray(image.geometry.shape, dtype=np.float64)))
+
+
+@dataclass
+class Box:
+    """A box of the fine network grid, ``start`` inclusive, ``stop`` exclusive (voxels)."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    def slices(self, factor: int = 1) -> tuple[slice, slice, slice]:
+        return tuple(slice(a // factor, b // factor) for a, b in zip(self.start, self.stop))
+
+    def shape(self, factor: int = 1) -> tuple[int, int, int]:
+        return tuple((b - a) // factor for a, b in zip(self.start, self.stop))
+
+    def size(self, factor: int = 1) -> int:
+        return int(np.prod(self.shape(factor)))
+
+
+def region_box(mask: np.ndarray, margin: int, multiple: int, min_size: int = 0) -> Box:
+    """Bounding box of ``mask`` widened by ``margin``, its corners on multiples of ``multiple``, inside the grid.
+
+    With ``min_size`` the box size is rounded up to a multiple of ``min_size`` (shifted back inside
+    the grid where it would leave it; the grid size must itself be such a multiple).
+    """
+    bounds = []
+    for axis in range(3):
+        profile = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append(slice(int(profile[0]), int(profile[-1]) + 1))
+    return box_around(tuple(bounds), mask.shape, margin, multiple, min_size)
+
+
+def box_around(
+    bounds: tuple[slice, slice, slice], shape: tuple[int, ...], margin: int, multiple: int, min_size: int = 0
+) -> Box:
+    """`region_box` of a mask whose bounding box is ``bounds`` (slices, as `scipy.ndimage.find_objects` gives)."""
+    start, stop = [], []
+    for axis in range(3):
+        low = max(bounds[axis].start - margin, 0) // multiple * multiple
+        high = min(-(-(bounds[axis].stop + margin) // multiple) * multiple, shape[axis])
+        if min_size:
+            size = min(-(-(high - low) // min_size) * min_size, shape[axis])
+            low = max(min(low, shape[axis] - size), 0)
+            high = low + size
+        start.append(low)
+        stop.append(high)
+    return Box(tuple(start), tuple(stop))
+
+
+def region_bounds(region_map: np.ndarray, count: int) -> list[tuple[slice, slice, slice] | None]:
+    """Bounding box (slices) of every region 0 .. count - 1 of a region map (None when empty), in one pass."""
+    objects = ndimage.find_objects(region_map.astype(np.int32) + 1, max_label=count)
+    return [tuple(o) if o is not None else None for o in objects]
+
+
+def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, slice, slice]:
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _one_hot_float(region_map: torch.Tensor, region: int, box: Box) -> torch.Tensor:
+    return (region_map[(0, 0) + box.slices()] == region).float()[None, None]
+
+
+def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return F.avg_pool3d(x, factor) if factor > 1 else x
+
+
+def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
+    """A voxel field on a grid pooled by ``factor`` carried to the finer grid (cell-centred trilinear, scaled)."""
+    if factor == 1:
+        return disp
+    return F.interpolate(disp * factor, scale_factor=factor, mode="trilinear", align_corners=False)
+
+
+def smooth_field(param: torch.Tensor, passes: int) -> torch.Tensor:
+    """``passes`` 3x3x3 box averages of a field (edges averaged over the voxels inside the grid)."""
+    for _ in range(passes):
+        param = F.avg_pool3d(param, 3, stride=1, padding=1, count_include_pad=False)
+    return param
+
+
+def masked_gradient_l2(disp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Gradient-L2 of ``disp (1, 3, I, J, K)`` restricted to ``weight (1, 1, I, J, K)``.
+
+    Forward differences as `losses.gradient_l2`; each difference is weighted by the smaller weight
+    of its two voxels; per axis the weighted mean over components and positions, then the mean of
+    the three axes. Equals `gradient_l2` for a weight of ones.
+    """
+    total = disp.new_zeros(())
+    for axis in (2, 3, 4):
+        n = disp.shape[axis]
+        diff = disp.narrow(axis, 1, n - 1) - disp.narrow(axis, 0, n - 1)
+        w = torch.minimum(weight.narrow(axis, 1, n - 1), weight.narrow(axis, 0, n - 1))
+        total = total + (diff.pow(2).sum(dim=1, keepdim=True) * w).sum() / (3.0 * w.sum().clamp_min(1e-8))
+    return total / 3.0
+
+
+# ----------------------------------------------------------------------------- shared stages
+
+
+@dataclass
+class Prepared:
+    """The pair on the fine grid after the affine stage, and its regions."""
+
+    pair: NetworkPair
+    affine_index: np.ndarray
+    affine_disp: torch.Tensor
+    moving: torch.Tensor
+    fixed_regions: torch.Tensor
+    moving_regions: torch.Tensor
+    plan: RegionPlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(inputs: Inputs, settings: Settings, options: Options, multiple: int, progress: ProgressCallback) -> Prepared:
+    """Resample, fit the affine stage, pre-align the moving image and label map, and plan the regions."""
+    check_segmentations(inputs)
+    device = torch.device(options.device)
+    tick = time.monotonic()
+    shape = network_geometry(inputs.fixed.geometry, settings.spacing, multiple=multiple).shape
+    pair = prepare_pair(inputs, device, settings.spacing, shape)
+    timings = {"resample_s": time.monotonic() - tick}
+    tick = time.monotonic()
+    if settings.affine == "none":
+        matrix = np.eye(4)
+    else:
+        if settings.affine == "labels":
+            matrix = label_affine(pair.fixed_seg[0, 0].cpu().numpy(), pair.moving_seg[0, 0].cpu().numpy())
+        else:
+            levels = tuple(f for f in (4, 2) if min(n // f for n in shape) >= 4) or (1,)
+            matrix = fit_affine(
+                pair.fixed, pair.moving, levels=levels, iterations=(150, 60)[-len(levels):], seed=options.seed, progress=progress
+            )
+    affine_disp = affine_to_displacement(torch.as_tensor(matrix, dtype=torch.float32), shape).to(device)
+    moving = warp(pair.moving, affine_disp, padding_mode="zeros")
+    moving_labels = warp(pair.moving_seg.float(), affine_disp, mode="nearest", padding_mode="zeros").round().long()
+    timings["affine_s"] = time.monotonic() - tick
+    tick = time.monotonic()
+    plan = plan_regions(pair.fixed_seg[0, 0].cpu().numpy(), moving_labels[0, 0].cpu().numpy(), settings.regions)
+    timings["regions_s"] = time.monotonic() - tick
+
+    def as_tensor(region_map: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(region_map.astype(np.int64))[None, None].to(device)
+
+    return Prepared(pair, matrix, affine_disp, moving, as_tensor(plan.fixed), as_tensor(plan.moving), plan, timings)
+
+
+def label_affine(fixed_labels: np.ndarray, moving_labels: np.ndarray) -> np.ndarray:
+    """Index affine (fixed -> moving, 4x4) fitted to the centroids of the labels both maps share.
+
+    Weighted least squares ``c_m = A c_f + t`` over the shared non-zero labels, each weighted by
+    the smaller of its two voxel counts (solved on centred coordinates); with fewer than 4 shared
+    labels, or centroids too close to a plane (smallest singular value of the centred, weighted
+    centroids under 5 % of the largest), the translation of the foreground centroids alone.
+    """
+    codes = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())) - {0})
+    fixed_c = np.array(ndimage.center_of_mass(np.ones_like(fixed_labels), fixed_labels, codes)).reshape(-1, 3)
+    moving_c = np.array(ndimage.center_of_mass(np.ones_like(moving_labels), moving_labels, codes)).reshape(-1, 3)
+    weights = np.minimum(ndimage.sum_labels(np.ones_like(fixed_labels), fixed_labels, codes),
+                         ndimage.sum_labels(np.ones_like(moving_labels), moving_labels, codes)).reshape(-1)
+    matrix = np.eye(4)
+    w = weights / max(weights.sum(), 1e-12)
+    fixed_mean, moving_mean = w @ fixed_c, w @ moving_c
+    spread = (fixed_c - fixed_mean) * np.sqrt(w)[:, None]  # centred, so the conditioning reflects the 3D spread
+    singular = np.linalg.svd(spread, compute_uv=False) if len(codes) >= 4 else np.zeros(1)
+    if len(codes) >= 4 and singular[-1] > 0.05 * singular[0]:
+        linear, *_ = np.linalg.lstsq(spread, (moving_c - moving_mean) * np.sqrt(w)[:, None], rcond=None)
+        matrix[:3, :3] = linear.T
+        matrix[:3, 3] = moving_mean - linear.T @ fixed_mean
+    else:
+        matrix[:3, 3] = np.array(ndimage.center_of_mass(moving_labels > 0)) - np.array(ndimage.center_of_mass(fixed_labels > 0))
+    return matrix
+
+
+def composition_weights(fixed_regions: torch.Tensor, region: int, box: Box, sigma: float) -> torch.Tensor:
+    """Region ``region``'s composition mask on ``box`` (one-hot, or Gaussian-blurred with ``sigma`` voxels)."""
+    mask = _one_hot_float(fixed_regions, region, box)
+    if sigma <= 0:
+        return mask
+    blurred = ndimage.gaussian_filter(mask[0, 0].cpu().numpy(), sigma, mode="constant")
+    return torch.from_numpy(blurred.astype(np.float32))[None, None].to(mask.device)
+
+
+def _replicate_to(disp: torch.Tensor, box: Box, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A field on ``box`` extended to the whole grid by repeating its edge values."""
+    pads = []
+    for axis in (2, 1, 0):  # F.pad lists the last axis first
+        pads += [box.start[axis], shape[axis] - box.stop[axis]]
+    return F.pad(disp, pads, mode="replicate")
+
+
+def extend_field(total: torch.Tensor, known: torch.Tensor, pool: int = 4, sigma: float = 2.0) -> torch.Tensor:
+    """Fill ``total (1, 3, ...)`` outside ``known (1, 1, ...)`` with the smooth extension of its values inside.
+
+    Normalised Gaussian convolution on a grid pooled by ``pool`` (``sigma`` pooled voxels, radius
+    3 sigma): ``blur(u * known) / blur(known)``, beyond the blur's reach the nearest value within
+    it, upsampled (cell-centred trilinear) and used where ``known`` is 0.
+    """
+    radius = int(math.ceil(3 * sigma))
+    num = _pool(total * known, pool)
+    den = _pool(known, pool)
+    blur = gaussian_blur(torch.cat([num, den], dim=1).transpose(0, 1), torch.full((4,), sigma, device=total.device), radius)
+    blur = blur.transpose(0, 1)
+    ratio = blur[:, :3] / blur[:, 3:].clamp_min(1e-6)
+    reach = (blur[0, 3] > 1e-3).cpu().numpy()
+    if reach.any() and not reach.all():
+        _, index = ndimage.distance_transform_edt(~reach, return_indices=True)
+        ratio = ratio[(slice(None), slice(None)) + tuple(torch.from_numpy(i).to(ratio.device) for i in index)]
+    fine = F.interpolate(ratio, size=tuple(total.shape[2:]), mode="trilinear", align_corners=False)
+    return total * known + fine * (1.0 - known)
+
+
+def compose_regions(
+    prepared: Prepared, fields: dict[int, tuple[Box, torch.Tensor, int]], sigma: float, extend: bool = False
+) -> torch.Tensor:
+    """``u = sum_i u_i * S_f^i`` on the fine grid, then the affine stage composed in front (whole mapping).
+
+    ``fields[r] = (box, u_r on the box pooled by factor, factor)``. With ``sigma`` > 0 the masks are
+    blurred and the sum renormalised by the sum of the blurred masks. With ``extend``, regions
+    without a field get the smooth extension of the others (`extend_field`).
+    """
+    fixed_regions = prepared.fixed_regions
+    total = torch.zeros((1, 3) + tuple(fixed_regions.shape[2:]), device=fixed_regions.device)
+    norm = torch.zeros((1, 1) + tuple(fixed_regions.shape[2:]), device=fixed_regions.device) if sigma > 0 else None
+    shape = tuple(fixed_regions.shape[2:])
+    with torch.no_grad():
+        for region, (box, disp, factor) in fields.items():
+            if box.shape() != shape and region == 0:  # the background box holds the voxels near the foreground
+                box, disp = Box((0, 0, 0), shape), _replicate_to(upsample_field(disp, factor), box, shape)
+                factor = 1
+            weight = composition_weights(fixed_regions, region, box, sigma)
+            total[(slice(None), slice(None)) + box.slices()] += upsample_field(disp, factor) * weight
+            if norm is not None:
+                norm[(slice(None), slice(None)) + box.slices()] += weight
+        if norm is not None:
+            total = total / norm.clamp_min(1e-6)
+        if extend:
+            known = torch.zeros_like(total[:, :1])
+            for region in fields:
+                known += (fixed_regions == region).float()
+            total = extend_field(total, known)
+        return compose(prepared.affine_disp, total)
+
+
+def _finish(inputs: Inputs, prepared: Prepared, disp: torch.Tensor, settings: Settings, details: dict[str, Any]) -> Result:
+    result = result_from_network_field(inputs, prepared.pair.grid, disp, affine_index=prepared.affine_index)
+    result.details.update(
+        {
+            "variant": settings.variant,
+            "mask_loss": settings.mask_loss,
+            "regions": prepared.plan.summary(),
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+            "timings_s": prepared.timings,
+            **details,
+        }
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- iterative variant
+
+
+@dataclass
+class _RegionProblem:
+    """One region's crops: fixed (image, mask, EDT) on ``box`` and moving (image, mask, EDT) on ``moving_box``."""
+
+    region: int
+    box: Box
+    moving_box: Box
+    fixed_fine: torch.Tensor  # (1, 3, ...) masked image, mask, EDT on box
+    moving_fine: torch.Tensor  # (1, 3, ...) on moving_box
+    translation: torch.Tensor  # (3,) moving centroid minus fixed centroid, fine voxels (0 for the background)
+
+
+def _region_problems(prepared: Prepared, settings: Settings, multiple: int, margin: int, need_edt: bool) -> list[_RegionProblem]:
+    pair = prepared.pair
+    fixed_regions, moving_regions = prepared.fixed_regions, prepared.moving_regions
+    fixed_np = fixed_regions[0, 0].cpu().numpy()
+    moving_np = moving_regions[0, 0].cpu().numpy()
+    problems = []
+    fixed_bounds = region_bounds(fixed_np, prepared.plan.count)
+    moving_bounds = region_bounds(moving_np, prepared.plan.count)
+    for region in range(prepared.plan.count):
+        if fixed_bounds[region] is None or moving_bounds[region] is None:
+            continue
+        if region == 0:  # the background's box is that of the foreground it surrounds
+            fixed_mask, moving_mask = fixed_np == 0, moving_np == 0
+            box = region_box(_box_mask(fixed_mask, 0), margin, multiple)
+            moving_box = region_box(_box_mask(moving_mask, 0), margin, multiple)
+        else:
+            box = box_around(fixed_bounds[region], fixed_np.shape, margin, multiple)
+            moving_box = box_around(moving_bounds[region], moving_np.shape, margin, multiple)
+        fixed_fine = _stack(pair.fixed, _one_hot_float(fixed_regions, region, box), box, need_edt)
+        moving_fine = _stack(prepared.moving, _one_hot_float(moving_regions, region, moving_box), moving_box, need_edt)
+        translation = np.zeros(3) if region == 0 else _centroid(moving_np, region, moving_bounds[region]) - _centroid(
+            fixed_np, region, fixed_bounds[region]
+        )
+        problems.append(
+            _RegionProblem(
+                region, box, moving_box, fixed_fine, moving_fine,
+                torch.tensor(translation, dtype=torch.float32, device=fixed_fine.device),
+            )
+        )
+    return problems
+
+
+def _box_mask(mask: np.ndarray, region: int) -> np.ndarray:
+    """What a region's box must hold: the region, or for the background the foreground it surrounds."""
+    return mask if region or mask.all() else ~mask
+
+
+def _centroid(region_map: np.ndarray, region: int, bounds: tuple[slice, slice, slice]) -> np.ndarray:
+    """Centroid (voxel indices) of ``region`` inside its bounding box ``bounds``."""
+    inside = ndimage.center_of_mass(region_map[bounds] == region)
+    return np.array(inside, dtype=np.float64) + np.array([b.start for b in bounds], dtype=np.float64)
+
+
+def _stack(image: torch.Tensor, mask: torch.Tensor, box: Box, need_edt: bool) -> torch.Tensor:
+    """Channels (masked image, mask[, EDT of the mask]) of one region on its box."""
+    crop = image[(slice(None), slice(None)) + box.slices()]
+    channels = [crop * mask, mask] + ([edt_mask(mask)] if need_edt else [])
+    return torch.cat(channels, dim=1)
+
+
+def _mask_loss(kind: str, warped: torch.Tensor, fixed: torch.Tensor, scale: float) -> torch.Tensor:
+    """L_m between warped moving and fixed channels (image, mask, EDT); ``scale`` = crop voxels / region voxels."""
+    if kind == "dice":
+        return soft_dice_loss(warped[:, 1:2], fixed[:, 1:2], include_background=True)
+    if kind == "edt":
+        return edt_loss(warped[:, 2:3], fixed[:, 2:3]) * scale
+    return edt_dice_loss(warped[:, 1:2], fixed[:, 1:2], warped[:, 2:3], fixed[:, 2:3], edt_weight=EDT_MIX_WEIGHT * scale)
+
+
+def _similarity(kind: str, warped: torch.Tensor, fixed: torch.Tensor, scale: float) -> torch.Tensor:
+    if kind == "ncc":
+        return ncc_loss(fixed[:, 0:1], warped[:, 0:1])
+    if kind == "mse":
+        return (fixed[:, 0:1] - warped[:, 0:1]).pow(2).mean() * scale
+    return fixed.new_zeros(())
+
+
+def region_loss(
+    settings: Settings,
+    points: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    reg_field: torch.Tensor,
+    reg_weight: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 5 for one region: ``g0 L_v + g1 L_m + g2 R``.
+
+    ``points (1, 3, ...)``: where each fixed sample lands, in voxel indices of the ``moving``
+    channels (masked image, mask, EDT); ``fixed``: the fixed channels at the samples;
+    ``reg_field``: the field R acts on, weighted by ``reg_weight`` (same grid).
+    """
+    warped = sample_at_indices(moving, points.permute(0, 2, 3, 4, 1), padding_mode="border")
+    mask = fixed[:, 1:2]
+    scale = mask[0, 0].numel() / max(float(mask.sum()), 1e-6)
+    g0, g1, g2 = settings.weights
+    terms = {
+        "similarity": _similarity(settings.similarity, warped, fixed, scale),
+        "mask": _mask_loss(settings.mask_loss, warped, fixed, scale),
+        "smoothness": masked_gradient_l2(reg_field, reg_weight),
+    }
+    total = g0 * terms["similarity"] + g1 * terms["mask"] + g2 * terms["smoothness"]
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+@dataclass
+class _Stage:
+    """One stage of the schedule: the field lives at ``factor``; the loss is evaluated on pooled crops
+    (``sampled`` False) or at fine voxels on a stride-``factor`` lattice whose offset cycles (True)."""
+
+    factor: int
+    iterations: int
+    sampled: bool
+
+
+def _schedule(settings: Settings) -> list[_Stage]:
+    stages = [_Stage(f, n, False) for f, n in zip(settings.levels, settings.level_iterations)]
+    last = settings.levels[-1]
+    if last > 1 and settings.fine_iterations > 0:
+        stages.append(_Stage(last, settings.fine_iterations, True))
+    return stages
+
+
+def _lattice_offsets(factor: int, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """``count`` lattice offsets cycling through all ``factor**3``, each cycle in a seeded random order."""
+    every = [(a, b, c) for a in range(factor) for b in range(factor) for c in range(factor)]
+    generator = np.random.default_rng(seed)
+    offsets: list[tuple[int, int, int]] = []
+    while len(offsets) < count:
+        offsets.extend(every[i] for i in generator.permutation(len(every)))
+    return offsets[:count]
+
+
+def _sampled_field(disp: torch.Tensor, factor: int, offset: tuple[int, int, int], grid: torch.Tensor) -> torch.Tensor:
+    """Fine-voxel displacement at fine indices ``factor * q + offset`` of a field ``disp`` on the grid pooled by ``factor``.
+
+    Cell-centred: fine index x sits at pooled coordinate ``(x - (factor - 1) / 2) / factor``, the same
+    mapping as `upsample_field`, so the stage optimises exactly the field that is composed.
+    ``grid`` is `identity_grid` of ``disp``'s spatial shape.
+    """
+    shift = torch.tensor([(o - (factor - 1) / 2.0) / factor for o in offset], device=disp.device)
+    where = grid + shift.view(1, 3, 1, 1, 1)
+    return factor * sample_at_indices(disp, where.permute(0, 2, 3, 4, 1), padding_mode="border")
+
+
+def register_iterative(
+    inputs: Inputs, settings: Settings, options: Options, progress: ProgressCallback
+) -> Result:
+    """Optimise one field per region (Adam, eq. 5) on a pyramid of crops and a sampled fine stage, then compose."""
+    started = time.monotonic()
+    coarsest = max(settings.levels)
+    multiple = 16 * coarsest // math.gcd(16, coarsest)
+    prepared = prepare(inputs, settings, options, multiple, lambda f, s: progress(0.1 * f, "affine"))
+    margin = int(math.ceil(settings.margin_mm / settings.spacing))
+    if settings.mask_smoothing > 0:
+        margin = max(margin, int(math.ceil(3 * settings.mask_smoothing)))
+    tick = time.monotonic()
+    problems = _region_problems(prepared, settings, coarsest, margin, settings.mask_loss != "dice")
+    prepared.timings["crops_s"] = time.monotonic() - tick
+    device = prepared.moving.device
+    stages = _schedule(settings)
+    total_iterations = max(sum(stage.iterations for stage in stages), 1)
+    params: dict[int, torch.Tensor] = {}
+    done, stopped_early, history, previous = 0, False, [], None
+    tick = time.monotonic()
+    for stage in stages:
+        f = stage.factor
+        fixed_l = {p.region: p.fixed_fine if stage.sampled else _pool(p.fixed_fine, f) for p in problems}
+        moving_l = {p.region: p.moving_fine if stage.sampled else _pool(p.moving_fine, f) for p in problems}
+        reg_weights = {
+            p.region: F.max_pool3d(_pool(p.fixed_fine[:, 1:2], f), 2 * REG_DILATION + 1, stride=1, padding=REG_DILATION)
+            for p in problems
+        }
+        # fixed box start minus moving box start, in voxels of the grid the loss samples
+        unit = 1 if stage.sampled else f
+        offsets = {
+            p.region: torch.tensor([(a - b) / unit for a, b in zip(p.box.start, p.moving_box.start)], device=device).view(1, 3, 1, 1, 1)
+            for p in problems
+        }
+        for p in problems:
+            if previous is None:
+                start = (p.translation / f).view(1, 3, 1, 1, 1)
+                params[p.region] = start.expand((1, 3) + p.box.shape(f)).clone()
+            elif previous != f:
+                carried = smooth_field(params[p.region].detach(), settings.field_smoothing)
+                params[p.region] = upsample_field(carried, previous // f)
+            params[p.region].requires_grad_(True)
+        previous = f
+        lattice = _lattice_offsets(f, stage.iterations, options.seed) if stage.sampled else []
+        grids = {p.region: identity_grid(p.box.shape(f), device=device) for p in problems}
+        optimiser = torch.optim.Adam(list(params.values()), lr=settings.lr)
+        for step in range(stage.iterations):
+            for group in optimiser.param_groups:
+                group["lr"] = settings.lr * (1.0 - step / stage.iterations) ** 0.9  # the paper's polynomial decay
+            optimiser.zero_grad()
+            loss = torch.zeros((), device=device)
+            parts = {"similarity": 0.0, "mask": 0.0, "smoothness": 0.0}
+            for p in problems:
+                v = smooth_field(params[p.region], settings.field_smoothing)
+                disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
+                if stage.sampled:
+                    o = lattice[step]
+                    fixed = fixed_l[p.region][(slice(None), slice(None)) + tuple(slice(o[a], None, f) for a in range(3))]
+                    fine = _sampled_field(disp, f, o, grids[p.region])
+                    base = grids[p.region] * f + torch.tensor(o, device=device).view(1, 3, 1, 1, 1)
+                    points = base + offsets[p.region] + fine
+                else:
+                    fixed = fixed_l[p.region]
+                    points = grids[p.region] + offsets[p.region] + disp
+                value, terms = region_loss(settings, points, fixed, moving_l[p.region], v, reg_weights[p.region])
+                loss = loss + value
+                for k in parts:
+                    parts[k] += terms[k] / len(problems)
+            loss.backward()
+            optimiser.step()
+            done += 1
+            if step % 10 == 0 or step == stage.iterations - 1:
+                history.append({"factor": f, "sampled": stage.sampled, "iteration": step, "loss": float(loss.detach()), **parts})
+            where = "fine samples" if stage.sampled else f"1/{f} resolution"
+            progress(0.1 + 0.85 * done / total_iterations, f"regions at {where} ({step + 1}/{stage.iterations})")
+            if options.time_budget is not None and time.monotonic() - started > options.time_budget:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    prepared.timings["optimise_s"] = time.monotonic() - tick
+    tick = time.monotonic()
+    fields = {}
+    with torch.no_grad():
+        for p in problems:
+            v = smooth_field(params[p.region].detach(), settings.field_smoothing)
+            disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
+            fields[p.region] = (p.box, disp, previous)
+    disp = compose_regions(prepared, fields, settings.mask_smoothing)
+    prepared.timings["compose_s"] = time.monotonic() - tick
+    progress(0.97, "writing the field")
+    details = {"iterations": done, "stopped_by_time_budget": stopped_early, "loss_history": history}
+    return _finish(inputs, prepared, disp, settings, details)
+
+
+# ----------------------------------------------------------------------------- learned variant
+
+
+def register_learned(inputs: Inputs, settings: Settings, options: Options, progress: ProgressCallback) -> Result:
+    """One shared U-Net predicts every region's velocity (batched by crop size), then compose."""
+    from ..training.segreg import MARGIN, load_network
+
+    device = torch.device(options.device)
+    net, config, checksum = load_network(settings.weights_name, device)
+    factor = int(config["factor"])
+    steps = int(config["integration_steps"])
+    prepared = prepare(inputs, settings, options, 16 * factor, lambda f, s: progress(0.4 * f, "affine"))
+    tick = time.monotonic()
+    margin = MARGIN * factor  # the training crop rule: 3 network voxels around both masks
+    fixed_np = prepared.plan.fixed
+    moving_np = prepared.plan.moving
+    crops: dict[tuple[int, int, int], list[tuple[int, Box, torch.Tensor]]] = {}
+    skipped = []
+    fixed_bounds = region_bounds(fixed_np, prepared.plan.count)
+    moving_bounds = region_bounds(moving_np, prepared.plan.count)
+    for region in range(prepared.plan.count):
+        if fixed_bounds[region] is None or moving_bounds[region] is None:
+            continue
+        bounds = _union(fixed_bounds[region], moving_bounds[region])
+        box = box_around(bounds, fixed_np.shape, margin, factor, min_size=16 * factor)
+        pair_input = torch.cat(
+            [
+                prepared.moving[(slice(None), slice(None)) + box.slices()] * _one_hot_float(prepared.moving_regions, region, box),
+                prepared.pair.fixed[(slice(None), slice(None)) + box.slices()] * _one_hot_float(prepared.fixed_regions, region, box),
+            ],
+            dim=1,
+        )
+        if float(pair_input.abs().max()) < 1e-6:
+            skipped.append(prepared.plan.names[region])
+            continue
+        crops.setdefault(box.shape(), []).append((region, box, _pool(pair_input, factor)))
+    fields: dict[int, tuple[Box, torch.Tensor, int]] = {}
+    calls = sum(-(-len(items) // settings.batch) for items in crops.values())
+    call = 0
+    with torch.no_grad():
+        for items in crops.values():
+            for first in range(0, len(items), settings.batch):
+                chunk = items[first : first + settings.batch]
+                velocity = net(torch.cat([x for _, _, x in chunk], dim=0))
+                disp = integrate_velocity(velocity, steps)
+                for index, (region, box, _) in enumerate(chunk):
+                    fields[region] = (box, disp[index : index + 1], factor)
+                call += 1
+                progress(0.4 + 0.5 * call / max(calls, 1), f"network on region crops ({call}/{calls})")
+    prepared.timings["network_s"] = time.monotonic() - tick
+    tick = time.monotonic()
+    disp = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
+    prepared.timings["compose_s"] = time.monotonic() - tick
+    progress(0.95, "writing the field")
+    result = _finish(inputs, prepared, disp, settings, {"empty_regions_extended": skipped, "network_calls": calls})
+    result.weights = {settings.weights_name: checksum}
+    return result
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class SegRegMethod:
+    """The `Method` protocol for SegReg."""
+
+    info = MethodInfo(
+        name="segreg",
+        title="SegReg: segmentation-driven registration",
+        description=(
+            "Registers each segmented region separately and composes the region fields, so the deformation "
+            "may slide at region borders. Needs label maps of both images (FreeSurfer codes, or matching "
+            "codes). Variants: iterative (no training) or learned (shared U-Net)."
+        ),
+        paper="Chen et al., Ideal Registration? Segmentation is All You Need (seed 001)",
+        needs_segmentations=True,
+        gives_affine=True,
+        trainable=True,
+    )
+
+    def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
+        settings = Settings.from_options(options)
+        torch.manual_seed(int(options.seed))
+        started = time.monotonic()
+        if settings.variant == "learned":
+            result = register_learned(inputs, settings, options, progress)
+        else:
+            result = register_iterative(inputs, settings, options, progress)
+        result.details["register_s"] = time.monotonic() - started
+        progress(1.0, "done")
+        return result
+
+    def train(self, config: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
+        from ..training.segreg import train
+
+        return train(config, progress)
+
+
+METHOD = SegRegMethod()

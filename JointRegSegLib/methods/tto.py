@@ -1,0 +1,397 @@
+"""tto: generalised deep registration with test-time optimisation (seed 004).
+
+Pipeline of `TTOMethod.register` (paper sections 2.1-2.3 and the choices below):
+
+1. both images are resampled onto the fixed image's network grid (`common.prepare_pair`) and
+   normalised to [0, 1];
+2. an affine stage (`affine_stage.fit_affine`, global Parzen normalised MI) aligns the moving image;
+3. the student U-Net (or the teacher, option ``network``) predicts a dense displacement field
+   (DDF, section 2.1: ``u = F(I_f, I_m)``, ``phi = id + u``) from the fixed image and the affinely
+   warped moving image;
+4. test-time optimisation (section 2.3): a copy of the network is fine-tuned on this one pair with
+   ``L_TTO = MultiAxisMI + NCC + lambda_smooth ||grad u||^2 + alpha_div ||div u||^2``, Adam,
+   until ``options.iterations`` (default 100) steps or ``options.time_budget`` seconds (default
+   60) of optimisation, whichever comes first; then the fine-tuned network predicts the field
+   (``options.extra['tto'] = False``: the network as shipped predicts it);
+5. the whole mapping ``compose(affine, u)`` (affine applied to the moving image first) goes back to
+   the fixed image's grid as a physical field (`common.result_from_network_field`).
+
+Choices where the paper is silent (ours, recorded here):
+
+- network grid: isotropic ``spacing`` (option ``spacing``; default 3 mm on the CPU, 2 mm on a
+  GPU, see "Defaults" below) with each size the multiple of 16 NEAREST to the field of view /
+  spacing (section 2.3.1: "resampled to the nearest resolution of 2^4"); where that rounds down,
+  the spacing grows just enough for the grid to cover the fixed image's whole field of view
+  (160 x 192 x 224 at 1 mm -> 80 x 96 x 112 at 2.013 mm, or 48 x 64 x 80 at 3.38 mm for 3 mm);
+- network input ``cat([moving, fixed])`` (`nets.unet`), output a displacement (not a velocity) in
+  voxels of the network grid, as in training (`training.tto`);
+- the affine stage is ours (the paper registers roughly aligned images); option ``affine``:
+  ``"nmi"`` (default, Parzen normalised MI), ``"mi"``, ``"ncc"`` or ``"none"``;
+  ``affine_iterations`` per pyramid level (4, 2, 1);
+- TTO loss weights: ``lambda_sim = 1``; ``lambda_smooth`` and ``alpha_div`` (see "Defaults");
+  gradient and divergence in network voxels (`losses.gradient_l2`, `losses.divergence_l2`); NCC
+  is the global NCC of appendix B (eq. 4);
+- MultiAxisMI during TTO (and training) is evaluated on a sub-lattice of every ``mi_stride``-th
+  voxel along each axis with a random offset per iteration (a Mattes-style sampling of the
+  slices and of the voxels in each slice): the slice-wise Parzen MI costs voxels x bins x 3 axes,
+  about 7 s per evaluation at 80 x 96 x 112 on two CPU cores, against a 60 s budget. ``mi_stride
+  = 1`` is the paper's full loss. The warped image is sampled from the full-resolution moving
+  image, so the loss sees full-resolution detail; NCC and the regularisers use every voxel;
+- TTO optimiser: Adam, learning rate ``lr`` (see "Defaults"), all network parameters trainable,
+  one pair per step (the paper's "epoch" over one test pair is one step);
+- time budget: the optimisation loop stops before a step that would end past the budget
+  (estimated by the previous step's duration), so a budget of 0 does no step; affine, inference
+  and resampling time are not counted in the budget (reported in ``details['timings']``);
+- ``options.extra['tto'] = False`` gives plain inference (no optimisation step);
+- determinism: on the CPU the result depends only on the inputs, the weights, the options and
+  ``options.seed`` (the sub-lattice offsets and the affine sampling draw from seeded generators);
+  the time budget can end the loop at a different step on a busier machine.
+
+Defaults, measured on the benchmark pair (../shared/data/pair, 160 x 192 x 224 at 1 mm, mean Dice
+over the 30 evaluation labels at 1 mm; weights from 25 + 15 CPU minutes of training; a 2-core CPU
+shared with other jobs, torch on one thread; affine alone 0.58):
+
+- ``spacing`` 3 mm on the CPU: a TTO step of the student costs about 2 s at 48 x 64 x 80, 4.5 s at
+  64 x 80 x 96 (2.5 mm) and 10 s at 80 x 96 x 112 (2 mm), so one minute buys about 26, 12 and 5
+  steps: Dice 0.66, 0.61 and 0.59. On a GPU the paper's 2 mm-class grids are cheap;
+- ``lr`` 1e-3: 3e-3 oscillates (Dice 0.39-0.62 from step to step), 1e-2 diverges, 5e-4 gains less
+  in 30 steps (0.60 against 0.63 on the network grid);
+- ``lambda_smooth`` 0.3 and ``alpha_div`` 0.03: Dice 0.67 against 0.66 (1 and 0.1), 0.64 (3 and
+  0.3) and 0.65 (0.1 and 0.01), all without folding.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..device import resolve_device
+from ..errors import InputError
+from ..imageio.geometry import Geometry
+from ..imageio.network_grid import RAS_DIRECTION, corner_points
+from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
+from ..nets import RegistrationUNet, student_unet, teacher_unet
+from ..spatial import affine_to_displacement, compose, warp
+from ..weights import load_weights
+from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
+from .affine_stage import fit_affine
+from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .common import prepare_pair, result_from_network_field
+
+NETWORKS = {"teacher": teacher_unet, "student": student_unet}
+WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
+DEFAULT_ITERATIONS = 100
+DEFAULT_TIME_BUDGET = 60.0
+DEFAULTS: dict[str, Any] = {
+    "tto": True,
+    "network": "student",
+    "spacing": None,
+    "lr": 1e-3,
+    "lambda_smooth": 0.3,
+    "alpha_div": 0.03,
+    "mi_bins": 32,
+    "mi_stride": 2,
+    "affine": "nmi",
+    "affine_iterations": list(AFFINE_ITERATIONS),
+}
+DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
+GRID_MULTIPLE = 16
+
+# Rough costs (seconds, one busy CPU core) used to give each stage a share of the progress bar
+# proportional to its expected duration, so a time-left estimate from the bar's rate holds:
+# an affine iteration (8000 samples), a TTO step per network voxel, resampling per fixed voxel.
+_COST_AFFINE_STEP = 0.025
+_COST_STEP_PER_VOXEL = {"cpu": 8e-6, "cuda": 2e-7}
+_COST_RESAMPLING_PER_VOXEL = 5e-7
+_STAGE_ORDER = ("preparing", "affine", "test-time optimisation", "inference", "resampling")
+
+
+def network_grid_shape(geometry: Geometry, spacing: float) -> tuple[float, tuple[int, int, int]]:
+    """Spacing and shape of the network grid: sizes the nearest multiples of 16, covering the field of view.
+
+    For each axis the number of voxels spanning the fixed image's extent at ``spacing`` is rounded to
+    the nearest multiple of 16 (at least 16); the spacing is then raised, if needed, so the grid
+    still spans the whole extent.
+    """
+    if not spacing > 0:
+        raise InputError(f"the tto network spacing must be a positive number of mm; got {spacing}")
+    corners = corner_points(geometry) @ RAS_DIRECTION
+    extent = corners.max(axis=0) - corners.min(axis=0)
+    shape = tuple(max(GRID_MULTIPLE, GRID_MULTIPLE * round((e / spacing + 1.0) / GRID_MULTIPLE)) for e in extent)
+    fit = max(e / (n - 1) for e, n in zip(extent, shape))
+    return max(float(spacing), float(fit)), shape
+
+
+def build_network(kind: str) -> RegistrationUNet:
+    """A fresh teacher or student U-Net (seed 004 section 2.1.1, appendix H)."""
+    if kind not in NETWORKS:
+        raise InputError(f"the tto network must be one of {sorted(NETWORKS)}; got {kind!r}")
+    return NETWORKS[kind]()
+
+
+def predict(net: torch.nn.Module, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Displacement ``(B, 3, I, J, K)`` (network voxels) registering ``moving`` to ``fixed``: input ``cat([moving, fixed])``."""
+    return net(torch.cat([moving, fixed], dim=1))
+
+
+def sublattice(x: torch.Tensor, stride: int, offset: tuple[int, int, int]) -> torch.Tensor:
+    """Every ``stride``-th voxel of ``x (B, C, I, J, K)`` along each axis, starting at ``offset``."""
+    if stride == 1:
+        return x
+    return x[:, :, offset[0]::stride, offset[1]::stride, offset[2]::stride]
+
+
+def random_offset(stride: int, generator: torch.Generator) -> tuple[int, int, int]:
+    """A random sub-lattice offset in ``[0, stride)^3``."""
+    return tuple(int(v) for v in torch.randint(stride, (3,), generator=generator))
+
+
+def multi_axis_mi(fixed: torch.Tensor, warped: torch.Tensor, bins: int, stride: int, generator: torch.Generator) -> torch.Tensor:
+    """Negative MultiAxisMI (appendix A, eq. 3) on a random ``stride`` sub-lattice (``stride = 1``: every voxel)."""
+    offset = random_offset(stride, generator) if stride > 1 else (0, 0, 0)
+    return multi_axis_mi_loss(sublattice(fixed, stride, offset), sublattice(warped, stride, offset), bins=bins)
+
+
+def tto_loss(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    disp: torch.Tensor,
+    lambda_smooth: float,
+    alpha_div: float,
+    bins: int,
+    stride: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_TTO`` of section 2.3 (lambda_sim = 1) and its terms."""
+    warped = warp(moving, disp)
+    mami = multi_axis_mi(fixed, warped, bins, stride, generator)
+    ncc = ncc_loss(fixed, warped)  # appendix B, eq. 4
+    smooth = gradient_l2(disp)
+    div = divergence_l2(disp)
+    loss = mami + ncc + lambda_smooth * smooth + alpha_div * div  # section 2.3, L_TTO
+    terms = {"multi_axis_mi": mami.item(), "ncc": ncc.item(), "smooth": smooth.item(), "divergence": div.item()}
+    return loss, terms
+
+
+def _number(key: str, value: Any) -> float:
+    """``value`` as a float, or an InputError naming the option."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"tto option '{key}' must be a number; got {value!r}") from None
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    """The method's settings: DEFAULTS overridden by ``options.extra``, checked."""
+    unknown = sorted(set(options.extra) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown tto option(s) {unknown}; the tto options are {sorted(DEFAULTS)}")
+    s = {**DEFAULTS, **options.extra}
+    if not isinstance(s["tto"], bool):
+        raise InputError(f"tto option 'tto' must be true or false; got {s['tto']!r}")
+    if s["network"] not in NETWORKS:
+        raise InputError(f"tto option 'network' must be 'student' or 'teacher'; got {s['network']!r}")
+    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
+        raise InputError(f"tto option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
+    for key in ("spacing", "lr"):
+        if s[key] is None:
+            continue
+        if not _number(key, s[key]) > 0:
+            raise InputError(f"tto option '{key}' must be positive; got {s[key]!r}")
+        s[key] = float(s[key])
+    for key in ("lambda_smooth", "alpha_div"):
+        if not _number(key, s[key]) >= 0:
+            raise InputError(f"tto option '{key}' must be zero or positive; got {s[key]!r}")
+        s[key] = float(s[key])
+    for key, low in (("mi_bins", 2), ("mi_stride", 1)):
+        if _number(key, s[key]) < low or int(s[key]) != float(s[key]):
+            raise InputError(f"tto option '{key}' must be an integer >= {low}; got {s[key]!r}")
+        s[key] = int(s[key])
+    iterations = DEFAULT_ITERATIONS if options.iterations is None else options.iterations
+    budget = DEFAULT_TIME_BUDGET if options.time_budget is None else options.time_budget
+    if int(iterations) < 0 or not float(budget) >= 0:
+        raise InputError(f"iterations and time budget must be >= 0; got {iterations} and {budget}")
+    s["iterations"], s["time_budget"] = int(iterations), float(budget)
+    return s
+
+
+class _Progress:
+    """Maps each stage's own [0, 1] onto its share of the overall bar, never going backwards.
+
+    Shares are proportional to the stages' expected durations (`plan`); until `plan` is called
+    only "preparing" is reported, on the first 2 % of the bar.
+    """
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.last = 0.0
+        self.spans: dict[str, tuple[float, float]] = {"preparing": (0.0, 0.02)}
+
+    def plan(self, seconds: dict[str, float]) -> None:
+        """Give the stages after "preparing" shares of the remaining bar proportional to ``seconds``."""
+        low = self.spans["preparing"][1]
+        total = sum(seconds.values()) or 1.0
+        for stage in _STAGE_ORDER[1:]:
+            high = low + (1.0 - self.spans["preparing"][1]) * seconds.get(stage, 0.0) / total
+            self.spans[stage] = (low, high)
+            low = high
+        self.spans["resampling"] = (self.spans["resampling"][0], 1.0)
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        low, high = self.spans[stage]
+        self.last = max(self.last, low + (high - low) * min(1.0, max(0.0, float(fraction))))
+        if self.callback is not None:
+            self.callback(self.last, stage)
+
+
+class TTOMethod:
+    """The tto method (see the module docstring)."""
+
+    info = MethodInfo(
+        name="tto",
+        title="Generalised registration with test-time optimisation",
+        description=(
+            "A U-Net pretrained on synthetic images only (any contrast) predicts a deformation after an "
+            "affine stage, then adapts itself to the pair for up to 100 steps or one minute. Needs only "
+            "the two images; gives the affine and the deformable transform."
+        ),
+        paper="seed 004: deep registration generalising across applications with test-time optimisation",
+        gives_affine=True,
+        supports_tto=True,
+    )
+
+    def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
+        """Register ``inputs.moving`` onto ``inputs.fixed`` (see the module docstring)."""
+        s = _settings(options)
+        device = resolve_device(options.device)
+        if s["spacing"] is None:
+            s["spacing"] = DEFAULT_SPACING.get(device.type, DEFAULT_SPACING["cuda"])
+        report = _Progress(progress)
+        timings: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(int(options.seed))
+        torch.manual_seed(int(options.seed))
+
+        tick = time.perf_counter()
+        report(0.0, "preparing")
+        spacing, shape = network_grid_shape(inputs.fixed.geometry, s["spacing"])
+        pair = prepare_pair(inputs, device, spacing=spacing, shape=shape)
+        state, checksum = load_weights(WEIGHT_NAMES[s["network"]])
+        net = build_network(s["network"])
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as error:
+            raise InputError(
+                f"the weights '{WEIGHT_NAMES[s['network']]}' do not fit the {s['network']} network ({error}); retrain them"
+            ) from error
+        net = net.to(device).eval()
+        report(1.0, "preparing")
+        step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))
+        tto_steps = s["iterations"] if s["tto"] else 0
+        report.plan({
+            "affine": 0.0 if s["affine"] == "none" else _COST_AFFINE_STEP * float(sum(s["affine_iterations"])),
+            "test-time optimisation": min(tto_steps * step, s["time_budget"]),
+            "inference": step / 2.0,
+            "resampling": _COST_RESAMPLING_PER_VOXEL * float(np.prod(inputs.fixed.geometry.shape)) + 0.5,
+        })
+        timings["preparing"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        if s["affine"] == "none":
+            affine_index = np.eye(4)
+        else:
+            affine_index = fit_affine(
+                pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                progress=lambda f, _stage: report(f, "affine"),
+            )
+        affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
+        moved = warp(pair.moving, affine_disp)
+        timings["affine"] = time.perf_counter() - tick
+
+        details: dict[str, Any] = {
+            "network": s["network"],
+            "network_grid": {"shape": list(shape), "spacing_mm": spacing},
+            "settings": {k: s[k] for k in sorted(s)},
+            "iterations_done": 0,
+        }
+        if s["tto"] and s["iterations"] > 0:
+            tick = time.perf_counter()
+            net, history = self._optimise(net, pair.fixed, moved, s, generator, report)
+            timings["test-time optimisation"] = time.perf_counter() - tick
+            details["iterations_done"] = len(history)
+            details["stopped_by"] = "iterations" if len(history) >= s["iterations"] else "time budget"
+            details["loss_history"] = [h["loss"] for h in history]
+            if history:
+                details["initial_loss"] = history[0]["loss"]
+                details["initial_terms"] = {k: v for k, v in history[0].items() if k != "loss"}
+
+        tick = time.perf_counter()
+        with torch.no_grad():
+            disp = predict(net.eval(), pair.fixed, moved)
+            loss, terms = tto_loss(
+                pair.fixed, moved, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
+            )
+        details["final_loss"], details["final_terms"] = loss.item(), terms
+        report(1.0, "inference")
+        timings["inference"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        report(0.0, "resampling")
+        total = compose(affine_disp, disp.detach())
+        result = result_from_network_field(inputs, pair.grid, total, affine_index)
+        timings["resampling"] = time.perf_counter() - tick
+        report(1.0, "resampling")
+        details["timings"] = timings
+        result.weights = {WEIGHT_NAMES[s["network"]]: checksum}
+        result.details = details
+        return result
+
+    @staticmethod
+    def _optimise(
+        net: torch.nn.Module,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        s: dict[str, Any],
+        generator: torch.Generator,
+        report: _Progress,
+    ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+        """Fine-tune a copy of ``net`` on the pair (section 2.3, eq. 2); returns it and the loss history."""
+        tuned = copy.deepcopy(net).train()
+        for parameter in tuned.parameters():
+            parameter.requires_grad_(True)
+        optimiser = torch.optim.Adam(tuned.parameters(), lr=s["lr"])
+        history: list[dict[str, float]] = []
+        start = time.perf_counter()
+        last_step = 0.0
+        while len(history) < s["iterations"]:
+            if time.perf_counter() - start + last_step > s["time_budget"]:
+                break
+            step_start = time.perf_counter()
+            optimiser.zero_grad(set_to_none=True)
+            disp = predict(tuned, fixed, moving)
+            loss, terms = tto_loss(
+                fixed, moving, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
+            )
+            loss.backward()
+            optimiser.step()
+            history.append({"loss": loss.item(), **terms})
+            last_step = time.perf_counter() - step_start
+            elapsed = time.perf_counter() - start
+            fraction = max(len(history) / s["iterations"], elapsed / s["time_budget"] if s["time_budget"] > 0 else 1.0)
+            report(min(fraction, 1.0), "test-time optimisation")
+        report(1.0, "test-time optimisation")
+        return tuned, history
+
+    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Pretrain the teacher on synthetic pairs or distil the student (`training.tto.train`)."""
+        from ..training.tto import train
+
+        return train(config, progress)
+
+
+METHOD = TTOMethod()
+
+__all__ = ["METHOD", "TTOMethod", "build_network", "network_grid_shape", "predict", "tto_loss"]

@@ -1,0 +1,87 @@
+"""Shipped model weights: where they live, their checksums, and safe loading.
+
+Weights are trained by this repository's own scripts (``jointregseg train ...``) and shipped in
+``Resources/weights/`` with ``manifest.json`` recording each file's SHA-256 and provenance. They
+are always loaded with ``torch.load(..., weights_only=True)`` after the checksum is verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import WeightsError
+
+MANIFEST = "manifest.json"
+
+
+def resources_dir() -> Path:
+    """The repository's Resources/ folder (override with JRS_RESOURCES)."""
+    return Path(os.environ.get("JRS_RESOURCES", Path(__file__).resolve().parents[1] / "Resources"))
+
+
+def weights_dir() -> Path:
+    """Where weight files and their manifest live (override with JRS_WEIGHTS_DIR)."""
+    return Path(os.environ.get("JRS_WEIGHTS_DIR", resources_dir() / "weights"))
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path | None = None) -> dict[str, Any]:
+    """The manifest of a weights folder ({} when there is none)."""
+    path = (folder or weights_dir()) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"the weights manifest {path} is not valid JSON ({error}); restore it from the repository.") from error
+
+
+def record_weights(name: str, path: Path, provenance: dict[str, Any]) -> str:
+    """Add or update a manifest entry for a freshly written weights file; returns its SHA-256."""
+    folder = path.parent
+    manifest = read_manifest(folder)
+    checksum = sha256_of(path)
+    manifest[name] = {"file": path.name, "sha256": checksum, "provenance": provenance}
+    staged = folder / f".{MANIFEST}.{os.getpid()}"
+    staged.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(staged, folder / MANIFEST)
+    return checksum
+
+
+def load_weights(name: str, folder: Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Verified state dict and SHA-256 of the shipped weights called ``name``."""
+    folder = folder or weights_dir()
+    entry = read_manifest(folder).get(name)
+    if entry is None:
+        raise WeightsError(
+            f"no weights named '{name}' in {folder / MANIFEST}. Train them with `jointregseg train` "
+            "(see README.md) or restore Resources/weights from the repository."
+        )
+    path = folder / entry["file"]
+    if not path.exists():
+        raise WeightsError(f"weights file {path} is missing. Restore Resources/weights from the repository or retrain.")
+    checksum = sha256_of(path)
+    if checksum != entry["sha256"]:
+        raise WeightsError(
+            f"weights file {path} does not match its recorded checksum (expected {entry['sha256'][:12]}..., "
+            f"found {checksum[:12]}...): it is corrupt or was modified. Restore it from the repository or retrain."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable files
+        raise WeightsError(f"weights file {path} cannot be read ({type(error).__name__}); restore it or retrain.") from error
+    return state, checksum

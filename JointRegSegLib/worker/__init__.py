@@ -1,0 +1,1 @@
+"""The background worker: ``python -m JointRegSegLib.worker JOB.json`` (DESIGN.md, "The worker contract")."""

@@ -1,0 +1,72 @@
+"""Writing a finished run into its (staging) output folder, and provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from ..evaluation import Maps
+from ..imageio.io import write_volume
+from ..methods.base import Result
+from ..spatial.affine import to_sitk_affine
+from ..spatial.field_io import write_displacement_field
+from .events import to_json
+
+MANIFEST = "result.json"
+PACKAGES = ("jointregseg", "torch", "monai", "SimpleITK", "numpy", "scipy", "nibabel")
+
+
+def write_result(folder: Path, result: Result, maps: Maps, metrics: dict[str, Any]) -> dict[str, str]:
+    """Write images, field, maps and metrics; return {kind: file name} (also saved as result.json)."""
+    files: dict[str, str] = {}
+
+    def volume(kind: str, vol: Any, name: str) -> None:
+        if vol is not None:
+            write_volume(vol, folder / name)
+            files[kind] = name
+
+    volume("warped", result.warped, "warped.nii.gz")
+    write_displacement_field(result.displacement, folder / "displacement.nii.gz")
+    files["displacement"] = "displacement.nii.gz"
+    volume("jacobian", maps.jacobian, "jacobian.nii.gz")
+    volume("pmm", maps.pmm, "pmm.nii.gz")
+    volume("fixed_seg", result.fixed_seg, "fixed_seg.nii.gz")
+    volume("moving_seg", result.moving_seg, "moving_seg.nii.gz")
+    volume("warped_seg", result.warped_seg, "warped_seg.nii.gz")
+    volume("brain_mask", result.brain_mask, "brain_mask.nii.gz")
+    if result.affine is not None:
+        sitk.WriteTransform(to_sitk_affine(result.affine), str(folder / "affine.tfm"))
+        files["affine"] = "affine.tfm"
+    write_json(folder / "metrics.json", metrics)
+    files["metrics"] = "metrics.json"
+    return files
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON with NaN written as null, numpy values as plain numbers."""
+    path.write_text(json.dumps(to_json(data), indent=2, allow_nan=False) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a run depends on."""
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def device_description(device: torch.device) -> str:
+    """The device in words (GPU name where there is one)."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

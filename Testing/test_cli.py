@@ -1,0 +1,60 @@
+"""The command line: register through the worker's job code, clear one-line errors, README/CI agreement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+from JointRegSegLib.cli import main, parse_options
+from JointRegSegLib.errors import InputError
+
+
+def test_register_writes_a_complete_output(tmp_path, sample_pair, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "register", "--fixed", str(sample_pair["fixed"]), "--moving", str(sample_pair["moving"]),
+        "--fixed-seg", str(sample_pair["fixed_seg"]), "--moving-seg", str(sample_pair["moving_seg"]),
+        "--iterations", "2", "--no-pictures", "--out", str(out),
+    ])
+    assert code == 0
+    manifest = json.loads((out / "result.json").read_text())
+    assert all((out / name).is_file() for name in manifest.values())
+    assert "mean Dice" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, sample_pair, capsys):
+    code = main(["register", "--fixed", str(tmp_path / "missing.nii.gz"), "--moving", str(sample_pair["moving"]), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0] == err[-1] and "missing.nii.gz" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_options_reads_json_values():
+    assert parse_options(["tto=false", "spacing=3.5", "name=abc"]) == {"tto": False, "spacing": 3.5, "name": "abc"}
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        parse_options(["novalue"])
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text().splitlines()
+    marker = readme.index("<!-- test-command -->")
+    readme_command = readme[marker + 2]
+    extracted = subprocess.run(
+        ["awk", "/<!-- test-command -->/{getline; getline; print; exit}", str(REPO / "README.md")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert extracted == readme_command and "pytest" in readme_command
+    assert "<!-- test-command -->" in (REPO / ".ci" / "run").read_text()
+
+
+def test_worker_module_runs_as_a_program(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "JointRegSegLib.worker"], capture_output=True, text=True)
+    event = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 2 and event["event"] == "error" and "usage" in event["message"]

@@ -1,0 +1,182 @@
+"""The background worker end to end: event stream, outputs, SimpleITK agreement, cancel, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import run_worker
+
+from JointRegSegLib.imageio import read_image, read_labels
+from JointRegSegLib.metrics import mean_dice
+
+FAST = {"iterations": 4, "time_budget": 30}
+
+
+def _job(pair: dict[str, Path], out: Path, **extra) -> dict:
+    job = {"method": "tto", "output": str(out), **{k: str(v) for k, v in pair.items()}, **FAST, "pictures": False}
+    job.update(extra)
+    return job
+
+
+def _digest(paths) -> dict[str, str]:
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sample_pair):
+    tmp = tmp_path_factory.mktemp("worker")
+    before = _digest(sample_pair.values())
+    code, events, stderr = run_worker(_job(sample_pair, tmp / "out", pictures=True), tmp)
+    assert code == 0, (events, stderr[-3000:])
+    assert _digest(sample_pair.values()) == before, "the worker modified its inputs"
+    return tmp / "out", events
+
+
+def test_event_stream_and_result_files(finished_run):
+    out, events = finished_run
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "result" and "error" not in kinds
+    result = events[-1]
+    assert Path(result["output"]) == out.resolve()
+    for kind in ("warped", "displacement", "jacobian", "pmm", "metrics", "provenance", "warped_seg", "picture_checkerboard"):
+        assert Path(result["files"][kind]).is_file(), kind
+    manifest = json.loads((out / "result.json").read_text())
+    assert set(manifest) == set(result["files"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["method"] == "tto" and provenance["seed"] == 0
+    assert all(len(sha) == 64 for sha in provenance["weights_sha256"].values()) and provenance["weights_sha256"]
+    assert {"torch", "SimpleITK", "monai"} <= set(provenance["versions"])
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_progress_is_monotonic_and_time_left_converges(finished_run):
+    _, events = finished_run
+    progress = [e for e in events if e["event"] == "progress"]
+    fractions = [e["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert len(progress) >= FAST["iterations"]
+    left = [e["seconds_left"] for e in progress if e["seconds_left"] is not None]
+    assert left[-1] == 0.0
+    tail = left[len(left) // 2:]
+    elapsed_total = progress[-1]["elapsed"]
+    assert max(tail) <= max(2.0, elapsed_total), "time left in the second half exceeds the whole run time"
+
+
+def test_simpleitk_reproduces_warped_image_and_dice_improves(finished_run, sample_pair):
+    out, events = finished_run
+    moving = sitk.ReadImage(str(sample_pair["moving"]), sitk.sitkFloat32)
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    fixed_ref = sitk.ReadImage(str(sample_pair["fixed"]))
+    resampled = sitk.Resample(moving, fixed_ref, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0)
+    ours = sitk.ReadImage(str(out / "warped.nii.gz"), sitk.sitkFloat32)
+    difference = np.abs(sitk.GetArrayFromImage(resampled) - sitk.GetArrayFromImage(ours))
+    assert np.percentile(difference, 99.9) < 0.5 and difference.mean() < 0.05  # 8-bit intensities, 0-255
+
+    metrics = events[-1]["metrics"]
+    fixed_seg = read_labels(sample_pair["fixed_seg"]).array
+    warped_seg = read_labels(out / "warped_seg.nii.gz").array
+    labels = [int(k) for k in metrics["labels"]]
+    assert metrics["dice_mean"] > metrics["dice_mean_initial"]
+    assert mean_dice(fixed_seg, warped_seg, labels=labels) > metrics["dice_mean_initial"]
+    assert read_image(out / "jacobian.nii.gz").geometry.same_as(read_image(sample_pair["fixed"]).geometry)
+
+
+def _start(job: dict, tmp: Path) -> subprocess.Popen:
+    job_file = tmp / "job.json"
+    job_file.write_text(json.dumps(job))
+    return subprocess.Popen([sys.executable, "-m", "JointRegSegLib.worker", str(job_file)], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_for_stage(proc: subprocess.Popen, fraction: float) -> None:
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["fraction"] >= fraction:
+            return
+    raise AssertionError("the worker ended before the expected progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_kill_leaves_no_partial_output_and_inputs_intact(tmp_path, sample_pair, sig):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pair = {k: Path(shutil.copy(v, inputs)) for k, v in sample_pair.items()}
+    before = _digest(pair.values())
+    results = tmp_path / "results"
+    results.mkdir()
+    proc = _start(_job(pair, results / "run", iterations=500, time_budget=120), tmp_path)
+    _wait_for_stage(proc, 0.1)
+    assert any(results.iterdir()), "the worker should be writing into a staging folder by now"
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    proc.wait(timeout=10)
+    if sig == signal.SIGTERM:
+        assert time.monotonic() - sent < 2.0
+        assert proc.returncode != 0
+    deadline = time.monotonic() + 5
+    while any(results.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(results.iterdir()) == [], "a partial output folder remained"
+    assert _digest(pair.values()) == before
+
+
+def _error_of(tmp_path: Path, job: dict, env: dict | None = None) -> str:
+    code, events, stderr = run_worker(job, tmp_path, env=env, timeout=120)
+    assert code != 0, events
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and "\n" not in errors[0]["message"], (events, stderr[-2000:])
+    assert events[-1]["event"] == "error"
+    return errors[0]["message"]
+
+
+def _weights_copy(tmp_path: Path) -> Path:
+    from JointRegSegLib.weights import weights_dir
+
+    folder = tmp_path / "weights"
+    shutil.copytree(weights_dir(), folder, ignore=shutil.ignore_patterns("*.png", "*.csv"))
+    return folder
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, sample_pair):
+    out = str(tmp_path / "out")
+    job = _job(sample_pair, tmp_path / "out")
+    assert "is missing" in _error_of(tmp_path, {**job, "moving": str(tmp_path / "nope.nii.gz")})
+    four_d = tmp_path / "4d.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([sitk.ReadImage(str(sample_pair["fixed"]))] * 2), str(four_d))
+    assert "4 dimensions" in _error_of(tmp_path, {**job, "fixed": str(four_d)})
+    assert "unknown method" in _error_of(tmp_path, {**job, "method": "magic"})
+    assert "unknown device" in _error_of(tmp_path, {**job, "device": "tpu"})
+    if not __import__("torch").cuda.is_available():
+        assert "sees no CUDA GPU" in _error_of(tmp_path, {**job, "device": "cuda"})
+    assert "cannot write results" in _error_of(tmp_path, {**job, "output": "/proc/jointregseg-out"})
+    assert "wrong type" in _error_of(tmp_path, {**job, "iterations": "many"})
+    job_file = tmp_path / "broken.json"
+    job_file.write_text('{"method": "tto", "output": ')
+    proc = subprocess.run([sys.executable, "-m", "JointRegSegLib.worker", str(job_file)], capture_output=True, text=True)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode != 0 and events[-1]["event"] == "error" and "not valid JSON" in events[-1]["message"]
+    assert not os.path.exists(out)
+
+
+def test_corrupted_or_mismatched_weights_are_refused(tmp_path, sample_pair):
+    job = _job(sample_pair, tmp_path / "out")
+    folder = _weights_copy(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    student = folder / manifest["tto_student"]["file"]
+    student.write_bytes(student.read_bytes()[: student.stat().st_size // 2])
+    assert "checksum" in _error_of(tmp_path, job, env={"JRS_WEIGHTS_DIR": str(folder)})
+    manifest["tto_student"]["sha256"] = hashlib.sha256(student.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "cannot be read" in _error_of(tmp_path, job, env={"JRS_WEIGHTS_DIR": str(folder)})
+    assert not (tmp_path / "out").exists()
