@@ -57,6 +57,9 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
     parser.add_argument("--time-budget", type=float, help="seconds allowed for optimisation (tto: test-time optimisation)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result on CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, usually the core count)")
+    parser.add_argument("--variant", choices=("iterative", "learned"), help="segreg: optimise per region (iterative) or the trained network (learned)")
+    parser.add_argument("--mask-loss", choices=("dice", "edt", "edt-dice"), help="segreg: the mask term of its loss (seed 001 eq. 4-5)")
+    parser.add_argument("--regions", help="segreg: all, coarse, or a number of region groups")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable")
     parser.add_argument("--no-pictures", action="store_true", help="do not write PNG pictures")
 
@@ -75,6 +78,12 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def method_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Method options given as dedicated flags (segreg's --variant, --mask-loss, --regions)."""
+    flags = {"variant": args.variant, "mask_loss": args.mask_loss, "regions": args.regions}
+    return {key: value for key, value in flags.items() if value is not None}
+
+
 def job_from_args(args: argparse.Namespace, inputs: dict[str, Path], out: Path) -> Job:
     """The worker job an invocation describes."""
     return Job(
@@ -84,7 +93,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path], out: Path) 
         seed=args.seed,
         iterations=args.iterations,
         time_budget=args.time_budget,
-        options=parse_options(args.option),
+        options={**method_flags(args), **parse_options(args.option)},
         pictures=not args.no_pictures,
         threads=args.threads,
         **inputs,

@@ -71,6 +71,7 @@ class BackgroundProcess:
         self._queue: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._open_streams = 2
         self._cancel_started: float | None = None
+        self._killed = False
         self._finished_reported = False
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
             threading.Thread(target=self._read, args=(name, stream), daemon=True, name=f"jointregseg-{name}").start()
@@ -101,9 +102,10 @@ class BackgroundProcess:
                 output.events.append(event)
             elif line.strip():
                 output.lines.append(line)
-        if self._cancel_started is not None and self.process.poll() is None:
-            if time.monotonic() - self._cancel_started > GRACE_SECONDS:
-                kill_process_group(self.process.pid, force=True)
+        if self._cancel_started is not None and not self._killed and time.monotonic() - self._cancel_started > GRACE_SECONDS:
+            # The whole group, even when its leader already exited: a grandchild may ignore SIGTERM.
+            kill_process_group(self.process.pid, force=True)
+            self._killed = True
         if self._open_streams == 0 and self.process.poll() is not None and not self._finished_reported:
             self._finished_reported = True
             output.finished = True
