@@ -20,7 +20,8 @@
   figure includes its evaluation.
 - Threads: every child gets the same count through OMP_NUM_THREADS, MKL_NUM_THREADS,
   OPENBLAS_NUM_THREADS and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS (torch, ITK, SimpleITK, ANTs and
-  elastix read these); the peer processes also set ITK's global default explicitly.
+  elastix read these); the worker job also names it (``torch.set_num_threads``) and the peer
+  processes set ITK's global default explicitly.
 """
 
 from __future__ import annotations
@@ -341,6 +342,7 @@ def run_method(
             time_budget=settings.time_budget,
             options=dict(settings.options),
             pictures=False,
+            threads=settings.threads,
             **{key: staged.get(key) for key in ("fixed", "moving", "fixed_seg", "moving_seg")},
         )
         job_file = folder / f"job{repeat}.json"

@@ -169,7 +169,7 @@ def _cell(values: list[float], decimals: int) -> str:
     mean = float(np.mean(values))
     if len(values) == 1:
         return _format(mean, decimals)
-    return f"{_format(mean, decimals)} ± {_format(float(np.std(values, ddof=1)), decimals)}"
+    return f"{_format(mean, decimals)} ± {float(np.std(values, ddof=1)):.{decimals}f}"
 
 
 def tools_in_order(runs: list[ToolRun]) -> list[str]:

@@ -24,7 +24,8 @@ the CLI's ``--option KEY=VALUE``):
 ``affine``            the affine pre-alignment: ``image`` (default: `affine_stage.fit_affine`, MI on
                       the images), ``labels`` (least squares on the shared labels' centroids, fast and
                       contrast-free) or ``none``
-``spacing``           the fine network grid spacing in mm (default 1)
+``spacing``           the fine network grid spacing in mm (default: the fixed image's smallest voxel
+                      size, but not below 1 mm)
 ``weights_name``      learned: which shipped weights (default ``segreg-<mask_loss>``)
 ``batch``             learned: region crops per network call (default 4)
 
@@ -66,12 +67,12 @@ Choices where the paper is silent (recorded here, as METHODS.md asks):
   voxel count. L_m Dice: `losses.soft_dice_loss` of the warped (trilinear, so soft) moving region
   mask against the fixed one. L_m EDT: `losses.edt_mask` maps of both masks (distance to the
   region border inside, normalised to 0-1; computed once on the fine grid, average-pooled per
-  level), `losses.edt_loss` (MSE) rescaled from the crop's mean to a mean over the fixed region's
+  level), the MSE of `losses.edt_loss` taken as a sum over the crop divided by the fixed region's
   voxels, so the term does not depend on how much background a crop holds. EDT&Dice:
-  `losses.edt_dice_loss`, ``(L_Dice + w L_EDT) / 2`` on that region-mean EDT term with w = 10
-  (the paper's w = 100 multiplies a whole-image mean; for a 3-voxel misalignment of a 20-voxel
-  structure our region-mean EDT term is about a tenth of the Dice loss, so w = 10 balances them
-  as the paper intends). R (section "Training and Inference": "L2-regularisation within each
+  ``(L_Dice + w L_EDT) / 2`` (the formula of `losses.edt_dice_loss`) on that region-mean EDT term
+  with w = 10 (the paper's w = 100 multiplies a whole-image mean; for a 3-voxel misalignment of a
+  20-voxel structure our region-mean EDT term is about a tenth of the Dice loss, so w = 10 balances
+  them as the paper intends). R (section "Training and Inference": "L2-regularisation within each
   sub-region, split by the fixed segmentation"): forward-difference gradient-L2 (the convention
   of `losses.gradient_l2`, which it equals for a mask of ones) weighted by the fixed region mask
   dilated by 2 voxels of the level (the field is also read just outside the region by trilinear
@@ -107,7 +108,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ from scipy import ndimage
 from ..errors import InputError
 from ..imageio.geometry import Volume
 from ..imageio.network_grid import corner_points, network_geometry
-from ..losses import edt_dice_loss, edt_loss, edt_mask, ncc_loss, soft_dice_loss
+from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..synth.render import gaussian_blur
 from .affine_stage import fit_affine
@@ -150,7 +151,7 @@ _DEFAULTS: dict[str, Any] = {
     "margin_mm": 5.0,
     "mask_smoothing": 0.0,
     "affine": "image",
-    "spacing": 1.0,
+    "spacing": None,
     "weights_name": None,
     "batch": 4,
 }
@@ -174,7 +175,7 @@ class Settings:
     margin_mm: float = 5.0
     mask_smoothing: float = 0.0
     affine: str = "image"
-    spacing: float = 1.0
+    spacing: float | None = None
     weights_name: str = "segreg-dice"
     batch: int = 4
 
@@ -201,9 +202,12 @@ class Settings:
             fine_iterations = int(values["fine_iterations"])
         if min(iterations) < 0 or fine_iterations < 0 or (options.iterations is not None and options.iterations < 1):
             raise InputError(f"iteration counts must be positive; got {iterations} and fine_iterations {fine_iterations}")
-        numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing", "spacing")}
-        if numbers["lr"] <= 0 or numbers["spacing"] <= 0 or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
-            raise InputError(f"lr and spacing must be positive, margin_mm and mask_smoothing non-negative; got {numbers}")
+        numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing")}
+        spacing = None if values["spacing"] is None else float(values["spacing"])
+        if numbers["lr"] <= 0 or (spacing is not None and spacing <= 0) or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
+            raise InputError(
+                f"lr and spacing must be positive, margin_mm and mask_smoothing non-negative; got {numbers}, spacing {spacing}"
+            )
         steps, batch, passes = int(values["integration_steps"]), int(values["batch"]), int(values["field_smoothing"])
         if steps < 0 or batch < 1 or passes < 0:
             raise InputError(
@@ -224,7 +228,7 @@ class Settings:
             margin_mm=numbers["margin_mm"],
             mask_smoothing=numbers["mask_smoothing"],
             affine=affine,
-            spacing=numbers["spacing"],
+            spacing=spacing,
             weights_name=str(values["weights_name"] or f"segreg-{mask_loss}"),
             batch=batch,
         )
@@ -352,26 +356,27 @@ def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def smooth_field(param: torch.Tensor, passes: int) -> torch.Tensor:
-    """``passes`` 3x3x3 box averages of a field (edges averaged over the voxels inside the grid)."""
+    """``passes`` 3x3x3 box averages of a field (edge values repeated beyond the grid)."""
     for _ in range(passes):
-        param = F.avg_pool3d(param, 3, stride=1, padding=1, count_include_pad=False)
+        param = F.avg_pool3d(F.pad(param, (1, 1, 1, 1, 1, 1), mode="replicate"), 3, stride=1)
     return param
 
 
 def masked_gradient_l2(disp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Gradient-L2 of ``disp (1, 3, I, J, K)`` restricted to ``weight (1, 1, I, J, K)``.
+    """Gradient-L2 of ``disp (B, 3, I, J, K)`` restricted to ``weight (B, 1, I, J, K)``, per item, then the batch mean.
 
     Forward differences as `losses.gradient_l2`; each difference is weighted by the smaller weight
     of its two voxels; per axis the weighted mean over components and positions, then the mean of
-    the three axes. Equals `gradient_l2` for a weight of ones.
+    the three axes. Equals `gradient_l2` for a weight of ones and one item.
     """
-    total = disp.new_zeros(())
+    total = disp.new_zeros(disp.shape[0])
+    dims = (1, 2, 3, 4)
     for axis in (2, 3, 4):
         n = disp.shape[axis]
         diff = disp.narrow(axis, 1, n - 1) - disp.narrow(axis, 0, n - 1)
         w = torch.minimum(weight.narrow(axis, 1, n - 1), weight.narrow(axis, 0, n - 1))
-        total = total + (diff.pow(2).sum(dim=1, keepdim=True) * w).sum() / (3.0 * w.sum().clamp_min(1e-8))
-    return total / 3.0
+        total = total + (diff.pow(2).sum(dim=1, keepdim=True) * w).sum(dim=dims) / (3.0 * w.sum(dim=dims).clamp_min(1e-8))
+    return (total / 3.0).mean()
 
 
 # ----------------------------------------------------------------------------- shared stages
@@ -601,23 +606,6 @@ def _stack(image: torch.Tensor, mask: torch.Tensor, box: Box, need_edt: bool) ->
     return torch.cat(channels, dim=1)
 
 
-def _mask_loss(kind: str, warped: torch.Tensor, fixed: torch.Tensor, scale: float) -> torch.Tensor:
-    """L_m between warped moving and fixed channels (image, mask, EDT); ``scale`` = crop voxels / region voxels."""
-    if kind == "dice":
-        return soft_dice_loss(warped[:, 1:2], fixed[:, 1:2], include_background=True)
-    if kind == "edt":
-        return edt_loss(warped[:, 2:3], fixed[:, 2:3]) * scale
-    return edt_dice_loss(warped[:, 1:2], fixed[:, 1:2], warped[:, 2:3], fixed[:, 2:3], edt_weight=EDT_MIX_WEIGHT * scale)
-
-
-def _similarity(kind: str, warped: torch.Tensor, fixed: torch.Tensor, scale: float) -> torch.Tensor:
-    if kind == "ncc":
-        return ncc_loss(fixed[:, 0:1], warped[:, 0:1])
-    if kind == "mse":
-        return (fixed[:, 0:1] - warped[:, 0:1]).pow(2).mean() * scale
-    return fixed.new_zeros(())
-
-
 def region_loss(
     settings: Settings,
     points: torch.Tensor,
@@ -625,24 +613,38 @@ def region_loss(
     moving: torch.Tensor,
     reg_field: torch.Tensor,
     reg_weight: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 5 for one region: ``g0 L_v + g1 L_m + g2 R``.
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 5, ``g0 L_v + g1 L_m + g2 R``, summed over a batch of regions (one per item).
 
-    ``points (1, 3, ...)``: where each fixed sample lands, in voxel indices of the ``moving``
-    channels (masked image, mask, EDT); ``fixed``: the fixed channels at the samples;
-    ``reg_field``: the field R acts on, weighted by ``reg_weight`` (same grid).
+    ``points (B, 3, ...)``: where each fixed sample lands, in voxel indices of the ``moving``
+    channels (masked image, mask[, EDT]); ``fixed``: the fixed channels at the samples;
+    ``reg_field``: the field R acts on, weighted by ``reg_weight``; ``valid (B, 1, ...)``: 1 on
+    each item's own crop, 0 on the padding that makes crops of different sizes one batch.
+    Returns the total and each term summed over the items.
     """
     warped = sample_at_indices(moving, points.permute(0, 2, 3, 4, 1), padding_mode="border")
-    mask = fixed[:, 1:2]
-    scale = mask[0, 0].numel() / max(float(mask.sum()), 1e-6)
+    if valid is not None:
+        warped = warped * valid
+    items = fixed.shape[0]
+    dims = (1, 2, 3, 4)
+    region_voxels = fixed[:, 1:2].sum(dim=dims).clamp_min(1e-6)
     g0, g1, g2 = settings.weights
-    terms = {
-        "similarity": _similarity(settings.similarity, warped, fixed, scale),
-        "mask": _mask_loss(settings.mask_loss, warped, fixed, scale),
-        "smoothness": masked_gradient_l2(reg_field, reg_weight),
-    }
-    total = g0 * terms["similarity"] + g1 * terms["mask"] + g2 * terms["smoothness"]
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    if settings.similarity == "ncc":
+        similarity = items * ncc_loss(fixed[:, 0:1], warped[:, 0:1], mask=valid)
+    elif settings.similarity == "mse":
+        similarity = ((fixed[:, 0:1] - warped[:, 0:1]).pow(2).sum(dim=dims) / region_voxels).sum()
+    else:
+        similarity = fixed.new_zeros(())
+    if settings.mask_loss != "edt":
+        dice = items * soft_dice_loss(warped[:, 1:2], fixed[:, 1:2], include_background=True)
+    if settings.mask_loss != "dice":
+        # the MSE of losses.edt_loss, as a mean over each fixed region's voxels (not its crop's)
+        edt = ((fixed[:, 2:3] - warped[:, 2:3]).pow(2).sum(dim=dims) / region_voxels).sum()
+    mask = {"dice": lambda: dice, "edt": lambda: edt, "edt-dice": lambda: 0.5 * (dice + EDT_MIX_WEIGHT * edt)}[settings.mask_loss]()
+    smoothness = items * masked_gradient_l2(reg_field, reg_weight)
+    total = g0 * similarity + g1 * mask + g2 * smoothness
+    return total, {"similarity": similarity.detach(), "mask": mask.detach(), "smoothness": smoothness.detach()}
 
 
 @dataclass
@@ -681,8 +683,98 @@ def _sampled_field(disp: torch.Tensor, factor: int, offset: tuple[int, int, int]
     ``grid`` is `identity_grid` of ``disp``'s spatial shape.
     """
     shift = torch.tensor([(o - (factor - 1) / 2.0) / factor for o in offset], device=disp.device)
-    where = grid + shift.view(1, 3, 1, 1, 1)
+    where = (grid + shift.view(1, 3, 1, 1, 1)).expand(disp.shape[0], -1, -1, -1, -1)
     return factor * sample_at_indices(disp, where.permute(0, 2, 3, 4, 1), padding_mode="border")
+
+
+MAX_BATCH = 16
+MAX_PADDING = 1.5  # a batch of crops may hold at most this many times the voxels of its crops
+
+
+def _buckets(problems: list[_RegionProblem], factor: int) -> list[list[_RegionProblem]]:
+    """Regions grouped into batches of similar crop sizes (sorted by size, greedy, padding bounded)."""
+    def volume(shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape))
+
+    order = sorted(problems, key=lambda p: (p.box.size(factor) + p.moving_box.size(factor), p.region))
+    buckets: list[list[_RegionProblem]] = []
+    current: list[_RegionProblem] = []
+    for problem in order:
+        trial = current + [problem]
+        fixed_max = np.max([q.box.shape(factor) for q in trial], axis=0)
+        moving_max = np.max([q.moving_box.shape(factor) for q in trial], axis=0)
+        padded = len(trial) * (volume(fixed_max) + volume(moving_max))
+        actual = sum(q.box.size(factor) + q.moving_box.size(factor) for q in trial)
+        if current and (padded > MAX_PADDING * actual or len(trial) > MAX_BATCH):
+            buckets.append(current)
+            current = [problem]
+        else:
+            current = trial
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _pad_to(x: torch.Tensor, shape: tuple[int, ...], mode: str) -> torch.Tensor:
+    """``x (1, C, ...)`` padded at the end of each spatial axis to ``shape`` (``constant`` 0 or ``replicate``)."""
+    pads: list[int] = []
+    for axis in (2, 1, 0):
+        pads += [0, int(shape[axis]) - x.shape[2 + axis]]
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode=mode) if mode == "replicate" else F.pad(x, pads)
+
+
+class _Batch:
+    """Regions of similar crop size stacked for one stage: padded fixed/moving channels, masks, offsets.
+
+    Fixed channels and the field are padded to the largest fixed crop (zeros; ``valid`` marks each
+    item's own crop), moving channels to the largest moving crop by repeating their edge values
+    (what border padding of the crop alone would sample), so each item's loss is that of its
+    region alone.
+    """
+
+    def __init__(self, problems: list[_RegionProblem], factor: int, sampled: bool, device: torch.device) -> None:
+        self.problems, self.factor, self.sampled = problems, factor, sampled
+        self.shape = tuple(int(n) for n in np.max([p.box.shape(factor) for p in problems], axis=0))
+        moving = [p.moving_fine if sampled else _pool(p.moving_fine, factor) for p in problems]
+        moving_shape = tuple(int(n) for n in np.max([m.shape[2:] for m in moving], axis=0))
+        self.moving = torch.cat([_pad_to(m, moving_shape, "replicate") for m in moving])
+        ones = [torch.ones((1, 1) + p.box.shape(factor), device=device) for p in problems]
+        self.valid = torch.cat([_pad_to(o, self.shape, "constant") for o in ones])
+        masks = [_pool(p.fixed_fine[:, 1:2], factor) for p in problems]
+        weights = [F.max_pool3d(m, 2 * REG_DILATION + 1, stride=1, padding=REG_DILATION) for m in masks]
+        self.reg_weight = torch.cat([_pad_to(w, self.shape, "constant") for w in weights])
+        unit = 1 if sampled else factor  # fixed box start minus moving box start, in voxels of the sampled grid
+        self.offsets = torch.tensor(
+            [[(a - b) / unit for a, b in zip(p.box.start, p.moving_box.start)] for p in problems], device=device
+        ).view(-1, 3, 1, 1, 1)
+        self.grid = identity_grid(self.shape, device=device)
+        self._fixed: dict[tuple[int, int, int] | None, torch.Tensor] = {}
+
+    def pack(self, params: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The items' fields as one batch (edge values repeated into the padding)."""
+        return torch.cat([_pad_to(params[p.region], self.shape, "replicate") for p in self.problems])
+
+    def fixed(self, offset: tuple[int, int, int] | None) -> torch.Tensor:
+        """Fixed channels: pooled crops, or the fine voxels of the lattice at ``offset`` (cached)."""
+        if offset not in self._fixed:
+            f = self.factor
+            if offset is None:
+                crops = [_pool(p.fixed_fine, f) for p in self.problems]
+            else:
+                lattice = (slice(None), slice(None)) + tuple(slice(o, None, f) for o in offset)
+                crops = [p.fixed_fine[lattice] for p in self.problems]
+            self._fixed[offset] = torch.cat([_pad_to(c, self.shape, "constant") for c in crops])
+        return self._fixed[offset]
+
+    def fixed_and_points(self, disp: torch.Tensor, offset: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed channels and where their samples land in the moving crops, for the field ``disp``."""
+        if offset is None:
+            return self.fixed(None), self.grid + self.offsets + disp
+        fine = _sampled_field(disp, self.factor, offset, self.grid)
+        base = self.grid * self.factor + torch.tensor(offset, device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
+        return self.fixed(offset), base + self.offsets + fine
 
 
 def register_iterative(
@@ -707,18 +799,6 @@ def register_iterative(
     tick = time.monotonic()
     for stage in stages:
         f = stage.factor
-        fixed_l = {p.region: p.fixed_fine if stage.sampled else _pool(p.fixed_fine, f) for p in problems}
-        moving_l = {p.region: p.moving_fine if stage.sampled else _pool(p.moving_fine, f) for p in problems}
-        reg_weights = {
-            p.region: F.max_pool3d(_pool(p.fixed_fine[:, 1:2], f), 2 * REG_DILATION + 1, stride=1, padding=REG_DILATION)
-            for p in problems
-        }
-        # fixed box start minus moving box start, in voxels of the grid the loss samples
-        unit = 1 if stage.sampled else f
-        offsets = {
-            p.region: torch.tensor([(a - b) / unit for a, b in zip(p.box.start, p.moving_box.start)], device=device).view(1, 3, 1, 1, 1)
-            for p in problems
-        }
         for p in problems:
             if previous is None:
                 start = (p.translation / f).view(1, 3, 1, 1, 1)
@@ -728,8 +808,8 @@ def register_iterative(
                 params[p.region] = upsample_field(carried, previous // f)
             params[p.region].requires_grad_(True)
         previous = f
-        lattice = _lattice_offsets(f, stage.iterations, options.seed) if stage.sampled else []
-        grids = {p.region: identity_grid(p.box.shape(f), device=device) for p in problems}
+        batches = [_Batch(chunk, f, stage.sampled, device) for chunk in _buckets(problems, f)]
+        lattice = _lattice_offsets(f, stage.iterations, options.seed) if stage.sampled else [None] * stage.iterations
         optimiser = torch.optim.Adam(list(params.values()), lr=settings.lr)
         for step in range(stage.iterations):
             for group in optimiser.param_groups:
@@ -737,22 +817,14 @@ def register_iterative(
             optimiser.zero_grad()
             loss = torch.zeros((), device=device)
             parts = {"similarity": 0.0, "mask": 0.0, "smoothness": 0.0}
-            for p in problems:
-                v = smooth_field(params[p.region], settings.field_smoothing)
+            for batch in batches:
+                v = smooth_field(batch.pack(params), settings.field_smoothing)
                 disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
-                if stage.sampled:
-                    o = lattice[step]
-                    fixed = fixed_l[p.region][(slice(None), slice(None)) + tuple(slice(o[a], None, f) for a in range(3))]
-                    fine = _sampled_field(disp, f, o, grids[p.region])
-                    base = grids[p.region] * f + torch.tensor(o, device=device).view(1, 3, 1, 1, 1)
-                    points = base + offsets[p.region] + fine
-                else:
-                    fixed = fixed_l[p.region]
-                    points = grids[p.region] + offsets[p.region] + disp
-                value, terms = region_loss(settings, points, fixed, moving_l[p.region], v, reg_weights[p.region])
+                fixed, points = batch.fixed_and_points(disp, lattice[step])
+                value, terms = region_loss(settings, points, fixed, batch.moving, v, batch.reg_weight, batch.valid)
                 loss = loss + value
                 for k in parts:
-                    parts[k] += terms[k] / len(problems)
+                    parts[k] += float(terms[k]) / len(problems)
             loss.backward()
             optimiser.step()
             done += 1
@@ -861,6 +933,8 @@ class SegRegMethod:
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
         settings = Settings.from_options(options)
+        if settings.spacing is None:
+            settings = replace(settings, spacing=max(1.0, min(inputs.fixed.geometry.spacing)))
         torch.manual_seed(int(options.seed))
         started = time.monotonic()
         if settings.variant == "learned":

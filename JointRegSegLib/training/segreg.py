@@ -208,6 +208,7 @@ def train(config: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
         points = identity_grid(disp.shape[2:], device=device) + disp
         ones = torch.ones_like(fixed[:, 1:2])
         loss, terms = region_loss(settings, points, fixed, moving, velocity, ones)
+        terms = {k: float(v) for k, v in terms.items()}
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
