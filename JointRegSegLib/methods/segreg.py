@@ -546,13 +546,13 @@ def _finish(inputs: Inputs, prepared: Prepared, disp: torch.Tensor, settings: Se
 
 @dataclass
 class _RegionProblem:
-    """One region's crops: fixed (image, mask, EDT) on ``box`` and moving (image, mask, EDT) on ``moving_box``."""
+    """One region's fine crops: fixed channels on ``box``, moving channels on ``moving_box``."""
 
     region: int
     box: Box
     moving_box: Box
-    fixed_fine: torch.Tensor  # (1, 3, ...) masked image, mask, EDT on box
-    moving_fine: torch.Tensor  # (1, 3, ...) on moving_box
+    fixed_fine: torch.Tensor  # (1, C, ...) masked image, mask[, EDT] on box
+    moving_fine: torch.Tensor  # (1, C, ...) the same on moving_box
     translation: torch.Tensor  # (3,) moving centroid minus fixed centroid, fine voxels (0 for the background)
 
 
