@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> Path:
     )
     settings.check()
     synthetic = SyntheticOptions(count=args.synthetic_count, seed=args.seed, spacing=args.synthetic_spacing)
-    pairs = resolve_pairs(args.pairs, args.out, synthetic)
-    run_benchmark(pairs, settings, args.out)
-    print((args.out / "results.md").read_text())
-    print(f"tables, figures and every run's outputs in {args.out}")
-    return args.out
+    out = args.out.resolve()
+    pairs = resolve_pairs(args.pairs, out, synthetic)
+    run_benchmark(pairs, settings, out)
+    print((out / "results.md").read_text())
+    print(f"tables, figures and every run's outputs in {out}")
+    return out

@@ -175,14 +175,16 @@ with open(sys.argv[1], "w") as stream:
 
 
 def spawn(command: list[str], env: dict[str, str], log: Path, timeout_s: float | None = None) -> Spawned:
-    """Run ``command`` with stdout and stderr into ``log``; stop it (SIGTERM, then SIGKILL) past ``timeout_s``."""
+    """Run ``command`` in ``log``'s folder with stdout and stderr into ``log``; stop it (SIGTERM, then
+    SIGKILL) past ``timeout_s``. The folder is the working directory because some tools write files
+    there (transformix writes ``deformationField.nii``)."""
     report = log.with_name(log.name + ".exit.json")
     report.unlink(missing_ok=True)
     with log.open("w") as stream:
         start = time.perf_counter()
         launcher = subprocess.Popen(
             [sys.executable, "-S", "-c", _LAUNCHER, str(report), *command],
-            stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True,
         )
         try:
             launcher.wait(timeout_s)
@@ -438,7 +440,7 @@ def run_benchmark(
     from .table import write_tables
 
     settings.check()
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_pair_list(pairs, out / "pairs.csv")
     write_json(out / "bench.json", _description(settings, pairs))

@@ -156,8 +156,9 @@ def label_rows(runs: list[ToolRun]) -> list[dict[str, Any]]:
 
 
 def _format(number: float, decimals: int) -> str:
-    """Fixed decimals, or two significant digits where those would show a nonzero number as 0."""
-    if 0 < abs(number) < 0.5 * 10.0**-decimals:
+    """Fixed decimals, or two significant digits where those would show a nonzero number as 0
+    (rounding noise below 1e-12 counts as 0)."""
+    if 1e-12 < abs(number) < 0.5 * 10.0**-decimals:
         return f"{number:.1e}"
     return f"{number:.{decimals}f}"
 
@@ -194,14 +195,16 @@ def markdown(runs: list[ToolRun], settings: BenchSettings) -> str:
             continue
         cells = [_cell([value(run, key) for run in done], decimals) for _, key, decimals in columns]
         lines.append(f"| {tool} | " + " | ".join(cells) + " |")
+    has_epe = any(not math.isnan(value(run, "epe_mm")) for run in runs)
     plural = f"mean ± SD over {len(pairs)} pairs" if len(pairs) > 1 else f"pair `{pairs[0]}`"
     text = [
         "# Benchmark",
         "",
         f"Pairs: {', '.join(f'`{p}`' for p in pairs)} ({plural}). Dice: mean over the 30 standard labels "
         "(or all shared labels); HD95 in mm; NCC, MI and PMM inside the fixed foreground; folding = % of voxels "
-        "with det J <= 0; EPE = mean end-point error against the true field inside the fixed brain. Time = "
-        f"registration alone (median of {settings.repeats} run(s)); peak memory = the tool's process.",
+        "with det J <= 0; "
+        + ("EPE = mean end-point error against the true field inside the fixed brain; " if has_epe else "")
+        + f"time = registration alone (median of {settings.repeats} run(s)); peak memory = the tool's process.",
         "",
         f"Threads: {settings.threads} for every tool ({', '.join(THREAD_VARIABLES)}); device of our methods: "
         f"{settings.device}; peer settings: `{settings.preset}`.",
@@ -215,7 +218,7 @@ def markdown(runs: list[ToolRun], settings: BenchSettings) -> str:
         text.append("| method | " + " | ".join(peers) + " |")
         text.append("|---|" + "---:|" * len(peers))
         for method in dict.fromkeys(row["method"] for row in ratios):
-            cells = {row["peer"]: f"{row['ratio']:.3g}" for row in ratios if row["method"] == method}
+            cells = {row["peer"]: f"{row['ratio']:.2f}" for row in ratios if row["method"] == method}
             text.append(f"| {method} | " + " | ".join(cells.get(peer, "–") for peer in peers) + " |")
     if problems:
         text += ["", "Not run:", "", *problems]
