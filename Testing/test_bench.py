@@ -33,11 +33,14 @@ from JointRegSegLib.bench.runner import (
     BEFORE,
     BenchSettings,
     end_point_error,
+    folder_name,
+    method_spec,
     peer_module_available,
     run_benchmark,
     run_peer,
     stage_pair,
 )
+from JointRegSegLib.bench.command import _names
 from JointRegSegLib.bench.table import RESULT_COLUMNS, markdown, time_ratios
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio import Geometry, Volume, read_image, read_labels, resample, to_sitk, write_volume
@@ -75,18 +78,21 @@ def tiny_pair(tmp_path_factory, sample_pair) -> PairSpec:
     return PairSpec("tiny", **{key: folder / f"{key}.nii.gz" for key in volumes})
 
 
+TTO = "tto[spacing=4;affine_iterations=[15,6,3];tto=false]"
+SEGREG = "segreg[variant=learned;spacing=2]"
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, tiny_pair):
-    """One benchmark run: tto (inference only, 4 mm grid, short affine stage) and every peer, fast settings."""
+    """One benchmark run: tto (inference only, 4 mm grid, short affine stage), segreg's learned variant
+    (2 mm) and every peer, fast settings; each method with its own options."""
     out = tmp_path_factory.mktemp("bench")
     settings = BenchSettings(
-        methods=["tto"],
+        methods=[TTO, SEGREG],
         peers=list(PEERS),
         threads=THREADS,
         preset="fast",
         peer_python=PEER_PYTHON,
-        iterations=0,
-        options={"spacing": 4.0, "affine_iterations": [15, 6, 3]},
         own_warped=True,
     )
     runs = run_benchmark([tiny_pair], settings, out, log=lambda text: None)
@@ -160,7 +166,7 @@ def test_tables_have_every_column_tool_and_file(bench):
     out, settings, runs = bench
     rows = _csv(out / "results.csv")
     assert list(rows[0]) == list(RESULT_COLUMNS)
-    assert [row["tool"] for row in rows] == [BEFORE, "tto", *PEERS]
+    assert [row["tool"] for row in rows] == [BEFORE, TTO, SEGREG, *PEERS]
     for row in rows:
         assert row["status"] in {"ok", "skipped", "failed"}
         if row["status"] == "ok":
@@ -201,15 +207,19 @@ def test_peer_field_reproduces_the_tool_own_warped_image(bench, peer):
     assert np.corrcoef(ours.ravel(), own.array.ravel())[0, 1] > 0.999
 
 
-def test_our_method_runs_through_the_worker_or_reports_why_not(bench):
+@pytest.mark.parametrize("tool", [TTO, SEGREG])
+def test_our_method_runs_through_the_worker_with_its_own_options(bench, tool):
     out, _, runs = bench
-    (run,) = [run for run in runs if run.tool == "tto"]
+    (run,) = [run for run in runs if run.tool == tool]
     if run.status == "failed":
         assert "weights" in run.note, run.note
         return
     assert run.status == "ok"
+    assert run.folder == out / "runs" / "tiny" / folder_name(tool) / "result"
     assert (run.folder / "provenance.json").is_file() and (run.folder / "warped.nii.gz").is_file()
-    ratios = [row for row in time_ratios(runs) if row["pair"] == "tiny"]
+    job = json.loads((run.folder.parent / "job0.json").read_text())
+    assert (job["method"], job["options"]) == method_spec(tool)
+    ratios = [row for row in time_ratios(runs) if row["pair"] == "tiny" and row["method"] == tool]
     peers_done = [r for r in runs if r.kind == "peer" and r.status == "ok"]
     assert {row["peer"] for row in ratios} == {r.tool for r in peers_done}
     for row in ratios:
@@ -223,6 +233,18 @@ def test_peers_use_the_thread_count_given(bench):
         if run.kind == "peer" and run.status == "ok":
             report = json.loads((run.folder / "peer.json").read_text())
             assert report["threads"] == THREADS and report["itk_threads"] == THREADS
+
+
+def test_method_specs_split_on_top_level_commas_and_carry_their_options():
+    names = _names("tto, segreg[variant=learned;levels=[4,2]],segreg")
+    assert names == ["tto", "segreg[variant=learned;levels=[4,2]]", "segreg"]
+    assert method_spec(names[1]) == ("segreg", {"variant": "learned", "levels": [4, 2]})
+    assert method_spec("tto") == ("tto", {})
+    assert len({folder_name(name) for name in names}) == 3
+    with pytest.raises(InputError, match="unclosed"):
+        method_spec("segreg[variant=learned")
+    with pytest.raises(InputError, match="unknown method"):
+        BenchSettings(methods=["nosuch[variant=learned]"], peers=[]).check()
 
 
 def test_missing_peer_is_skipped_with_the_install_command(tmp_path, tiny_pair, bench):

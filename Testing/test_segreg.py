@@ -335,3 +335,11 @@ def test_worker_cancel_leaves_no_output(sliding_files, tmp_path):
     assert proc.wait(timeout=30) == 143
     assert '"cancelled"' in rest
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_learned_spacing_must_divide_the_network_spacing():
+    from JointRegSegLib.methods.segreg import learned_factor
+
+    assert [learned_factor(2.0, s) for s in (2.0, 1.0, 0.5)] == [1, 2, 4]
+    with pytest.raises(InputError, match="option spacing must be"):
+        learned_factor(2.0, 3.0)

@@ -13,13 +13,27 @@ DEFAULT_PEERS = ",".join(PEERS)
 
 
 def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+    """Comma-separated names; commas inside brackets (a method's options) do not separate."""
+    names, depth, current = [], 0, ""
+    for char in text + ",":
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            names.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [name for name in names if name]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     parser.add_argument("--pairs", default="shared", help="shared (../shared/data/pair), sample (bundled, 2 mm), synthetic (known fields), or a pair-list CSV")
-    parser.add_argument("--methods", default="tto", help="our methods, comma-separated ('' for none; default tto)")
+    parser.add_argument(
+        "--methods",
+        default="tto",
+        help="our methods, comma-separated, each with its own options in brackets if needed, e.g. "
+        "'tto,segreg,segreg[variant=learned;mask_loss=edt]' ('' for none; default tto)",
+    )
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"peer tools, comma-separated ('' for none; default {DEFAULT_PEERS})")
     parser.add_argument("--out", type=Path, required=True, help="output folder (tables, figures, every run's outputs)")
     parser.add_argument("--device", default="cpu", help="device of our methods: cpu, cuda, cuda:N or auto (peers run on the CPU)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +81,23 @@ METRICS = (
 _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name[key=value;key=value]`` (values parsed as JSON where they are JSON) to the
+    method's name and its own options, e.g. ``segreg[variant=learned;mask_loss=edt]``."""
+    from ..cli import parse_options
+
+    name, bracket, rest = spec.partition("[")
+    if bracket and not rest.endswith("]"):
+        raise InputError(f"method '{spec}' has an unclosed '['; write e.g. segreg[variant=learned;mask_loss=edt].")
+    pairs = [item.strip() for item in rest[:-1].split(";") if item.strip()] if bracket else []
+    return name.strip(), parse_options(pairs)
+
+
+def folder_name(tool: str) -> str:
+    """A tool label (``segreg[variant=learned]``) as a folder name (``segreg-variant=learned``)."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", tool).strip("-")
+
+
 @dataclass
 class BenchSettings:
     """What to run and how (see the module docstring)."""
@@ -100,7 +118,7 @@ class BenchSettings:
 
     def check(self) -> None:
         """Raise `InputError` for an unknown tool or a bad number."""
-        unknown = [m for m in self.methods if m not in method_names()]
+        unknown = [m for m in self.methods if method_spec(m)[0] not in method_names()]
         if unknown:
             raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(method_names())}.")
         unknown = [p for p in self.peers if p not in PEERS]
@@ -333,16 +351,17 @@ def run_method(
     """One of our methods on one pair, through the worker (``repeats`` times; the first run's outputs are kept)."""
     run = ToolRun(pair.name, name, "ours", "ok", folder=folder / "result")
     env = child_environment(settings.threads)
+    method, own_options = method_spec(name)
     for repeat in range(settings.repeats):
         output = folder / ("result" if repeat == 0 else f"repeat{repeat}")
         job = Job(
-            method=name,
+            method=method,
             output=output,
             device=settings.device,
             seed=settings.seed,
             iterations=settings.iterations,
             time_budget=settings.time_budget,
-            options=dict(settings.options),
+            options={**settings.options, **own_options},
             pictures=False,
             threads=settings.threads,
             **{key: staged.get(key) for key in ("fixed", "moving", "fixed_seg", "moving_seg")},
@@ -455,7 +474,7 @@ def run_benchmark(
         runs.append(before_run(pair, inputs, truth, region, base / "before"))
         log(f"[{pair.name}] {BEFORE}: {_describe(runs[-1])}")
         for method in settings.methods:
-            folder = base / method
+            folder = base / folder_name(method)
             folder.mkdir(parents=True, exist_ok=True)
             log(f"[{pair.name}] {method} ...")
             runs.append(run_method(method, pair, staged, truth, region, settings, folder))

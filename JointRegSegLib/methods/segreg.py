@@ -25,7 +25,8 @@ the CLI's ``--option KEY=VALUE``):
                       the images), ``labels`` (least squares on the shared labels' centroids, fast and
                       contrast-free) or ``none``
 ``spacing``           the fine network grid spacing in mm (default: the fixed image's smallest voxel
-                      size, but not below 1 mm)
+                      size, but not below 1 mm); learned: the network's spacing (2 mm) divided by 1,
+                      2 or 4 (``spacing=2`` runs everything at 2 mm: faster, coarser region borders)
 ``weights_name``      learned: which shipped weights (default ``segreg-<mask_loss>``)
 ``batch``             learned: region crops per network call (default 4)
 
@@ -396,7 +397,17 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(inputs: Inputs, settings: Settings, options: Options, multiple: int, progress: ProgressCallback) -> Prepared:
+AffineSchedule = tuple[tuple[int, ...], tuple[int, ...], int]
+"""Pooling levels (coarse to fine), iterations per level and voxels sampled per iteration of `fit_affine`."""
+
+FULL_AFFINE: AffineSchedule = ((4, 2), (150, 60), 8000)
+QUICK_AFFINE: AffineSchedule = ((4,), (120,), 2048)  # learned variant: ~7x cheaper, 0.01 lower Dice after the affine on the pair
+
+
+def prepare(
+    inputs: Inputs, settings: Settings, options: Options, multiple: int, progress: ProgressCallback,
+    schedule: AffineSchedule = FULL_AFFINE,
+) -> Prepared:
     """Resample, fit the affine stage, pre-align the moving image and label map, and plan the regions."""
     check_segmentations(inputs)
     device = torch.device(options.device)
@@ -411,9 +422,11 @@ def prepare(inputs: Inputs, settings: Settings, options: Options, multiple: int,
         if settings.affine == "labels":
             matrix = label_affine(pair.fixed_seg[0, 0].cpu().numpy(), pair.moving_seg[0, 0].cpu().numpy())
         else:
-            levels = tuple(f for f in (4, 2) if min(n // f for n in shape) >= 4) or (1,)
+            levels, iterations, samples = schedule
+            usable = tuple(f for f in levels if min(n // f for n in shape) >= 4) or (1,)
             matrix = fit_affine(
-                pair.fixed, pair.moving, levels=levels, iterations=(150, 60)[-len(levels):], seed=options.seed, progress=progress
+                pair.fixed, pair.moving, levels=usable, iterations=iterations[-len(usable):], samples=samples,
+                seed=options.seed, progress=progress,
             )
     affine_disp = affine_to_displacement(torch.as_tensor(matrix, dtype=torch.float32), shape).to(device)
     moving = warp(pair.moving, affine_disp, padding_mode="zeros")
@@ -855,15 +868,35 @@ def register_iterative(
 # ----------------------------------------------------------------------------- learned variant
 
 
+def default_spacing(inputs: Inputs) -> float:
+    """The fine grid's default spacing: the fixed image's smallest voxel size, but not below 1 mm."""
+    return max(1.0, min(inputs.fixed.geometry.spacing))
+
+
+def learned_factor(network_spacing: float, spacing: float) -> int:
+    """Pooling factor from the fine grid (``spacing`` mm) to the network's grid (``network_spacing`` mm)."""
+    factor = network_spacing / spacing
+    if round(factor) not in (1, 2, 4) or abs(factor - round(factor)) > 0.05:
+        raise InputError(
+            f"the learned segreg network runs at {network_spacing:g} mm; option spacing must be that divided by "
+            f"1, 2 or 4 (e.g. {network_spacing:g} or {network_spacing / 2:g}); got {spacing:g}."
+        )
+    return int(round(factor))
+
+
 def register_learned(inputs: Inputs, settings: Settings, options: Options, progress: ProgressCallback) -> Result:
     """One shared U-Net predicts every region's velocity (batched by crop size), then compose."""
     from ..training.segreg import MARGIN, load_network
 
     device = torch.device(options.device)
     net, config, checksum = load_network(settings.weights_name, device)
-    factor = int(config["factor"])
+    if settings.spacing is None:  # the fine grid the weights were trained for, at the factor they record
+        settings = replace(settings, spacing=default_spacing(inputs))
+        factor = int(config["factor"])
+    else:
+        factor = learned_factor(float(config["network_spacing_mm"]), settings.spacing)
     steps = int(config["integration_steps"])
-    prepared = prepare(inputs, settings, options, 16 * factor, lambda f, s: progress(0.4 * f, "affine"))
+    prepared = prepare(inputs, settings, options, 16 * factor, lambda f, s: progress(0.4 * f, "affine"), QUICK_AFFINE)
     tick = time.monotonic()
     margin = MARGIN * factor  # the training crop rule: 3 network voxels around both masks
     fixed_np = prepared.plan.fixed
@@ -933,8 +966,8 @@ class SegRegMethod:
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
         settings = Settings.from_options(options)
-        if settings.spacing is None:
-            settings = replace(settings, spacing=max(1.0, min(inputs.fixed.geometry.spacing)))
+        if settings.spacing is None and settings.variant == "iterative":
+            settings = replace(settings, spacing=default_spacing(inputs))
         torch.manual_seed(int(options.seed))
         started = time.monotonic()
         if settings.variant == "learned":
