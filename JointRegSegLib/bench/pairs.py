@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data_paths import shared_data_dir
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from ..imageio.io import read_image, read_labels, write_volume
@@ -128,13 +129,6 @@ def write_pair_list(pairs: list[PairSpec], path: str | Path) -> Path:
         for pair in pairs:
             writer.writerow([pair.name] + [text(getattr(pair, column)) for column in COLUMNS[1:]])
     return path
-
-
-def shared_data_dir() -> Path:
-    """The shared data folder: ``$JRS_SHARED_DATA``, else ``<repository>/../shared/data``."""
-    if os.environ.get("JRS_SHARED_DATA"):
-        return Path(os.environ["JRS_SHARED_DATA"])
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def shared_pair_list(data: Path | None = None) -> list[PairSpec]:

@@ -61,6 +61,7 @@ from ..methods.segreg import (
 from ..nets import RegistrationUNet
 from ..spatial import identity_grid, integrate_velocity
 from ..synth import SyntheticPairs
+from ..data_paths import shared_data_dir
 from ..weights import load_weights, read_manifest, record_weights, weights_dir
 
 ARCHITECTURE = {"encoder": [8, 16, 16, 16], "decoder": [16, 16, 16, 8], "final": []}
@@ -91,10 +92,7 @@ _DEFAULTS: dict[str, Any] = {
 
 def default_labelmaps() -> Path:
     """../shared/data/synthseg_labelmaps beside the repository (or under $JRS_SHARED_DATA)."""
-    import os
-
-    root = Path(os.environ.get("JRS_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    return root / "synthseg_labelmaps"
+    return shared_data_dir() / "synthseg_labelmaps"
 
 
 def build_network(architecture: dict[str, Any]) -> RegistrationUNet:

@@ -51,10 +51,6 @@ Choices where the paper is silent (ours):
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -72,7 +68,9 @@ from ..methods.base import ProgressCallback
 from ..methods.tto import WEIGHT_NAMES, build_network, multi_axis_mi, predict
 from ..spatial import warp
 from ..synth import DeformationOptions, SyntheticPairs, load_synthseg_maps
+from ..data_paths import shared_data_dir
 from ..weights import load_weights, record_weights, weights_dir
+from .common import atomic_torch_save, device_name, plot_histories, read_history, write_history
 
 STAGES = ("teacher", "student")
 MAP_SHAPE = (80, 96, 112)
@@ -82,8 +80,7 @@ PLOT_NAME = "tto_training.png"
 
 def default_data() -> Path:
     """The SynthSeg label maps: $JRS_SHARED_DATA/synthseg_labelmaps, else <repo>/../shared/data/synthseg_labelmaps."""
-    root = Path(os.environ.get("JRS_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    return root / "synthseg_labelmaps"
+    return shared_data_dir() / "synthseg_labelmaps"
 
 
 @dataclass
@@ -188,75 +185,14 @@ class _Data:
         return pairs.sample()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _atomic_write_bytes(path, buffer.getvalue())
-
-
-def _write_csv(history: list[dict[str, float]], path: Path) -> None:
-    if not history:
-        return
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    _atomic_write_bytes(path, text.getvalue().encode())
-
-
-def _read_csv(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
 def plot_curves(folder: Path) -> Path | None:
-    """Loss curves of the teacher and student CSVs in ``folder`` (raw and a 25-iteration running mean) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    histories = {stage: _read_csv(folder / f"{WEIGHT_NAMES[stage]}_loss.csv") for stage in STAGES}
-    histories = {k: v for k, v in histories.items() if v}
-    if not histories:
-        return None
-    figure, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4), squeeze=False)
-    for axis, (stage, history) in zip(axes[0], histories.items()):
-        iterations = np.asarray([h["iteration"] for h in history])
-        for key, colour in (("loss", "black"), ("similarity", "tab:blue"), ("smooth", "tab:orange"), ("distillation", "tab:green")):
-            if key not in history[0]:
-                continue
-            values = np.asarray([h[key] for h in history])
-            window = min(25, len(values))
-            running = np.convolve(values, np.ones(window) / window, mode="valid")
-            axis.plot(iterations, values, color=colour, alpha=0.2, linewidth=0.8)
-            axis.plot(iterations[window - 1:], running, color=colour, label=key)
-        axis.set_title(f"tto {stage}")
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("loss (lower is better)")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    path = folder / PLOT_NAME
-    _atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    """Loss curves of the teacher and student logs in ``folder`` (raw and a 25-iteration running mean) as a PNG."""
+    keys = ("iteration", "loss", "similarity", "smooth", "distillation")
+    histories = {
+        f"tto {stage}": [{k: row[k] for k in keys if k in row} for row in read_history(folder / f"{WEIGHT_NAMES[stage]}_loss.csv")]
+        for stage in STAGES
+    }
+    return plot_histories(histories, folder / PLOT_NAME)
 
 
 def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -284,7 +220,7 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr
         start, wall_before = int(checkpoint["iteration"]), float(checkpoint["wall_seconds"])
-        history = _read_csv(csv_path)[:start]
+        history = read_history(csv_path)[:start]
 
     teacher, teacher_sha = None, None
     if cfg.stage == "student":
@@ -300,12 +236,12 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
 
     def save(iteration: int) -> str:
         wall = wall_before + time.perf_counter() - run_start
-        _atomic_torch_save(
+        atomic_torch_save(
             {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "iteration": iteration, "wall_seconds": wall},
             checkpoint_path,
         )
-        _atomic_torch_save(net.state_dict(), weights_path)
-        _write_csv(history, csv_path)
+        atomic_torch_save(net.state_dict(), weights_path)
+        write_history(history, csv_path)
         recent = [h["loss"] for h in history[-50:]]
         provenance = {
             "method": "tto",
@@ -321,7 +257,7 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
             "final_loss": float(np.mean(recent)) if recent else None,
             "final_loss_note": "mean of the last 50 iterations' losses",
             "wall_seconds": round(wall, 1),
-            "device": _device_name(device),
+            "device": device_name(device),
             "torch": torch.__version__,
             "teacher_sha256": teacher_sha,
         }
