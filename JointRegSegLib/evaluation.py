@@ -78,7 +78,24 @@ def evaluate(inputs: Inputs, result: Result, maps: Maps) -> dict[str, Any]:
     if inputs.fixed_seg is not None and result.warped_seg is not None and inputs.moving_seg is not None:
         moving_seg_initial = resample(inputs.moving_seg, inputs.fixed.geometry, interpolation="nearest").array
         metrics.update(label_metrics(inputs.fixed_seg, result.warped_seg.array, moving_seg_initial))
+    for side, given, produced in (("fixed", inputs.fixed_seg, result.fixed_seg), ("moving", inputs.moving_seg, result.moving_seg)):
+        if given is not None and produced is not None:
+            metrics[f"seg_dice_{side}"] = segmentation_dice(given, produced)
     return metrics
+
+
+def segmentation_dice(truth: Volume, predicted: Volume) -> float:
+    """Mean Dice of a method's own segmentation against the given label map, on the given map's grid.
+
+    Over the 30 standard structures the given map holds (FreeSurfer codes), else over all its
+    labels; a structure the method does not produce counts as Dice 0.
+    """
+    if not predicted.geometry.same_as(truth.geometry):
+        predicted = resample(predicted, truth.geometry, interpolation="nearest")
+    present = sorted(set(np.unique(truth.array).tolist()) - {0})
+    chosen = [label for label in present if label in EVALUATION_LABELS] or present
+    dice = dice_per_label(truth.array, predicted.array, labels=chosen)
+    return _mean([dice.get(label, 0.0) for label in chosen])
 
 
 def label_metrics(fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.ndarray) -> dict[str, Any]:

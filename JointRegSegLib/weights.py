@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +53,38 @@ def read_manifest(folder: Path | None = None) -> dict[str, Any]:
         raise WeightsError(f"the weights manifest {path} is not valid JSON ({error}); restore it from the repository.") from error
 
 
+@contextmanager
+def _manifest_lock(folder: Path, stale_s: float = 60.0) -> Iterator[None]:
+    """Hold ``folder``'s manifest lock: a file created exclusively (portable; a lock older than
+    ``stale_s`` seconds is left over from a killed process and is taken over)."""
+    lock = folder / f".{MANIFEST}.lock"
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale_s:
+                    lock.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def record_weights(name: str, path: Path, provenance: dict[str, Any]) -> str:
     """Add or update a manifest entry for a freshly written weights file; returns its SHA-256."""
     folder = path.parent
-    manifest = read_manifest(folder)
     checksum = sha256_of(path)
-    manifest[name] = {"file": path.name, "sha256": checksum, "provenance": provenance}
-    staged = folder / f".{MANIFEST}.{os.getpid()}"
-    staged.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(staged, folder / MANIFEST)
+    with _manifest_lock(folder):  # two training runs saving at once must not drop each other's entry
+        manifest = read_manifest(folder)
+        manifest[name] = {"file": path.name, "sha256": checksum, "provenance": provenance}
+        staged = folder / f".{MANIFEST}.{os.getpid()}"
+        staged.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(staged, folder / MANIFEST)
     return checksum
 
 

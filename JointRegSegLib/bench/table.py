@@ -31,6 +31,8 @@ RESULT_COLUMNS = (
     "dice_mean",
     "dice_mean_initial",
     "dice_label_count",
+    "seg_dice_fixed",
+    "seg_dice_moving",
     "hd95_mean",
     "ncc",
     "ncc_initial",
@@ -59,6 +61,8 @@ RATIO_COLUMNS = ("pair", "method", "peer", "method_time_s", "peer_time_s", "rati
 SUMMARY = (
     ("Dice", "dice_mean", 3),
     ("HD95 (mm)", "hd95_mean", 2),
+    ("seg Dice fixed", "seg_dice_fixed", 3),
+    ("seg Dice moving", "seg_dice_moving", 3),
     ("NCC", "ncc", 3),
     ("MI", "mi", 3),
     ("PMM", "pmm_mean", 3),
@@ -201,8 +205,9 @@ def markdown(runs: list[ToolRun], settings: BenchSettings) -> str:
         "# Benchmark",
         "",
         f"Pairs: {', '.join(f'`{p}`' for p in pairs)} ({plural}). Dice: mean over the 30 standard labels "
-        "(or all shared labels); HD95 in mm; NCC, MI and PMM inside the fixed foreground; folding = % of voxels "
-        "with det J <= 0; "
+        "(or all shared labels) of the warped moving labels against the fixed labels; seg Dice fixed / moving = "
+        "the same mean for a method's own segmentation of each image against its given labels; HD95 in mm; NCC, "
+        "MI and PMM inside the fixed foreground; folding = % of voxels with det J <= 0; "
         + ("EPE = mean end-point error against the true field inside the fixed brain; " if has_epe else "")
         + f"time = registration alone (median of {settings.repeats} run(s)); peak memory = the tool's process.",
         "",

@@ -1,0 +1,48 @@
+"""The evaluation's segmentation Dice against MONAI's Dice, on a label map's own grid and another one."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+
+from JointRegSegLib.evaluation import segmentation_dice
+from JointRegSegLib.imageio import Geometry, Volume, from_sitk, to_sitk
+
+
+def _monai_mean_dice(truth: np.ndarray, predicted: np.ndarray, labels: list[int]) -> float:
+    remap = np.zeros(max(labels) + 1, np.int64)
+    remap[labels] = np.arange(1, len(labels) + 1)
+
+    def onehot(a: np.ndarray) -> torch.Tensor:
+        return one_hot(torch.from_numpy(remap[np.where(np.isin(a, labels), a, 0)])[None, None], len(labels) + 1)
+    dice = compute_dice(onehot(predicted), onehot(truth), include_background=False, ignore_empty=False)
+    return float(torch.nan_to_num(dice, nan=0.0).mean())
+
+
+def test_segmentation_dice_matches_monai_and_counts_missing_structures_as_zero():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((30, 30, 30), np.int16)
+    truth[2:14, 2:28, 2:28], truth[14:28, 2:28, 2:28], truth[10:20, 10:20, 10:20] = 2, 41, 17  # WM L/R, hippocampus
+    truth[3:6, 3:6, 3:6] = 999  # not one of the 30 standard structures: left out of the mean
+    predicted = truth.copy()
+    predicted[rng.random(truth.shape) < 0.1] = 0
+    predicted[predicted == 17] = 0  # a structure the method misses
+    geometry = Geometry((30, 30, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    value = segmentation_dice(Volume(truth, geometry), Volume(predicted, geometry))
+    assert abs(value - _monai_mean_dice(truth, predicted, [2, 17, 41])) < 1e-6
+    assert value < 2 / 3 + 1e-6  # the missed hippocampus counts 0
+
+
+def test_segmentation_on_another_grid_is_resampled_onto_the_given_labels():
+    truth = np.zeros((40, 40, 40), np.int16)
+    truth[4:20, 4:36, 4:36], truth[20:36, 4:36, 4:36] = 2, 41
+    geometry = Geometry((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    coarse = sitk.Resample(to_sitk(Volume(truth, geometry)), [20, 20, 20], sitk.Transform(), sitk.sitkNearestNeighbor,
+                           (0.5, 0.5, 0.5), (2.0, 2.0, 2.0))
+    predicted = from_sitk(coarse)
+    back = sitk.GetArrayFromImage(sitk.Resample(coarse, to_sitk(Volume(truth, geometry)), sitk.Transform(), sitk.sitkNearestNeighbor)).transpose(2, 1, 0)
+    value = segmentation_dice(Volume(truth, geometry), predicted)
+    assert abs(value - _monai_mean_dice(truth, back, [2, 41])) < 1e-6 and value > 0.9
