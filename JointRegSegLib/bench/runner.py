@@ -64,6 +64,8 @@ METRICS = (
     "dice_mean",
     "dice_mean_initial",
     "dice_label_count",
+    "seg_dice_fixed",
+    "seg_dice_moving",
     "hd95_mean",
     "ncc",
     "ncc_initial",
