@@ -46,7 +46,11 @@ class ProgressBar(EventWriter):
 
 def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) -> None:
     if with_inputs:
-        parser.add_argument("--fixed", type=Path, required=True, help="fixed (reference) image: NIfTI, NRRD, MHA or MGZ")
+        parser.add_argument(
+            "--fixed", type=Path,
+            help="fixed (reference) image: NIfTI, NRRD, MHA or MGZ; required, except for methods that need an atlas "
+            "(jers), where it defaults to the shipped atlas (Resources/Atlas) and its labels",
+        )
         parser.add_argument("--moving", type=Path, required=True, help="moving image, warped onto the fixed image")
         parser.add_argument("--fixed-seg", type=Path, help="label map of the fixed image (for Dice/HD95 or methods that need it)")
         parser.add_argument("--moving-seg", type=Path, help="label map of the moving image")

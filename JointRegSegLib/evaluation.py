@@ -16,7 +16,7 @@ from scipy import ndimage
 from .imageio.geometry import Volume
 from .imageio.intensity import normalise_intensity
 from .imageio.network_grid import resample
-from .labels import EVALUATION_LABELS, label_info
+from .labels import EVALUATION_LABELS, TISSUE_LABELS, label_info, tissue_of
 from .methods.base import Inputs, Result
 from .metrics import (
     dice_per_label,
@@ -88,10 +88,13 @@ def segmentation_dice(truth: Volume, predicted: Volume) -> float:
     """Mean Dice of a method's own segmentation against the given label map, on the given map's grid.
 
     Over the 30 standard structures the given map holds (FreeSurfer codes), else over all its
-    labels; a structure the method does not produce counts as Dice 0.
+    labels; a structure the method does not produce counts as Dice 0. A tissue segmentation (codes
+    701-703, e.g. jers') is scored against the given labels mapped to tissue classes (`tissue_of`).
     """
     if not predicted.geometry.same_as(truth.geometry):
         predicted = resample(predicted, truth.geometry, interpolation="nearest")
+    if set(np.unique(predicted.array).tolist()) <= {0, *TISSUE_LABELS}:
+        truth = truth.with_array(tissue_of(truth.array))
     present = sorted(set(np.unique(truth.array).tolist()) - {0})
     chosen = [label for label in present if label in EVALUATION_LABELS] or present
     dice = dice_per_label(truth.array, predicted.array, labels=chosen)

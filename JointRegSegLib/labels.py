@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Label:
@@ -70,6 +72,9 @@ _TABLE: tuple[tuple[int, str, tuple[int, int, int]], ...] = (
     (253, "CC_Central", (0, 0, 160)),
     (254, "CC_Mid_Anterior", (0, 0, 208)),
     (255, "CC_Anterior", (0, 0, 255)),
+    (701, "CSF-FSL-FAST", (120, 18, 134)),
+    (702, "GrayMatter-FSL-FAST", (205, 62, 78)),
+    (703, "WhiteMatter-FSL-FAST", (245, 245, 245)),
 )
 
 LUT: dict[int, Label] = {code: Label(code, name, rgb) for code, name, rgb in _TABLE}
@@ -88,3 +93,21 @@ def label_info(code: int) -> Label:
     name = f"Extra-cerebral-class-{code}" if code >= 500 else f"Label-{code}"
     rgb = ((code * 97) % 200 + 40, (code * 57) % 200 + 40, (code * 31) % 200 + 40)
     return Label(code, name, rgb)
+
+
+# Tissue classes in FreeSurfer's codes for FSL FAST segmentations (what jers segments).
+TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE = 701, 702, 703
+TISSUE_LABELS: tuple[int, ...] = (TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE)
+WHITE_MATTER_CODES: tuple[int, ...] = (2, 7, 16, 28, 41, 46, 60, 85, 192, 251, 252, 253, 254, 255)
+CSF_CODES: tuple[int, ...] = (4, 5, 14, 15, 24, 30, 31, 43, 44, 62, 63, 72)
+EXTRACEREBRAL_FIRST = 500  # SynthSeg generation classes (skull, scalp, eyes, ...) start here
+
+
+def tissue_of(labels: np.ndarray) -> np.ndarray:
+    """FreeSurfer codes to tissue codes (701 CSF, 702 grey matter, 703 white matter, 0 elsewhere);
+    brain codes that are neither CSF nor white matter count as grey matter."""
+    labels = np.asarray(labels)
+    out = np.where((labels > 0) & (labels < EXTRACEREBRAL_FIRST), TISSUE_GREY, 0).astype(np.int16)
+    out[np.isin(labels, CSF_CODES)] = TISSUE_CSF
+    out[np.isin(labels, WHITE_MATTER_CODES)] = TISSUE_WHITE
+    return out

@@ -111,3 +111,22 @@ def load_weights(name: str, folder: Path | None = None) -> tuple[dict[str, torch
     except Exception as error:  # torch raises several types for unreadable files
         raise WeightsError(f"weights file {path} cannot be read ({type(error).__name__}); restore it or retrain.") from error
     return state, checksum
+
+
+def fit_state(net: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Load the state dict of the weights called ``name`` into ``net``; WeightsError when they do not
+    fit the network (another architecture, or stale weights)."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise WeightsError(
+            f"weights '{name}' do not fit the {type(net).__name__} network ({error}); retrain them."
+        ) from error
+
+
+def load_into(net: torch.nn.Module, name: str, folder: Path | None = None) -> str:
+    """Load the verified shipped weights called ``name`` (`load_weights`) into ``net`` (`fit_state`);
+    returns their SHA-256."""
+    state, checksum = load_weights(name, folder)
+    fit_state(net, state, name)
+    return checksum

@@ -10,6 +10,7 @@ from monai.networks.utils import one_hot
 
 from JointRegSegLib.evaluation import segmentation_dice
 from JointRegSegLib.imageio import Geometry, Volume, from_sitk, to_sitk
+from JointRegSegLib.labels import tissue_of
 
 
 def _monai_mean_dice(truth: np.ndarray, predicted: np.ndarray, labels: list[int]) -> float:
@@ -46,3 +47,16 @@ def test_segmentation_on_another_grid_is_resampled_onto_the_given_labels():
     back = sitk.GetArrayFromImage(sitk.Resample(coarse, to_sitk(Volume(truth, geometry)), sitk.Transform(), sitk.sitkNearestNeighbor)).transpose(2, 1, 0)
     value = segmentation_dice(Volume(truth, geometry), predicted)
     assert abs(value - _monai_mean_dice(truth, back, [2, 41])) < 1e-6 and value > 0.9
+
+
+def test_tissue_segmentation_is_scored_against_the_labels_mapped_to_tissue():
+    truth = np.zeros((30, 30, 30), np.int16)
+    truth[2:14, 2:28, 2:28], truth[14:28, 2:28, 2:28] = 2, 42  # left WM, right cortex
+    truth[10:20, 10:20, 10:20], truth[5:8, 5:8, 5:8] = 4, 10  # lateral ventricle, thalamus (deep grey)
+    predicted = np.zeros_like(truth)
+    predicted[2:14, 2:28, 2:28], predicted[14:28, 2:28, 2:28], predicted[10:20, 10:20, 10:20] = 703, 702, 701
+    geometry = Geometry((30, 30, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    value = segmentation_dice(Volume(truth, geometry), Volume(predicted, geometry))
+    tissue = tissue_of(truth)
+    assert set(np.unique(tissue).tolist()) == {0, 701, 702, 703} and (tissue[6, 6, 6], tissue[15, 15, 15]) == (702, 701)
+    assert abs(value - _monai_mean_dice(tissue, predicted, [701, 702, 703])) < 1e-6 and 0.8 < value < 1.0

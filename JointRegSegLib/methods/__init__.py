@@ -10,6 +10,9 @@ from .base import Inputs, Method, MethodInfo, Options, ProgressCallback, Result
 _MODULES: dict[str, str] = {
     "tto": "JointRegSegLib.methods.tto",
     "segreg": "JointRegSegLib.methods.segreg",
+    "uresnet": "JointRegSegLib.methods.uresnet",
+    "jers": "JointRegSegLib.methods.jers",
+    "hof": "JointRegSegLib.methods.hof",
 }
 
 

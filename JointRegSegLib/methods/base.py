@@ -62,7 +62,8 @@ class Result:
     ``displacement`` is the whole mapping (affine and deformable composed) as a physical LPS mm
     field in ITK's convention: fixed point x maps to x + u(x) in the moving image.
     ``affine`` is the affine part alone (4x4, LPS mm, fixed point -> moving point) where the
-    method has one. ``details`` holds method-specific numbers (losses, iterations, weights used).
+    method has one. ``brain_mask`` and ``extracted`` (the moving image with everything but the
+    brain set to 0) lie on the moving image's grid, where a method strips the skull. ``details`` holds method-specific numbers (losses, iterations, weights used).
     """
 
     displacement: Volume
@@ -72,6 +73,7 @@ class Result:
     moving_seg: Volume | None = None
     warped_seg: Volume | None = None
     brain_mask: Volume | None = None
+    extracted: Volume | None = None
     weights: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 

@@ -76,7 +76,7 @@ from ..imageio.network_grid import RAS_DIRECTION, corner_points
 from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
 from ..nets import RegistrationUNet, student_unet, teacher_unet
 from ..spatial import affine_to_displacement, compose, warp
-from ..weights import load_weights
+from ..weights import load_into
 from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import fit_affine
 from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
@@ -279,14 +279,8 @@ class TTOMethod:
         report(0.0, "preparing")
         spacing, shape = network_grid_shape(inputs.fixed.geometry, s["spacing"])
         pair = prepare_pair(inputs, device, spacing=spacing, shape=shape)
-        state, checksum = load_weights(WEIGHT_NAMES[s["network"]])
         net = build_network(s["network"])
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as error:
-            raise InputError(
-                f"the weights '{WEIGHT_NAMES[s['network']]}' do not fit the {s['network']} network ({error}); retrain them"
-            ) from error
+        checksum = load_into(net, WEIGHT_NAMES[s["network"]])
         net = net.to(device).eval()
         report(1.0, "preparing")
         step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))

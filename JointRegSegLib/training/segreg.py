@@ -62,7 +62,7 @@ from ..nets import RegistrationUNet
 from ..spatial import identity_grid, integrate_velocity
 from ..synth import SyntheticPairs
 from ..data_paths import shared_data_dir
-from ..weights import load_weights, read_manifest, record_weights, weights_dir
+from ..weights import fit_state, load_weights, read_manifest, record_weights, weights_dir
 
 ARCHITECTURE = {"encoder": [8, 16, 16, 16], "decoder": [16, 16, 16, 8], "final": []}
 FACTOR = 2
@@ -116,10 +116,7 @@ def load_network(name: str, device: torch.device) -> tuple[RegistrationUNet, dic
             "`jointregseg train segreg` (see README.md)."
         )
     net = build_network(provenance["architecture"])
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as error:
-        raise WeightsError(f"weights '{name}' do not fit the architecture recorded with them ({error}); retrain them.") from error
+    fit_state(net, state, name)
     return net.to(device).eval(), provenance, checksum
 
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..device import resolve_device
 from ..errors import InputError
 from ..losses import gradient_l2
 from ..methods.base import ProgressCallback
@@ -69,8 +68,22 @@ from ..methods.tto import WEIGHT_NAMES, build_network, multi_axis_mi, predict
 from ..spatial import warp
 from ..synth import DeformationOptions, SyntheticPairs, load_synthseg_maps
 from ..data_paths import shared_data_dir
-from ..weights import load_weights, record_weights, weights_dir
-from .common import atomic_torch_save, device_name, plot_histories, read_history, write_history
+from ..weights import load_into, record_weights
+from .common import (
+    as_shape,
+    check_time_limit,
+    config_from_dict,
+    plot_histories,
+    read_history,
+    resume_checkpoint,
+    run_device,
+    run_files,
+    run_provenance,
+    save_progress,
+    set_floats,
+    set_integers,
+    settings_from_argv,
+)
 
 STAGES = ("teacher", "student")
 MAP_SHAPE = (80, 96, 112)
@@ -112,39 +125,23 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "TrainConfig":
         """Checked settings from a plain dictionary (unknown keys and bad values raise InputError)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise InputError(f"unknown tto training setting(s) {unknown}; the settings are {sorted(known)}")
-        c = cls(**{k: v for k, v in config.items() if v is not None})
+        c = config_from_dict(cls, config, "tto training")
         if c.stage not in STAGES:
             raise InputError(f"tto training stage must be 'teacher' or 'student'; got {c.stage!r}")
-        shape = tuple(int(s) for s in np.atleast_1d(c.shape))
-        shape = shape * 3 if len(shape) == 1 else shape
+        shape = as_shape(c.shape)
         if len(shape) != 3 or any(s < 16 or s % 16 for s in shape):
             raise InputError(f"training shape must be three multiples of 16 (e.g. [64, 64, 64]); got {c.shape}")
         if any(s > m for s, m in zip(shape, MAP_SHAPE)):
             raise InputError(f"training shape {shape} must fit in the label-map grid {MAP_SHAPE}")
         c.shape = shape
-        for key in ("iterations", "batch_size", "save_every", "mi_bins", "mi_stride"):
-            value = getattr(c, key)
-            if int(value) != value or int(value) < (0 if key == "iterations" else 1):
-                raise InputError(f"training setting '{key}' must be a positive integer; got {value!r}")
-            setattr(c, key, int(value))
-        for key in ("spacing", "lr", "max_std"):
-            if not float(getattr(c, key)) > 0:
-                raise InputError(f"training setting '{key}' must be positive; got {getattr(c, key)!r}")
-            setattr(c, key, float(getattr(c, key)))
-        for key in ("lambda_smooth", "lambda_dist", "lambda_sim"):
-            if not float(getattr(c, key)) >= 0:
-                raise InputError(f"training setting '{key}' must be >= 0; got {getattr(c, key)!r}")
-            setattr(c, key, float(getattr(c, key)))
+        set_integers(c, ("iterations", "batch_size", "save_every", "mi_bins", "mi_stride"))
+        set_floats(c, ("spacing", "lr", "max_std"))
+        set_floats(c, ("lambda_smooth", "lambda_dist", "lambda_sim"), positive=False)
         if not isinstance(c.sources, dict) or set(c.sources) - {"brain", "head", "noise"} or sum(c.sources.values()) <= 0:
             raise InputError(f"'sources' must map some of brain, head, noise to probabilities; got {c.sources!r}")
         if any(float(v) < 0 for v in c.sources.values()):
             raise InputError(f"'sources' probabilities must be >= 0; got {c.sources!r}")
-        if c.time_limit is not None and not float(c.time_limit) > 0:
-            raise InputError(f"'time_limit' must be a positive number of seconds; got {c.time_limit!r}")
+        check_time_limit(c.time_limit)
         c.resume = bool(c.resume)
         return c
 
@@ -198,35 +195,26 @@ def plot_curves(folder: Path) -> Path | None:
 def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run one tto training stage (see the module docstring); returns a summary dictionary."""
     cfg = TrainConfig.from_dict(dict(config))
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
-    output = Path(cfg.output) if cfg.output else weights_dir()
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "checkpoints").mkdir(exist_ok=True)
+    device = run_device(cfg)
     name = WEIGHT_NAMES[cfg.stage]
-    weights_path = output / f"{name}.pt"
-    checkpoint_path = output / "checkpoints" / f"{name}.pt"
-    csv_path = output / f"{name}_loss.csv"
+    files = run_files(cfg.output, name)
+    output = files.folder
 
     torch.manual_seed(cfg.seed)
     net = build_network(cfg.stage).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     start, history, wall_before = 0, [], 0.0
-    if cfg.resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        net.load_state_dict(checkpoint["model"])
+    if cfg.resume and files.checkpoint.exists():
+        checkpoint, start, wall_before = resume_checkpoint(files.checkpoint, net, device)
         optimiser.load_state_dict(checkpoint["optimiser"])
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr
-        start, wall_before = int(checkpoint["iteration"]), float(checkpoint["wall_seconds"])
-        history = read_history(csv_path)[:start]
+        history = read_history(files.history)[:start]
 
     teacher, teacher_sha = None, None
     if cfg.stage == "student":
-        state, teacher_sha = load_weights(WEIGHT_NAMES["teacher"], folder=output)
         teacher = build_network("teacher")
-        teacher.load_state_dict(state)
+        teacher_sha = load_into(teacher, WEIGHT_NAMES["teacher"], folder=output)
         teacher = teacher.to(device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
@@ -236,20 +224,14 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
 
     def save(iteration: int) -> str:
         wall = wall_before + time.perf_counter() - run_start
-        atomic_torch_save(
-            {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "iteration": iteration, "wall_seconds": wall},
-            checkpoint_path,
-        )
-        atomic_torch_save(net.state_dict(), weights_path)
-        write_history(history, csv_path)
+        save_progress(net, {"optimiser": optimiser.state_dict()}, iteration, wall, history, files)
         recent = [h["loss"] for h in history[-50:]]
         provenance = {
             "method": "tto",
             "stage": cfg.stage,
             "data": f"synthetic pairs (SynthMorph recipe) from {data.folder} label maps and smooth-noise maps; "
             f"sources {cfg.sources}",
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            **run_provenance(cfg, device),
             "iterations": iteration,
             "seed": cfg.seed,
             "shape": list(cfg.shape),
@@ -257,11 +239,9 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
             "final_loss": float(np.mean(recent)) if recent else None,
             "final_loss_note": "mean of the last 50 iterations' losses",
             "wall_seconds": round(wall, 1),
-            "device": device_name(device),
-            "torch": torch.__version__,
             "teacher_sha256": teacher_sha,
         }
-        checksum = record_weights(name, weights_path, provenance)
+        checksum = record_weights(name, files.weights, provenance)
         plot_curves(output)
         return checksum
 
@@ -309,13 +289,13 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
         checksum = save(completed)
     return {
         "stage": cfg.stage,
-        "weights": str(weights_path),
+        "weights": str(files.weights),
         "sha256": checksum,
         "iterations": completed,
         "stopped_by": stopped_by,
         "final_loss": float(np.mean([h["loss"] for h in history[-50:]])) if history else None,
         "wall_seconds": round(wall_before + time.perf_counter() - run_start, 1),
-        "loss_csv": str(csv_path),
+        "loss_csv": str(files.history),
         "plot": str(output / PLOT_NAME),
     }
 
@@ -327,14 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import json
 
-    config: dict[str, Any] = {}
-    for item in sys.argv[1:] if argv is None else argv:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
-    summary = train(config)
+    summary = train(settings_from_argv(argv))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -41,6 +41,7 @@ def write_result(folder: Path, result: Result, maps: Maps, metrics: dict[str, An
     volume("moving_seg", result.moving_seg, "moving_seg.nii.gz")
     volume("warped_seg", result.warped_seg, "warped_seg.nii.gz")
     volume("brain_mask", result.brain_mask, "brain_mask.nii.gz")
+    volume("extracted", result.extracted, "extracted.nii.gz")
     if result.affine is not None:
         sitk.WriteTransform(to_sitk_affine(result.affine), str(folder / "affine.tfm"))
         files["affine"] = "affine.tfm"

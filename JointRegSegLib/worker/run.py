@@ -39,8 +39,17 @@ def stage_progress(events: EventWriter, stage: str, label: str | None = None):
     return report
 
 
-def read_inputs(job: Job, needs_segmentations: bool) -> Inputs:
-    """Read and check the job's images and label maps."""
+def read_inputs(job: Job, needs_segmentations: bool, needs_atlas: bool = False) -> Inputs:
+    """Read and check the job's images and label maps.
+
+    For a method that needs an atlas, a job without a fixed image gets the shipped atlas and its
+    labels (`JointRegSegLib.atlas`) as the fixed image and label map.
+    """
+    if needs_atlas and job.fixed is None:
+        from ..atlas import atlas_paths
+
+        job.fixed, default_labels = atlas_paths()
+        job.fixed_seg = job.fixed_seg or default_labels
     for key in ("fixed", "moving"):
         if getattr(job, key) is None:
             raise InputError(f"the job has no {key} image; give --{key} (a NIfTI, NRRD or MHA file).")
@@ -78,7 +87,7 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
-        inputs = read_inputs(job, method.info.needs_segmentations)
+        inputs = read_inputs(job, method.info.needs_segmentations, method.info.needs_atlas)
         timings["load_s"] = time.monotonic() - tick
 
         tick = time.monotonic()

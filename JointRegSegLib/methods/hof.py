@@ -1,0 +1,181 @@
+"""hof: hierarchical bi-level joint registration and few-shot segmentation (seed 000).
+
+One frozen shared encoder, a registration decoder (the leader of the bi-level problem) and a
+segmentation decoder (the follower), trained by `training.hof` (pretraining, decoder training
+with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.register`:
+
+1. both images are resampled onto the fixed image's network grid (`common.prepare_pair`, RAS+,
+   isotropic ``spacing``, default 3 mm: the training grid) and normalised to [0, 1];
+2. an affine stage (`affine_stage.fit_affine`; option ``affine``: ``"nmi"`` default, ``"mi"``,
+   ``"ncc"`` or ``"none"``) - the paper registers affinely pre-aligned volumes (section 4.1), so
+   this replaces its preprocessing;
+3. the registration decoder predicts ``psi = f_r(F_moving, F_fixed)`` (eq. 2) from the affinely
+   aligned moving image; the whole mapping ``compose(affine, psi)`` goes back to the fixed grid as a
+   physical field with the warped image (`common.result_from_network_field`);
+4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
+   its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
+   mapped to FreeSurfer codes (`training.hof.HOF_LABELS`, 28 of the 30 evaluation structures) and
+   resampled (nearest) onto each image's own grid.
+
+Option ``weights`` picks the shipped weights: ``hof`` (the full method) or a Table 3 ablation
+(``hof_no_aaa``, ``hof_no_gra``, ``hof_no_feedback``, ``hof_unfrozen``) or the model before refinement
+(``hof_phase2``). No test-time
+optimisation (the paper has none); ``options.iterations`` and ``options.time_budget`` are unused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..device import resolve_device
+from ..errors import InputError
+from ..imageio.geometry import Volume
+from ..imageio.intensity import normalise_intensity
+from ..imageio.network_grid import from_network, network_geometry, to_network
+from ..spatial import affine_to_displacement, compose, warp
+from ..weights import load_into
+from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
+from .affine_stage import fit_affine
+from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .common import prepare_pair, result_from_network_field
+
+WEIGHT_CHOICES = ("hof", "hof_phase2", "hof_no_aaa", "hof_no_gra", "hof_no_feedback", "hof_unfrozen")
+DEFAULTS: dict[str, Any] = {
+    "weights": "hof",
+    "spacing": 3.0,
+    "affine": "nmi",
+    "affine_iterations": list(AFFINE_ITERATIONS),
+}
+_STAGES = {"preparing": (0.0, 0.1), "affine": (0.1, 0.5), "inference": (0.5, 0.7), "segmentation": (0.7, 0.85),
+           "resampling": (0.85, 1.0)}
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    """DEFAULTS overridden by ``options.extra``, checked."""
+    unknown = sorted(set(options.extra) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown hof option(s) {unknown}; the hof options are {sorted(DEFAULTS)}")
+    s = {**DEFAULTS, **options.extra}
+    if s["weights"] not in WEIGHT_CHOICES:
+        raise InputError(f"hof option 'weights' must be one of {list(WEIGHT_CHOICES)}; got {s['weights']!r}")
+    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
+        raise InputError(f"hof option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
+    try:
+        s["spacing"] = float(s["spacing"])
+    except (TypeError, ValueError):
+        raise InputError(f"hof option 'spacing' must be a number of mm; got {s['spacing']!r}") from None
+    if not 1.0 <= s["spacing"] <= 8.0:
+        raise InputError(f"hof option 'spacing' must be between 1 and 8 mm (trained at 3); got {s['spacing']}")
+    iterations = s["affine_iterations"]
+    if not isinstance(iterations, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in iterations):
+        raise InputError(f"hof option 'affine_iterations' must be a list of integers >= 0; got {iterations!r}")
+    return s
+
+
+def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device) -> Volume:
+    """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid."""
+    from ..training.hof import classes_to_codes
+
+    grid = network_geometry(volume.geometry, spacing=spacing)
+    image = torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
+    with torch.no_grad():
+        classes = net.segment(image).argmax(dim=1)[0].cpu().numpy()
+    return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
+
+
+class HOFMethod:
+    """The hof method (see the module docstring)."""
+
+    info = MethodInfo(
+        name="hof",
+        title="Hierarchical bi-level joint registration and few-shot segmentation (HOF)",
+        description=(
+            "A shared encoder with a registration decoder and a segmentation decoder, trained together as a "
+            "leader-follower (bi-level) problem from a few labelled and many unlabelled brain MRI. Needs only the "
+            "two images; gives the deformation, the warped image and a segmentation of each image (28 brain "
+            "structures, FreeSurfer codes)."
+        ),
+        paper="seed 000: Hierarchical Optimization Framework (HOF) for joint registration and few-shot segmentation",
+        gives_segmentation=True,
+        gives_affine=True,
+    )
+
+    def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
+        """Register ``inputs.moving`` onto ``inputs.fixed`` and segment both (see the module docstring)."""
+        from ..training.hof import build_net
+
+        s = _settings(options)
+        device = resolve_device(options.device)
+        torch.manual_seed(int(options.seed))
+
+        def report(fraction: float, stage: str) -> None:
+            if progress is not None:
+                low, high = _STAGES[stage]
+                progress(low + (high - low) * min(1.0, max(0.0, fraction)), stage)
+
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+        report(0.0, "preparing")
+        net = build_net()
+        checksum = load_into(net, s["weights"])
+        net = net.to(device).eval()
+        pair = prepare_pair(inputs, device, spacing=s["spacing"])
+        shape = pair.grid.shape
+        report(1.0, "preparing")
+        timings["preparing"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        if s["affine"] == "none":
+            affine_index = np.eye(4)
+        else:
+            affine_index = fit_affine(
+                pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                progress=lambda f, _stage: report(f, "affine"),
+            )
+        affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
+        moved = warp(pair.moving, affine_disp)
+        report(1.0, "affine")
+        timings["affine"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        with torch.no_grad():
+            psi = net.register(moved, pair.fixed)  # eq. 2: psi = f_r(F_moving, F_fixed)
+        total = compose(affine_disp, psi)
+        report(1.0, "inference")
+        timings["inference"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device)
+        report(0.5, "segmentation")
+        moving_seg = segment_volume(net, inputs.moving, s["spacing"], device)
+        report(1.0, "segmentation")
+        timings["segmentation"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        result = result_from_network_field(inputs, pair.grid, total, affine_index)
+        result.fixed_seg, result.moving_seg = fixed_seg, moving_seg
+        report(1.0, "resampling")
+        timings["resampling"] = time.perf_counter() - tick
+        result.weights = {s["weights"]: checksum}
+        result.details = {
+            "weights": s["weights"],
+            "network_grid": {"shape": list(shape), "spacing_mm": s["spacing"]},
+            "settings": {k: s[k] for k in sorted(s)},
+            "timings": timings,
+        }
+        return result
+
+    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """One stage of one HOF run (`training.hof.train`: pretrain, registration, segmentation, refine)."""
+        from ..training.hof import train
+
+        return train(config, progress)
+
+
+METHOD = HOFMethod()
+
+__all__ = ["METHOD", "HOFMethod", "segment_volume"]

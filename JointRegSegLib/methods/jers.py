@@ -1,0 +1,239 @@
+"""jers: one-shot joint brain extraction, affine registration to an atlas, and segmentation (seed 003).
+
+The moving image is a RAW head scan (with skull); the fixed image is a labelled, skull-stripped atlas
+(default: the shipped 2 mm MNI152 atlas with tissue labels, `JointRegSegLib.atlas`). Pipeline of
+`JERSMethod.register` (networks and composition order: `nets.jers`):
+
+1. the raw image goes onto its own network grid (RAS+, isotropic ``SPACING`` mm, ``GRID_SHAPE``,
+   centred on the raw image's field of view) and the atlas onto an atlas network grid of the same
+   shape and spacing centred on the atlas; both are percentile-normalised to [0, 1];
+2. extraction: ``M`` shared-U-Net stages with the Heaviside step at inference (section 3.1); the
+   brain mask is the product of the stage masks;
+3. registration: ``N`` shared affine-CNN stages, composed ``A_c^k = A_c^{k-1} A_i^k`` (pull
+   convention), always resampling the extracted image (section 3.2);
+4. segmentation: the segmentation U-Net on the raw image (section 3.3.2) when the atlas labels are
+   the shipped tissue codes (``option segmentation="network"``, the default); with another atlas
+   label map, or ``segmentation="atlas"`` (the paper's "w/o Seg" variant), the atlas labels are
+   warped into the raw image's space by the inverse affine (eq. 7, nearest neighbour);
+5. outputs at the user's resolution: ``Result.affine`` (LPS, atlas point -> raw point) and the
+   equivalent ``displacement`` on the atlas grid; ``warped`` = the extracted image (raw x mask at
+   full resolution) resampled onto the atlas grid; ``brain_mask`` (uint8) and ``moving_seg`` on the
+   raw image's grid (network-grid masks and labels resampled nearest-neighbour); ``fixed_seg`` =
+   the atlas labels; ``warped_seg`` = the user's moving label map warped to the atlas, if given.
+   ``extracted`` = the raw image times the mask on the raw grid. With the shipped atlas, segmentation
+   labels are FreeSurfer's FSL-FAST tissue codes (701 CSF, 702 grey matter, 703 white matter), which
+   do not collide with aseg codes in Slicer's lookup table or in the evaluation.
+
+Options (``options.extra``): ``extraction_stages`` (M, default 5), ``registration_stages`` (N,
+default 5), ``extraction`` (true; false = the w/o-Ext variant, mask of ones), ``segmentation``
+("network" or "atlas"), ``weights`` (name in the manifest, default "jers").
+
+Choices where the paper is silent: see `training.jers` (data, loss scales) and `nets.jers`.
+Segmentation codes are the atlas's: for the shipped atlas ``1`` CSF, ``2`` grey matter, ``3`` white
+matter (`atlas.TISSUE_CODES`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..atlas import TISSUE_CODES
+from ..device import resolve_device
+from ..errors import InputError
+from ..imageio.geometry import Geometry, Volume
+from ..imageio.intensity import normalise_intensity
+from ..imageio.network_grid import from_network, network_geometry, to_network
+from ..nets.jers import JERS
+from ..spatial.affine import normalised_affine_to_index
+from ..spatial.physical import warp_volume
+from ..labels import TISSUE_LABELS
+from ..weights import load_into
+from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+
+GRID_SHAPE = (64, 64, 64)
+SPACING = 3.0
+CLASSES = len(TISSUE_CODES)
+WEIGHT_NAME = "jers"
+DEFAULTS: dict[str, Any] = {
+    "extraction_stages": 5,
+    "registration_stages": 5,
+    "extraction": True,
+    "segmentation": "network",
+    "weights": WEIGHT_NAME,
+}
+
+
+@dataclass
+class NetworkImage:
+    """An image on its network grid: the grid and the normalised tensor (1, 1, I, J, K)."""
+
+    grid: Geometry
+    tensor: torch.Tensor
+
+
+def to_network_image(volume: Volume, device: torch.device, shape: tuple[int, int, int] = GRID_SHAPE, spacing: float = SPACING) -> NetworkImage:
+    """``volume`` resampled onto a RAS+ grid of ``shape`` x ``spacing`` mm centred on it, normalised to [0, 1]."""
+    grid = network_geometry(volume.geometry, spacing=spacing, shape=shape)
+    array = normalise_intensity(to_network(volume, grid))
+    return NetworkImage(grid, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device))
+
+
+def labels_to_onehot(labels: np.ndarray, classes: int, device: torch.device) -> torch.Tensor:
+    """One-hot ``(1, classes, I, J, K)`` float tensor of an integer array with values in ``0..classes-1``."""
+    tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return F.one_hot(tensor, classes).permute(3, 0, 1, 2)[None].float().to(device)
+
+
+def atlas_on_grid(image: Volume, labels: Volume | None, device: torch.device) -> tuple[NetworkImage, torch.Tensor | None]:
+    """The atlas image on its network grid and, when its labels are the tissue codes, their one-hot tensor."""
+    atlas = to_network_image(image, device)
+    if labels is None or not set(np.unique(labels.array).tolist()) <= set(TISSUE_CODES):
+        return atlas, None
+    return atlas, labels_to_onehot(to_network(labels, atlas.grid, labels=True), CLASSES, device)
+
+
+def tissue_codes(classes: np.ndarray) -> np.ndarray:
+    """Tissue classes 0-3 (the atlas' codes) to 0 and FreeSurfer's codes 701 CSF, 702 GM, 703 WM."""
+    return np.asarray((0, *TISSUE_LABELS), dtype=np.int16)[np.asarray(classes, dtype=np.int64)]
+
+
+def index_affine(theta: torch.Tensor) -> np.ndarray:
+    """The normalised 4x4 ``theta`` as an index affine of the (equal-shaped) network grids."""
+    return normalised_affine_to_index(theta.detach().double().cpu().numpy()[0], GRID_SHAPE)
+
+
+def physical_affine(theta: torch.Tensor, atlas_grid: Geometry, raw_grid: Geometry) -> np.ndarray:
+    """LPS 4x4 taking an atlas point to the raw-image point (``G_raw A_index G_atlas^-1``)."""
+    return raw_grid.index_to_physical_matrix @ index_affine(theta) @ atlas_grid.physical_to_index_matrix
+
+
+def affine_displacement(matrix: np.ndarray, grid: Geometry) -> Volume:
+    """Physical displacement ``u(x) = M x - x`` (LPS mm) on ``grid`` of an LPS affine ``M``."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.shape], indexing="ij"), axis=-1)
+    points = grid.index_to_physical(index)
+    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
+    return Volume((moved - points).astype(np.float32), grid)
+
+
+def build_model() -> JERS:
+    """A fresh JERS model with the shipped configuration."""
+    return JERS(classes=CLASSES)
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    unknown = sorted(set(options.extra) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown jers option(s) {unknown}; the jers options are {sorted(DEFAULTS)}")
+    s = {**DEFAULTS, **options.extra}
+    for key in ("extraction_stages", "registration_stages"):
+        value = s[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 1 <= int(value) <= 20:
+            raise InputError(f"jers option '{key}' must be a whole number from 1 to 20; got {value!r}")
+        s[key] = int(value)
+    if not isinstance(s["extraction"], bool):
+        raise InputError(f"jers option 'extraction' must be true or false; got {s['extraction']!r}")
+    if s["segmentation"] not in ("network", "atlas"):
+        raise InputError(f"jers option 'segmentation' must be 'network' or 'atlas'; got {s['segmentation']!r}")
+    if not isinstance(s["weights"], str) or not s["weights"]:
+        raise InputError(f"jers option 'weights' must be the name of shipped weights; got {s['weights']!r}")
+    return s
+
+
+class JERSMethod:
+    """The jers method (see the module docstring)."""
+
+    info = MethodInfo(
+        name="jers",
+        title="Joint extraction, registration and segmentation (one-shot, atlas)",
+        description=(
+            "Strips the skull from a raw head scan, aligns the brain affinely to a labelled atlas and segments "
+            "it in the scan's own space, all with networks trained from one atlas. Moving: the raw scan; fixed: "
+            "the atlas (default: the shipped MNI152 atlas with CSF / grey / white matter labels). Gives the "
+            "brain mask, the extracted image, the affine and a tissue segmentation."
+        ),
+        paper="seed 003: one-shot joint extraction, registration and segmentation of neuroimaging data (JERS)",
+        needs_atlas=True,
+        gives_segmentation=True,
+        gives_brain_mask=True,
+        gives_affine=True,
+    )
+
+    def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
+        """Extract, register ``inputs.moving`` (raw head) to ``inputs.fixed`` (atlas) and segment it."""
+        s = _settings(options)
+        report = progress or (lambda fraction, stage: None)
+        device = resolve_device(options.device)
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+        report(0.0, "preparing")
+        model = build_model()
+        checksum = load_into(model, s["weights"])
+        model = model.to(device).eval()
+        raw = to_network_image(inputs.moving, device)
+        atlas, onehot = atlas_on_grid(inputs.fixed, inputs.fixed_seg, device)
+        timings["preparing"] = time.perf_counter() - tick
+        report(0.2, "extraction, registration, segmentation")
+
+        tick = time.perf_counter()
+        use_network = s["segmentation"] == "network" and onehot is not None
+        with torch.no_grad():
+            out = model(
+                raw.tensor, atlas.tensor, None, s["extraction_stages"], s["registration_stages"], hard=True,
+                extraction=s["extraction"], segmentation=use_network,
+            )
+        timings["networks"] = time.perf_counter() - tick
+        report(0.6, "resampling")
+
+        tick = time.perf_counter()
+        mask_net = torch.stack(out.masks).prod(dim=0)[0, 0].cpu().numpy().astype(np.uint8)
+        brain_mask = from_network(mask_net, raw.grid, inputs.moving.geometry, labels=True)
+        brain_mask = brain_mask.with_array(brain_mask.array.astype(np.uint8))
+        extracted = inputs.moving.with_array((inputs.moving.array * brain_mask.array).astype(np.float32))
+        matrix = physical_affine(out.affine, atlas.grid, raw.grid)
+        field = affine_displacement(matrix, inputs.fixed.geometry)
+        warped = warp_volume(extracted, field)
+        if use_network:
+            seg_net = out.segmentation_logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+            moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
+        elif inputs.fixed_seg is not None:
+            inverse = affine_displacement(np.linalg.inv(matrix), inputs.moving.geometry)
+            moving_seg = warp_volume(inputs.fixed_seg, inverse, interpolation="nearest")
+        else:
+            moving_seg = None
+        if moving_seg is not None and onehot is not None:  # tissue classes -> FreeSurfer's FSL-FAST codes
+            moving_seg = moving_seg.with_array(tissue_codes(moving_seg.array))
+        warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
+        timings["resampling"] = time.perf_counter() - tick
+        report(1.0, "resampling")
+        details: dict[str, Any] = {
+            "settings": {k: s[k] for k in sorted(s)},
+            "segmentation_source": "network" if use_network else "atlas labels warped by the inverse affine",
+            "network_grid": {"shape": list(GRID_SHAPE), "spacing_mm": SPACING},
+            "index_affine": index_affine(out.affine).tolist(),
+            "stage_affines_normalised": [a[0].cpu().numpy().tolist() for a in out.stage_affines],
+            "timings": timings,
+        }
+        return Result(
+            displacement=field, warped=warped, affine=matrix, moving_seg=moving_seg, warped_seg=warped_seg,
+            brain_mask=brain_mask, extracted=extracted, weights={s["weights"]: checksum}, details=details,
+        )
+
+    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Train the joint model on synthetic raw heads and the atlas (`training.jers.train`)."""
+        from ..training.jers import train
+
+        return train(config, progress)
+
+
+METHOD = JERSMethod()
+
+__all__ = [
+    "METHOD", "JERSMethod", "affine_displacement", "atlas_on_grid", "build_model", "index_affine", "physical_affine",
+    "to_network_image",
+]
