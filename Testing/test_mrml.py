@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -405,3 +406,38 @@ def test_screenshots_render_offscreen(worker_output, tmp_path):
     jacobian = np.asarray(Image.open(written["jacobian_overlay"]).convert("RGB"))
     assert jacobian.shape == warped.shape and jacobian.std() > 10
     assert Image.open(written["icon"]).size == (128, 128)
+
+
+def test_moving_grid_outputs_reference_the_moving_volume(worker_output, sample_pair, tmp_path):
+    """A method's own segmentation of the moving image and its brain mask lie on the moving grid
+    (here a cropped, shifted grid unlike the fixed one); they keep that geometry and voxel counts,
+    and the skull-stripped image is loaded as a volume."""
+    output = tmp_path / "out"
+    shutil.copytree(worker_output, output)
+    moving_image = sitk.ReadImage(str(sample_pair["moving"]))[5:70, 8:75, 10:90]
+    labels = sitk.ReadImage(str(sample_pair["moving_seg"]))[5:70, 8:75, 10:90]
+    mask = sitk.Cast(labels > 0, sitk.sitkUInt8)
+    sitk.WriteImage(moving_image, str(tmp_path / "moving_crop.nii.gz"))
+    sitk.WriteImage(labels, str(output / "moving_seg.nii.gz"))
+    sitk.WriteImage(mask, str(output / "brain_mask.nii.gz"))
+    sitk.WriteImage(sitk.Mask(moving_image, mask), str(output / "extracted.nii.gz"))
+    manifest = json.loads((output / "result.json").read_text())
+    manifest.update(moving_seg="moving_seg.nii.gz", brain_mask="brain_mask.nii.gz", extracted="extracted.nii.gz")
+    (output / "result.json").write_text(json.dumps(manifest))
+    core = core_scene()
+    fixed = core.volumes_logic.AddArchetypeVolume(str(sample_pair["fixed"]), "fixed")
+    moving = core.volumes_logic.AddArchetypeVolume(str(tmp_path / "moving_crop.nii.gz"), "moving")
+    result = load_result(core.scene, output, fixed, moving)
+    for kind, truth in (("moving_seg", sitk.GetArrayFromImage(labels)), ("brain_mask", sitk.GetArrayFromImage(mask))):
+        node = core.scene.GetNodeByID(result.segmentations[kind])
+        assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is moving
+        geometry = node.GetSegmentation().GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+        assert geometry == slicer.vtkSegmentationConverter.SerializeImageGeometry(_oriented(moving))
+        segmentation = node.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            assert _segment_voxels(segment, segment.GetLabelValue()) == int((truth == segment.GetLabelValue()).sum())
+    warped_seg = core.scene.GetNodeByID(result.segmentations["warped_seg"])
+    assert warped_seg.GetNodeReference(warped_seg.GetReferenceImageGeometryReferenceRole()) is fixed
+    extracted = core.scene.GetNodeByID(result.extracted)
+    assert np.array_equal(_array(extracted), sitk.GetArrayFromImage(sitk.Mask(moving_image, mask)))

@@ -33,6 +33,8 @@ SEGMENTATION_KINDS: dict[str, str] = {
     "warped_seg": "warped segmentation",
     "brain_mask": "brain mask",
 }
+MOVING_GRID_KINDS = frozenset({"moving_seg", "brain_mask"})
+"""Label maps that lie on the moving image's grid (the others lie on the fixed image's)."""
 JACOBIAN_MEANING = (
     "Jacobian determinant det J of the mapping fixed -> moving: 1 = volume kept, < 1 = compression (blue), "
     "> 1 = expansion (red), <= 0 = folding (green: the transform is not invertible there)."
@@ -49,6 +51,7 @@ class LoadedResult:
     transform: str
     affine: str | None = None
     warped: str | None = None
+    extracted: str | None = None
     jacobian: str | None = None
     pmm: str | None = None
     segmentations: dict[str, str] = field(default_factory=dict)
@@ -59,7 +62,7 @@ class LoadedResult:
 
     def node_ids(self) -> list[str]:
         """Every node ID added (data, colour tables, table)."""
-        ids = [self.transform, self.affine, self.warped, self.jacobian, self.pmm, self.table]
+        ids = [self.transform, self.affine, self.warped, self.extracted, self.jacobian, self.pmm, self.table]
         return [i for i in ids if i] + list(self.segmentations.values()) + list(self.color_tables.values())
 
 
@@ -99,7 +102,9 @@ def load_result(
     one, its affine part alone (a linear transform from affine.tfm); the Jacobian and PMM maps
     with their colour tables and colour legends; a segmentation node per label map, named and
     coloured from the FreeSurfer lookup table, with the fixed volume (or, without one, the warped
-    volume, which lies on the fixed grid) as reference geometry; a metrics table. All go in one
+    volume, which lies on the fixed grid) as reference geometry, or the moving volume for the
+    label maps on the moving grid (the moving image's own segmentation, the brain mask); the
+    skull-stripped image where the method gives one; a metrics table. All go in one
     subject-hierarchy folder next to the fixed volume (in its study, where it has one).
     ``apply_to_moving`` also sets the transform as the moving volume's parent transform.
     """
@@ -132,6 +137,10 @@ def load_result(
         if "warped" in paths:
             warped = tag(_read_volume(scene, paths["warped"], f"{prefix} warped"), "warped")
             result.warped = warped.GetID()
+        if "extracted" in paths:
+            extracted = tag(_read_volume(scene, paths["extracted"], f"{prefix} extracted brain"), "extracted")
+            extracted.SetDescription("The moving image with everything outside the brain mask set to 0 (moving image's grid).")
+            result.extracted = extracted.GetID()
         if "jacobian" in paths:
             colours = tag(add_jacobian_table(scene, f"{prefix} Jacobian colours"), "jacobian_colors")
             jacobian = tag(_read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
@@ -143,9 +152,10 @@ def load_result(
             _show_map(pmm, colours, robust_window(_voxels(pmm)), "PMM (higher: better)", PMM_MEANING)
             result.pmm, result.color_tables["pmm"] = pmm.GetID(), colours.GetID()
 
-        reference = fixed_node if fixed_node is not None else scene.GetNodeByID(result.warped) if result.warped else None
+        on_fixed = fixed_node if fixed_node is not None else scene.GetNodeByID(result.warped) if result.warped else None
         for kind, title in SEGMENTATION_KINDS.items():
             if kind in paths:
+                reference = moving_node if kind in MOVING_GRID_KINDS else on_fixed
                 segmentation, colours = _read_segmentation(scene, paths[kind], f"{prefix} {title}", reference, kind)
                 tag(colours, f"{kind}_colors")
                 tag(segmentation, kind)
