@@ -265,6 +265,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDescribed(self, methods: list, devices: list, problem: Optional[str]) -> None:
         """Fill the method and device lists from what the worker's Python reported."""
         self._methods = {info["name"]: info for info in methods}
+        self.logic.methodInfo = dict(self._methods)
         for comboBox, items in (
             (self.ui.methodComboBox, [(f"{m['name']}: {m['title']}", m["name"]) for m in methods]),
             (self.ui.deviceComboBox, [(deviceLabel(d), d) for d in devices]),
@@ -293,6 +294,8 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         atlas = bool(info.get("needs_atlas"))
         for widget in (self.ui.atlasVolumeSelector, self.ui.atlasSegmentationSelector, self.ui.atlasVolumeLabel, self.ui.atlasSegmentationLabel):
             widget.visible = atlas
+        for widget in (self.ui.fixedVolumeSelector, self.ui.fixedSegmentationSelector, self.ui.fixedVolumeLabel, self.ui.fixedSegmentationLabel):
+            widget.enabled = not atlas  # an atlas method registers the moving volume to the atlas instead
         self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
@@ -386,6 +389,12 @@ def missingInputs(parameters: Optional[JointRegSegParameterNode], info: dict) ->
     """Why a run cannot start with these parameters and this method (None when it can)."""
     if parameters is None:
         return _("No parameter node.")
+    if info.get("needs_atlas"):  # the moving volume goes to the atlas (the shipped one unless one is chosen)
+        if not parameters.movingVolume:
+            return _("Select the volume to register to the atlas (moving).")
+        if bool(parameters.atlasVolume) != bool(parameters.atlasSegmentation):
+            return _("Select both an atlas volume and its segmentation, or neither to use the shipped MNI152 atlas.")
+        return None
     if not parameters.fixedVolume or not parameters.movingVolume:
         return _("Select a fixed and a moving volume.")
     if parameters.fixedVolume == parameters.movingVolume:
@@ -394,8 +403,6 @@ def missingInputs(parameters: Optional[JointRegSegParameterNode], info: dict) ->
         return _("No registration method is available yet.")
     if info.get("needs_segmentations") and not (parameters.fixedSegmentation and parameters.movingSegmentation):
         return _("This method needs segmentations of both volumes.")
-    if info.get("needs_atlas") and not (parameters.atlasVolume and parameters.atlasSegmentation):
-        return _("This method needs an atlas volume and its segmentation.")
     return None
 
 
@@ -445,6 +452,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         self.run: Optional[JointRegSegRun] = None
         self.runs: list = []
         self.pendingMethods: list = []
+        self.methodInfo: dict = {}  # name -> what the method needs and gives (filled by describe)
         self._pendingSettings: dict = {}
         self._comparison: Optional[dict] = None
         self._polling = False
@@ -591,7 +599,8 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         """
         if self.stateMachine.busy:
             raise RuntimeError(_("A registration is already running; cancel it or wait for it to finish."))
-        if not fixedVolume or not movingVolume:
+        atlasOnly = all(self.methodInfo.get(m, {}).get("needs_atlas") for m in (methods or [method]))
+        if not movingVolume or not (fixedVolume or atlasOnly):
             raise ValueError(_("Select a fixed and a moving volume."))
         self.stateMachine.go(RunState.STARTING)
         try:
@@ -630,8 +639,8 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             prefix = f"{settings['outputName']} {method}"
         run = JointRegSegRun(
             method=method, device=settings["device"], folder=folder, output=folder / "output", namePrefix=prefix,
-            fixedVolume=settings["fixedVolume"], movingVolume=settings["movingVolume"],
-            loadMetricsTable=self._comparison is None,
+            fixedVolume=settings["atlasVolume"] if self._needsAtlas(method) else settings["fixedVolume"],
+            movingVolume=settings["movingVolume"], loadMetricsTable=self._comparison is None,
         )
         self.run = run
         self.runs.append(run)
@@ -656,7 +665,6 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         job = {
             "method": run.method,
             "output": str(run.output),
-            "fixed": self._exportVolume(settings["fixedVolume"], inputs / "fixed.nii.gz"),
             "moving": self._exportVolume(settings["movingVolume"], inputs / "moving.nii.gz"),
             "device": run.device,
             "seed": int(settings["seed"]),
@@ -665,16 +673,23 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             "options": {},
             "pictures": False,
         }
-        for key, reference in (("fixed_seg", "fixedVolume"), ("moving_seg", "movingVolume")):
-            node = settings["fixedSegmentation" if key == "fixed_seg" else "movingSegmentation"]
-            if node:
-                job[key] = self._exportLabels(node, settings[reference], inputs / f"{key}.nii.gz")
-        if settings["atlasVolume"] and settings["atlasSegmentation"]:
-            job["options"]["atlas"] = self._exportVolume(settings["atlasVolume"], inputs / "atlas.nii.gz")
-            job["options"]["atlas_seg"] = self._exportLabels(settings["atlasSegmentation"], settings["atlasVolume"], inputs / "atlas_seg.nii.gz")
+        # An atlas method registers the moving volume to the chosen atlas, or (without one) to the shipped atlas.
+        fixed, fixedSegmentation = (
+            (settings["atlasVolume"], settings["atlasSegmentation"]) if self._needsAtlas(run.method)
+            else (settings["fixedVolume"], settings["fixedSegmentation"])
+        )
+        if fixed:
+            job["fixed"] = self._exportVolume(fixed, inputs / "fixed.nii.gz")
+            if fixedSegmentation:
+                job["fixed_seg"] = self._exportLabels(fixedSegmentation, fixed, inputs / "fixed_seg.nii.gz")
+        if settings["movingSegmentation"]:
+            job["moving_seg"] = self._exportLabels(settings["movingSegmentation"], settings["movingVolume"], inputs / "moving_seg.nii.gz")
         path = run.folder / "job.json"
         path.write_text(json.dumps(job, indent=2))
         return path
+
+    def _needsAtlas(self, method: str) -> bool:
+        return bool(self.methodInfo.get(method, {}).get("needs_atlas"))
 
     @staticmethod
     def _exportVolume(node, path: Path) -> str:
