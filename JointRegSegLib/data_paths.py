@@ -11,3 +11,8 @@ def shared_data_dir() -> Path:
     if os.environ.get("JRS_SHARED_DATA"):
         return Path(os.environ["JRS_SHARED_DATA"])
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def synthseg_labelmaps_dir() -> Path:
+    """The SynthSeg whole-head label maps of the shared data (the synthetic methods' training source)."""
+    return shared_data_dir() / "synthseg_labelmaps"

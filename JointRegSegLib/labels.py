@@ -100,14 +100,14 @@ TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE = 701, 702, 703
 TISSUE_LABELS: tuple[int, ...] = (TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE)
 WHITE_MATTER_CODES: tuple[int, ...] = (2, 7, 16, 28, 41, 46, 60, 85, 192, 251, 252, 253, 254, 255)
 CSF_CODES: tuple[int, ...] = (4, 5, 14, 15, 24, 30, 31, 43, 44, 62, 63, 72)
-EXTRACEREBRAL_FIRST = 500  # SynthSeg generation classes (skull, scalp, eyes, ...) start here
+EXTRACEREBRAL_FIRST_CODE = 500  # SynthSeg generation classes (skull, scalp, eyes, ...) start here
 
 
 def tissue_of(labels: np.ndarray) -> np.ndarray:
     """FreeSurfer codes to tissue codes (701 CSF, 702 grey matter, 703 white matter, 0 elsewhere);
     brain codes that are neither CSF nor white matter count as grey matter."""
     labels = np.asarray(labels)
-    out = np.where((labels > 0) & (labels < EXTRACEREBRAL_FIRST), TISSUE_GREY, 0).astype(np.int16)
+    out = np.where((labels > 0) & (labels < EXTRACEREBRAL_FIRST_CODE), TISSUE_GREY, 0).astype(np.int16)
     out[np.isin(labels, CSF_CODES)] = TISSUE_CSF
     out[np.isin(labels, WHITE_MATTER_CODES)] = TISSUE_WHITE
     return out

@@ -21,29 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .runner import THREAD_VARIABLES, BenchSettings, ToolRun
+from .runner import METRICS, THREAD_VARIABLES, BenchSettings, ToolRun
 
 RESULT_COLUMNS = (
     "pair",
     "tool",
     "kind",
     "status",
-    "dice_mean",
-    "dice_mean_initial",
-    "dice_label_count",
-    "seg_dice_fixed",
-    "seg_dice_moving",
-    "hd95_mean",
-    "ncc",
-    "ncc_initial",
-    "mi",
-    "mi_initial",
-    "nmi",
-    "pmm_mean",
-    "pmm_mean_initial",
-    "folding_percent",
-    "sdlogj",
-    "jacobian_min",
+    *METRICS,
     "epe_mm",
     "epe_initial_mm",
     "time_s",

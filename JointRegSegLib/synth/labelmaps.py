@@ -31,9 +31,9 @@ import torch
 
 from .. import spatial
 from ..errors import InputError
+from ..labels import EXTRACEREBRAL_FIRST_CODE
 from .deform import DeformationOptions, random_deformation, smooth_noise
 
-EXTRACEREBRAL_FIRST_CODE = 500
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".mgz")
 
 

@@ -69,10 +69,9 @@ from ..nets.jers import JERSOutput, affine_warp
 from ..spatial.affine import index_affine_to_normalised
 from ..synth import load_synthseg_maps
 from ..synth.deform import AffineRanges, random_affine_matrices
-from ..labels import CSF_CODES, LUT, TISSUE_LABELS, WHITE_MATTER_CODES, tissue_of
-from ..synth.labelmaps import EXTRACEREBRAL_FIRST_CODE
+from ..labels import CSF_CODES, EXTRACEREBRAL_FIRST_CODE, LUT, TISSUE_LABELS, WHITE_MATTER_CODES, tissue_of
 from ..synth.render import RenderOptions, render_image
-from ..data_paths import shared_data_dir
+from ..data_paths import shared_data_dir, synthseg_labelmaps_dir
 from ..weights import record_weights, sha256_of, weights_dir
 from .common import atomic_torch_save, device_name, plot_histories, read_history, settings_from_argv, write_history
 
@@ -80,11 +79,6 @@ DEEP_GREY = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)  # rendered between grey an
 MAX_CODE = 531
 AUGMENT = AffineRanges(rotation_deg=10.0, scale=0.1, shear=0.02, translation=4.0)
 RENDER = RenderOptions(max_blur=0.6, max_bias_std=0.3, gamma_std=0.15)
-
-
-def default_data() -> Path:
-    """The SynthSeg label maps: $JRS_SHARED_DATA/synthseg_labelmaps, else <repo>/../shared/data/synthseg_labelmaps."""
-    return shared_data_dir() / "synthseg_labelmaps"
 
 
 def brain_mask_of(labels: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -132,7 +126,7 @@ def head_maps(data: Path | None = None) -> np.ndarray:
     includes the neck), then cropped to 64^3 about the centre of the brain's bounding box, as a
     scan's field of view would be centred on the head.
     """
-    whole = load_synthseg_maps(data or default_data(), (96, 96, 96), spacing=SPACING, orientation="RAS")
+    whole = load_synthseg_maps(data or synthseg_labelmaps_dir(), (96, 96, 96), spacing=SPACING, orientation="RAS")
     crops = []
     for labels in whole:
         brain = np.argwhere(brain_mask_of(labels))
@@ -259,7 +253,7 @@ def train(config: dict[str, Any], progress: ProgressCallback | None = None) -> d
         start, wall_before = int(checkpoint["iteration"]), float(checkpoint["wall_seconds"])
         history = read_history(csv_path)[:start]
 
-    data = Path(cfg.data) if cfg.data else default_data()
+    data = Path(cfg.data) if cfg.data else synthseg_labelmaps_dir()
     maps = head_maps(data)
     if cfg.train_maps >= len(maps):
         raise InputError(f"train_maps ({cfg.train_maps}) must leave held-apart maps out of the {len(maps)} found")
@@ -468,7 +462,7 @@ def evaluate_real(output: Path, shared: Path | None = None) -> dict[str, Any]:
     from ..methods.jers import METHOD
     from ..metrics import dice_per_label
 
-    shared = shared or default_data().parent
+    shared = shared or shared_data_dir()
     atlas_image, atlas_labels = load_atlas()
     report: dict[str, Any] = {}
     for name, (image_file, labels_file) in REAL_SCANS.items():

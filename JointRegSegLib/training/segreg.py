@@ -61,7 +61,7 @@ from ..methods.segreg import (
 from ..nets import RegistrationUNet
 from ..spatial import identity_grid, integrate_velocity
 from ..synth import SyntheticPairs
-from ..data_paths import shared_data_dir
+from ..data_paths import synthseg_labelmaps_dir
 from ..weights import fit_state, load_weights, read_manifest, record_weights, weights_dir
 
 ARCHITECTURE = {"encoder": [8, 16, 16, 16], "decoder": [16, 16, 16, 8], "final": []}
@@ -88,11 +88,6 @@ _DEFAULTS: dict[str, Any] = {
     "factor": FACTOR,
     "output": None,
 }
-
-
-def default_labelmaps() -> Path:
-    """../shared/data/synthseg_labelmaps beside the repository (or under $JRS_SHARED_DATA)."""
-    return shared_data_dir() / "synthseg_labelmaps"
 
 
 def build_network(architecture: dict[str, Any]) -> RegistrationUNet:
@@ -165,7 +160,7 @@ def train(config: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
         similarity=values["similarity"],
         weights=(*DEFAULT_WEIGHTS[values["mask_loss"]][:2], float(values["smoothness"])),
     )
-    labelmaps = Path(values["labelmaps"] or default_labelmaps())
+    labelmaps = Path(values["labelmaps"] or synthseg_labelmaps_dir())
     data = SyntheticPairs(
         labelmaps,
         values["shape"],

@@ -67,7 +67,7 @@ from ..methods.base import ProgressCallback
 from ..methods.tto import WEIGHT_NAMES, build_network, multi_axis_mi, predict
 from ..spatial import warp
 from ..synth import DeformationOptions, SyntheticPairs, load_synthseg_maps
-from ..data_paths import shared_data_dir
+from ..data_paths import synthseg_labelmaps_dir
 from ..weights import load_into, record_weights
 from .common import (
     as_shape,
@@ -89,11 +89,6 @@ STAGES = ("teacher", "student")
 MAP_SHAPE = (80, 96, 112)
 NOISE_LABELS = 26
 PLOT_NAME = "tto_training.png"
-
-
-def default_data() -> Path:
-    """The SynthSeg label maps: $JRS_SHARED_DATA/synthseg_labelmaps, else <repo>/../shared/data/synthseg_labelmaps."""
-    return shared_data_dir() / "synthseg_labelmaps"
 
 
 @dataclass
@@ -156,7 +151,7 @@ class _Data:
         self.kinds = kinds
         weights = np.asarray([float(cfg.sources[k]) for k in kinds])
         self.cumulative = np.cumsum(weights / weights.sum())
-        folder = Path(cfg.data) if cfg.data else default_data()
+        folder = Path(cfg.data) if cfg.data else synthseg_labelmaps_dir()
         self.folder = folder
         self.maps: dict[str, torch.Tensor] = {}
         for kind in ("brain", "head"):
