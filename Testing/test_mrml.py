@@ -33,7 +33,7 @@ from JointRegSegLib.mrml import (  # noqa: E402
 from JointRegSegLib.mrml.colors import JACOBIAN_STEP, jacobian_table_rgb  # noqa: E402
 from JointRegSegLib.mrml.core import core_scene  # noqa: E402
 from JointRegSegLib.mrml.table import BEFORE_COLUMN, METRIC_COLUMN  # noqa: E402
-from JointRegSegLib.report.colormaps import JACOBIAN_FOLDING_RGB, jacobian_control_points  # noqa: E402
+from JointRegSegLib.colour_scales import JACOBIAN_FOLDING_RGB, jacobian_control_points  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 

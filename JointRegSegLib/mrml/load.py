@@ -18,7 +18,7 @@ import slicer
 from vtk.util.numpy_support import vtk_to_numpy
 
 from ..errors import InputError
-from ..report.figures import robust_window
+from ..colour_scales import robust_window
 from .colors import JACOBIAN_WINDOW, add_jacobian_table, add_label_table, add_pmm_table
 from .table import add_metrics_table
 
@@ -135,20 +135,20 @@ def load_result(
             result.affine = affine.GetID()
 
         if "warped" in paths:
-            warped = tag(_read_volume(scene, paths["warped"], f"{prefix} warped"), "warped")
+            warped = tag(read_volume(scene, paths["warped"], f"{prefix} warped"), "warped")
             result.warped = warped.GetID()
         if "extracted" in paths:
-            extracted = tag(_read_volume(scene, paths["extracted"], f"{prefix} extracted brain"), "extracted")
+            extracted = tag(read_volume(scene, paths["extracted"], f"{prefix} extracted brain"), "extracted")
             extracted.SetDescription("The moving image with everything outside the brain mask set to 0 (moving image's grid).")
             result.extracted = extracted.GetID()
         if "jacobian" in paths:
             colours = tag(add_jacobian_table(scene, f"{prefix} Jacobian colours"), "jacobian_colors")
-            jacobian = tag(_read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
+            jacobian = tag(read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
             _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J (green: folding)", JACOBIAN_MEANING)
             result.jacobian, result.color_tables["jacobian"] = jacobian.GetID(), colours.GetID()
         if "pmm" in paths:
             colours = tag(add_pmm_table(scene, f"{prefix} PMM colours"), "pmm_colors")
-            pmm = tag(_read_volume(scene, paths["pmm"], f"{prefix} PMM"), "pmm")
+            pmm = tag(read_volume(scene, paths["pmm"], f"{prefix} PMM"), "pmm")
             _show_map(pmm, colours, robust_window(_voxels(pmm)), "PMM (higher: better)", PMM_MEANING)
             result.pmm, result.color_tables["pmm"] = pmm.GetID(), colours.GetID()
 
@@ -172,7 +172,7 @@ def load_result(
         return result
     except BaseException:
         for node in added:
-            _remove_with_helpers(scene, node)
+            remove_node(scene, node)
         raise
 
 
@@ -199,16 +199,16 @@ def _read_transform(
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node):
-        _remove_with_helpers(scene, node)
+        remove_node(scene, node)
         raise InputError(f"Slicer could not read the transform {path}; run the registration again.")
     node.SetDescription("Whole mapping (affine and deformable) from the fixed image to the moving image (ITK convention).")
     return node
 
 
-def _read_volume(
+def read_volume(
     scene: slicer.vtkMRMLScene, path: Path, name: str, labels: bool = False
 ) -> slicer.vtkMRMLScalarVolumeNode:
-    """A scalar (or label map) volume read by a volume archetype storage node, with a display node."""
+    """Add a scalar (or label map) volume read by a volume archetype storage node, with a display node."""
     node = slicer.vtkMRMLLabelMapVolumeNode() if labels else slicer.vtkMRMLScalarVolumeNode()
     node.SetName(scene.GenerateUniqueName(name))
     scene.AddNode(node)
@@ -217,7 +217,7 @@ def _read_volume(
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node):
-        _remove_with_helpers(scene, node)
+        remove_node(scene, node)
         raise InputError(f"Slicer could not read {path}; run the registration again.")
     display = slicer.vtkMRMLLabelMapVolumeDisplayNode() if labels else slicer.vtkMRMLScalarVolumeDisplayNode()
     scene.AddNode(display)
@@ -264,7 +264,7 @@ def _read_segmentation(
     kind: str,
 ) -> tuple[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLColorTableNode]:
     """A segmentation node from a label map file: one segment per label, named and coloured from the LUT."""
-    labelmap = _read_volume(scene, path, f"{name} label map", labels=True)
+    labelmap = read_volume(scene, path, f"{name} label map", labels=True)
     try:
         codes = [int(c) for c in np.unique(_voxels(labelmap)) if c != 0]
         names = {1: "Brain mask"} if kind == "brain_mask" else None
@@ -278,16 +278,16 @@ def _read_segmentation(
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         segmentation.SetLabelmapConversionColorTableNodeID(colours.GetID())
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
-            _remove_with_helpers(scene, segmentation)
-            _remove_with_helpers(scene, colours)
+            remove_node(scene, segmentation)
+            remove_node(scene, colours)
             raise InputError(f"Slicer could not turn the label map {path} into a segmentation; run the registration again.")
         return segmentation, colours
     finally:
-        _remove_with_helpers(scene, labelmap)
+        remove_node(scene, labelmap)
 
 
-def _remove_with_helpers(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode) -> None:
-    """Remove a node this module added, with its own display and storage nodes."""
+def remove_node(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode) -> None:
+    """Remove a node this package added, with its own display and storage nodes."""
     if node.GetScene() is None:
         return
     helpers = []
@@ -321,3 +321,15 @@ def _place_in_hierarchy(
         else:
             hierarchy.CreateItem(folder, node)
     return folder
+
+
+def move_into_folder(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, folder_item: int) -> None:
+    """Put ``node`` into a subject-hierarchy folder (e.g. the one `load_result` made), if the scene has a hierarchy."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None or not folder_item:
+        return
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, folder_item)
+    else:
+        hierarchy.CreateItem(folder_item, node)

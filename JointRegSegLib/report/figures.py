@@ -23,17 +23,10 @@ from matplotlib.patches import Patch
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
 
-from .colormaps import (
-    JACOBIAN_FOLDING_RGB,
-    JACOBIAN_RANGE,
-    JacobianNorm,
-    jacobian_colormap,
-    jacobian_control_points,
-    pmm_colormap,
-)
+from ..colour_scales import JACOBIAN_FOLDING_RGB, JACOBIAN_RANGE, jacobian_control_points, robust_window
+from .colormaps import JacobianNorm, jacobian_colormap, pmm_colormap
 from .slices import Index3, checkerboard, default_index, orthogonal_aspects, orthogonal_slices
 
-ROBUST_PERCENTILES: tuple[float, float] = (1.0, 99.0)
 VIEW_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
 # (left, right, top, bottom) patient directions at the edges of each view (see slices.py).
 _EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
@@ -54,18 +47,6 @@ class _Row:
     bar_norm: Normalize | None = None
     extend: str = "neither"
     legend: tuple[tuple[tuple[float, ...], str], ...] = ()
-
-
-def robust_window(array: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
-    """``(vmin, vmax)`` at the given percentiles of the finite values; a unit window if they coincide."""
-    values = np.asarray(array, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = (float(v) for v in np.percentile(values, percentiles))
-    if high <= low:
-        return low - 0.5, low + 0.5
-    return low, high
 
 
 def _array_of(image: Volume | np.ndarray, name: str) -> np.ndarray:
