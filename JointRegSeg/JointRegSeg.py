@@ -67,7 +67,8 @@ class JointRegSeg(ScriptedLoadableModule):
             "Deformable registration of a moving volume onto a fixed volume with published deep-learning methods "
             "(optionally using segmentations), run in the background with progress, time left and Cancel. "
             "Results: the warped volume, a grid transform usable by every Slicer module, the Jacobian-determinant "
-            "map (blue: the moving image was locally shrunk to fit, red: stretched, white: kept, green: folding), "
+            "map of the deformable part (blue: the moving image was locally stretched to fit, red: shrunk, white: "
+            "no change, green: folding), "
             "a patch-wise mutual information map (PMM, higher = better local alignment), segmentations and a "
             "metrics table. See the <a href='https://github.com/jointregseg/SlicerJointRegSeg'>project page</a>."
         )

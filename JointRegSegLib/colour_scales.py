@@ -4,16 +4,22 @@ One definition for the PNG pictures (`JointRegSegLib.report`, through matplotlib
 colour tables (`JointRegSegLib.mrml`); importing it needs only numpy, so Slicer's process can use it
 before any requirement is installed.
 
-Jacobian determinant (det J of the map x -> x + u(x)), shown over ``JACOBIAN_RANGE = (0, 2)``:
+Jacobian determinant det J of the mapping fixed -> moving, shown over ``JACOBIAN_RANGE = (0, 2)``.
+The warped image samples the moving image at the mapped points, so where det J < 1 a small piece
+of the moving image fills a larger piece of the fixed grid: the moving image was locally stretched
+to fit; where det J > 1 it was locally shrunk. By default the maps show the deformable part alone
+(the whole mapping's det J divided by the affine part's, a constant), so a global scaling does not
+tint the whole map:
 
-- blue, darker towards 0: det J < 1, the tissue is compressed (a volume shrinks);
-- white at exactly 1: volume preserved;
-- red, darker towards 2: det J > 1, the tissue is expanded; values above 2 keep the darkest red;
+- blue, darker towards 0: det J < 1, the moving image was locally stretched to fit;
+- white at exactly 1: no local change of volume;
+- red, darker towards 2: det J > 1, the moving image was locally shrunk to fit; above 2 the darkest red;
 - bright green (``JACOBIAN_FOLDING_RGB`` = pure RGB green, a colour no part of the blue-white-red
   ramp comes near): det J <= 0, the transform folds (is not invertible there).
 
-The colours are defined once, as ``(value, r, g, b)`` control points (`jacobian_control_points`,
-`pmm_control_points`).
+PMM (patch-wise NMI, in [0, 1]) is shown over the fixed range ``PMM_RANGE`` so that pictures of
+different runs share one scale. The colours are defined once, as ``(value, r, g, b)`` control
+points (`jacobian_control_points`, `pmm_control_points`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ _JACOBIAN_RAMP: tuple[tuple[float, float, float, float], ...] = (
     (2.0, 0.45, 0.00, 0.05),
 )
 
+JACOBIAN_LEGEND: tuple[tuple[float, str], ...] = (
+    (0.5, "det J < 1: moving image locally stretched to fit"),
+    (1.0, "det J = 1: no local change of volume"),
+    (1.5, "det J > 1: moving image locally shrunk to fit"),
+)
+JACOBIAN_FOLDING_TEXT = "det J <= 0: folding (not invertible)"
+
+# One display range for every PMM picture and Slicer view. Patch NMI of brain MRI lies mostly
+# between 0.05 (unaligned) and 0.5 (well aligned, 1 mm): higher values take the top colour.
+PMM_RANGE: tuple[float, float] = (0.0, 0.5)
 # PMM (patch-wise NMI; higher = better local alignment): dark violet -> teal -> yellow.
 # Values are positions in the display range (0 = its low end, 1 = its high end).
 _PMM_RAMP: tuple[tuple[float, float, float, float], ...] = (

@@ -18,7 +18,7 @@ import slicer
 from vtk.util.numpy_support import vtk_to_numpy
 
 from ..errors import InputError
-from ..colour_scales import robust_window
+from ..colour_scales import PMM_RANGE
 from .colors import JACOBIAN_WINDOW, add_jacobian_table, add_label_table, add_pmm_table
 from .table import add_metrics_table
 
@@ -36,10 +36,15 @@ SEGMENTATION_KINDS: dict[str, str] = {
 MOVING_GRID_KINDS = frozenset({"moving_seg", "brain_mask"})
 """Label maps that lie on the moving image's grid (the others lie on the fixed image's)."""
 JACOBIAN_MEANING = (
-    "Jacobian determinant det J of the mapping fixed -> moving: 1 = volume kept, < 1 = compression (blue), "
-    "> 1 = expansion (red), <= 0 = folding (green: the transform is not invertible there)."
+    "Jacobian determinant det J of the deformable part of the mapping fixed -> moving (the whole mapping's divided "
+    "by its affine part's, unless the run asked for the whole mapping): < 1 (blue) = the moving image was locally "
+    "stretched to fit, 1 (white) = no local change of volume, > 1 (red) = locally shrunk to fit, <= 0 (green) = "
+    "folding (the transform is not invertible there)."
 )
-PMM_MEANING = "Patch-wise normalised mutual information of fixed and warped: higher = better local alignment."
+PMM_MEANING = (
+    "Patch-wise normalised mutual information of fixed and warped (0 to 1, shown over 0 to 0.5 for every run): "
+    "higher = better local alignment."
+)
 
 
 @dataclass
@@ -144,12 +149,12 @@ def load_result(
         if "jacobian" in paths:
             colours = tag(add_jacobian_table(scene, f"{prefix} Jacobian colours"), "jacobian_colors")
             jacobian = tag(read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
-            _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J (green: folding)", JACOBIAN_MEANING)
+            _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J  <1 stretched, >1 shrunk, green: folding", JACOBIAN_MEANING)
             result.jacobian, result.color_tables["jacobian"] = jacobian.GetID(), colours.GetID()
         if "pmm" in paths:
             colours = tag(add_pmm_table(scene, f"{prefix} PMM colours"), "pmm_colors")
             pmm = tag(read_volume(scene, paths["pmm"], f"{prefix} PMM"), "pmm")
-            _show_map(pmm, colours, robust_window(_voxels(pmm)), "PMM (higher: better)", PMM_MEANING)
+            _show_map(pmm, colours, PMM_RANGE, "PMM patch NMI (higher: better)", PMM_MEANING)
             result.pmm, result.color_tables["pmm"] = pmm.GetID(), colours.GetID()
 
         on_fixed = fixed_node if fixed_node is not None else scene.GetNodeByID(result.warped) if result.warped else None

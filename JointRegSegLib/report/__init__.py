@@ -9,7 +9,7 @@ from ..colour_scales import (
     robust_window,
 )
 from .colormaps import JacobianNorm, jacobian_colormap, jacobian_rgba, pmm_colormap
-from .figures import save_individual_pictures, save_registration_figure, save_slices_png
+from .figures import save_individual_pictures, save_registration_figure, save_segmentation_picture, save_slices_png
 from .slices import (
     canonical_index,
     checkerboard,
@@ -39,6 +39,7 @@ __all__ = [
     "robust_window",
     "save_individual_pictures",
     "save_registration_figure",
+    "save_segmentation_picture",
     "save_slices_png",
     "to_lps_canonical",
 ]
