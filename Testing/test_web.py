@@ -306,6 +306,10 @@ def test_page_run_cancel_upload_in_a_real_browser(server, browser, shots, sample
     assert notice.inner_text().strip() == str(expected.value).replace(str(text_file), "uploads/not_an_image.nii.gz")
     assert not any("not_an_image" in item["value"] for item in _state(page, "files"))
     page.screenshot(path=str(shots / "web_8_upload_refused.png"))
+    good = tmp_path / "my upload.nii.gz"
+    shutil.copy(sample_pair["moving"], good)
+    page.locator("#jrs-upload").set_input_files(str(good))
+    _wait_state(page, "files", lambda files: "uploads/my upload.nii.gz" in [item["value"] for item in files], 120)
 
     # A client that names a path outside the page's folders gets an error, not the file.
     page.evaluate("() => window.trame.state.set('moving_file', 'data/../../../../etc/passwd')")

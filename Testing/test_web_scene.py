@@ -68,8 +68,11 @@ def test_outlines_and_legends_show_only_what_was_chosen(sample_pair, tmp_path):
     table = mrml.add_jacobian_table(core.scene)
     fixed.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
     legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(fixed)
-    nodes.place_legends(core.scene, ["vtkMRMLViewNode1"], (0.1, 0.5), (0.2, 0.7))
+    legend.SetTitleText("det J  <1 stretched, >1 shrunk, green: folding")
+    nodes.place_legends(core.scene, ["vtkMRMLViewNode1"], (0.1, 0.5), (0.2, 0.7), 24)
     assert legend.GetViewNodeIDs() == ("vtkMRMLViewNode1",) and legend.GetPosition() == (0.1, 0.5)
+    assert legend.GetTitleText() == "det J <1 stretched,\n>1 shrunk,\ngreen: folding"
+    assert nodes.wrap_title("PMM patch NMI (higher: better)", 24) == "PMM patch NMI (higher:\nbetter)"
     nodes.show_legends(core.scene, [])
     assert not legend.GetVisibility()
     nodes.show_legends(core.scene, [fixed.GetID()])

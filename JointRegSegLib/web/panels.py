@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-UPLOAD_URL = "jointregseg/upload"
-DOWNLOAD_URL = "jointregseg/download"
+from .routes import UPLOAD_URL
+
 DRAWER_WIDTH = 380
 RESULTS_WIDTH = 430
 TITLE = "JointRegSeg: registration joined with segmentation, in 3D Slicer's views"
@@ -138,7 +138,8 @@ def _run(v: Any, html: Any, ctrl: Any) -> None:
                 html.Span("{{ progress_text }}", classes="text-body-2", style="color: black")
             html.Div("{{ status }}", classes="text-body-2 mt-2", id="jrs-status")
             v.VAlert(
-                text=("notices[viewer_id] || ''",), v_show="notices[viewer_id]", type="warning", density="compact",
+                text=("(notices[viewer_id] || {}).text || ''",), v_show="notices[viewer_id]",
+                type=("(notices[viewer_id] || {}).type || 'warning'",), density="compact",
                 closable=True, classes="mt-2", id="jrs-notice", click_close=(ctrl.notice_closed, "[viewer_id]"),
             )
 
@@ -148,7 +149,7 @@ def _display(v: Any, html: Any) -> None:
         with v.VCardText(classes="pb-1"):
             v.VSelect(
                 label="Result", v_model=("result", None), items=("results", []), item_title="title", item_value="value",
-                density="compact", hide_details=True, v_show="results.length > 1", classes="mb-2",
+                density="compact", hide_details=True, v_show="results.length", classes="mb-2",
             )
             v.VSelect(
                 label="Overlay on the fixed image", v_model=("overlay", None), items=("overlays", []), item_title="title",

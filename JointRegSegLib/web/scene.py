@@ -4,6 +4,8 @@ names and colours, and which colour legends show where."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -89,12 +91,27 @@ def segment_legend(node: Any) -> list[tuple[str, tuple[float, float, float]]]:
     return [(s.GetName(), tuple(float(c) for c in s.GetColor())) for s in segments]
 
 
-def place_legends(scene: Any, view_node_ids: list[str], position: tuple[float, float], size: tuple[float, float]) -> None:
-    """Put every colour legend in the views ``view_node_ids`` only, at ``position`` with ``size`` (view fractions)."""
+def place_legends(
+    scene: Any, view_node_ids: list[str], position: tuple[float, float], size: tuple[float, float], title_width: int
+) -> None:
+    """Put every colour legend in the views ``view_node_ids`` only, at ``position`` with ``size`` (view fractions),
+    its title wrapped into lines of at most ``title_width`` characters (a long title would run off the view)."""
     for legend in nodes_of_class(scene, "vtkMRMLColorLegendDisplayNode"):
         legend.SetViewNodeIDs(view_node_ids)
         legend.SetPosition(*position)
         legend.SetSize(*size)
+        legend.SetTitleText(wrap_title(legend.GetTitleText(), title_width))
+
+
+def wrap_title(title: str, width: int) -> str:
+    """``title`` in lines of at most ``width`` characters, broken after commas where it can be, else between words."""
+    lines: list[str] = []
+    for clause in re.split(r"(?<=,)\s+", " ".join(title.split())):
+        if lines and len(lines[-1]) + 1 + len(clause) <= width:
+            lines[-1] += " " + clause
+        else:
+            lines += textwrap.wrap(clause, width) or [clause]
+    return "\n".join(lines)
 
 
 def show_legends(scene: Any, volume_ids: list[str]) -> None:

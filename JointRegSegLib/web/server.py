@@ -5,26 +5,21 @@ slice/3D views rendered offscreen and streamed to the page) and one `Controller`
 every `POLL_SECONDS` by the server's event loop. Every browser tab on the page shares that scene
 and its state (a demo: all see the same inputs, views and progress); only these differ per tab,
 by its ``viewer_id``: who started the run (only that tab may cancel it; a Run from another tab is
-refused with a message) and the messages meant for one tab (a refused run or upload).
+refused with a message) and the messages meant for one tab (a refused run, an upload's outcome).
 
 Files come only through `files.FileStore` (the bundled sample pair, ``--data``, the uploads
-folder); uploads arrive by HTTP POST on `panels.UPLOAD_URL` (streamed, size-capped, checked with
-the command line's readers); a finished run's output folder is offered as a zip on
-`panels.DOWNLOAD_URL`/<n>, n being the run's place in the page's result list (no path comes from
-the page).
+folder); uploads and downloads go through `routes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import os
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,21 +29,23 @@ from ..errors import InputError
 from ..methods.catalogue import CATALOGUE, method_info
 from ..sample_data import FILES as SAMPLE_FILES
 from ..sample_data import sample_dir
-from . import panels
-from .scene import place_legends, set_colour_table
+from . import panels, routes
 from .files import SAMPLE, FileStore
+from .results import metrics_view, node_names
+from .scene import place_legends, set_colour_table
 from .views import (
     BEFORE,
+    BEFORE_LEGEND,
     CHECKERBOARD,
+    LEGEND_POSITION,
+    LEGEND_SIZE,
+    LEGEND_TITLE_WIDTH,
     OUTLINES,
     OVERLAY_COLOURS,
     OVERLAYS,
     RESULT_OVERLAYS,
     WARPED,
-    BEFORE_LEGEND,
     annotate_slice_view,
-    LEGEND_POSITION,
-    LEGEND_SIZE,
     apply_overlay,
     show_before,
 )
@@ -56,7 +53,8 @@ from .views import (
 POLL_SECONDS = 0.1
 LOG_LINES = 200
 REQUIREMENTS = library_root() / "JointRegSeg" / "Resources" / "requirements.txt"
-INPUT_FIELDS = {
+INPUT_FIELDS: dict[str, tuple[bool, str]] = {
+    # state name: (a label map?, the name the command line's reader gives it in messages)
     "fixed_file": (False, "fixed image"),
     "moving_file": (False, "moving image"),
     "fixed_seg_file": (True, "fixed label map"),
@@ -73,6 +71,7 @@ STATE_TEXT = {
     RunState.LOADING: "Loading results...",
     RunState.FAILED: "Ready (last run failed)",
 }
+REFUSED_RUN = "A registration started by another viewer is running; its progress is shown here. Wait for it to finish."
 THREE_D_AZIMUTH, THREE_D_ELEVATION = -35.0, 25.0
 VIEW_TITLES = {"Red": "Axial", "Green": "Coronal", "Yellow": "Sagittal"}
 
@@ -85,9 +84,7 @@ class WebApp:
     def __init__(self, store: FileStore, work: Path, server: Any = None) -> None:
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
-        from trame_slicer.core import LayoutManager, SlicerApp
-        from trame_slicer.rca_view import register_rca_factories
-        from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+        from trame_slicer.core import SlicerApp
 
         from ..mrml.core import register_node_classes
 
@@ -98,19 +95,7 @@ class WebApp:
         self.slicer = SlicerApp()
         self.scene = self.slicer.scene
         register_node_classes(self.scene)
-        register_rca_factories(self.slicer.view_manager, self.server)
-        self.layout_manager = LayoutManager(self.scene, self.slicer.view_manager, self.server)
-        axial, coronal, sagittal = ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()
-        grid = Layout(
-            LayoutDirection.Vertical,
-            [Layout(LayoutDirection.Horizontal, [axial, ViewLayoutDefinition.threed_view()]), Layout(LayoutDirection.Horizontal, [coronal, sagittal])],
-        )
-        self.layout_manager.register_layout("four-up", grid)
-        self.layout_manager.set_layout("four-up")
-        for view in self.slicer.view_manager.get_slice_views():
-            annotate_slice_view(view, VIEW_TITLES.get(view.get_singleton_tag(), view.get_singleton_tag()))
-            view.set_visible_in_3d(True)
-        self._link_slice_views()
+        self.layout_manager = self._views()
 
         self.controller = Controller(self.scene, sys.executable, work / "runs", REQUIREMENTS, app_logic=self.slicer.app_logic)
         self.controller.on_progress = self._on_progress
@@ -118,10 +103,10 @@ class WebApp:
         self.controller.on_finished = self._on_finished
         self.controller.on_dependencies = self._on_dependencies
         self.controller.state.listeners.append(self._on_state)
-        self.owner = ""
-        self.nodes: dict[tuple[str, bool], str] = {}
-        self.finished: list[Any] = []
-        self.tables: dict[str, str] = {}
+        self.owner = ""  # the viewer whose run goes
+        self.nodes: dict[tuple[str, bool], str] = {}  # (file id, as label map) -> node id
+        self.finished: list[Any] = []  # the runs whose results are in the scene, in order
+        self.tables: dict[str, str] = {}  # run output folder -> its metrics table (a comparison's shared one)
         self.checkerboards: dict[str, str] = {}
         self._log_lines: list[str] = []
         self.started = time.monotonic()
@@ -129,24 +114,43 @@ class WebApp:
         self._initial_state()
         self._bind()
         panels.build(self.server, self.layout_manager)
-        self.ctrl.on_server_bind.add(self._add_routes)
+        self.ctrl.on_server_bind.add(lambda wslink_server: routes.add_routes(wslink_server, self))
         self.ctrl.on_server_ready.add_task(self._poll_loop)
         self.controller.refresh_dependencies()
-        self._inputs_changed()
+        self._inputs_changed(new_inputs=True)
 
     # Set-up
 
-    def _link_slice_views(self) -> None:
+    def _views(self) -> Any:
+        """Axial and 3D above, coronal and sagittal below; slice views linked, labelled and shown in 3D."""
+        from trame_slicer.core import LayoutManager
+        from trame_slicer.rca_view import register_rca_factories
+        from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+        register_rca_factories(self.slicer.view_manager, self.server)
+        layout_manager = LayoutManager(self.scene, self.slicer.view_manager, self.server)
+        views = ViewLayoutDefinition
+        row = LayoutDirection.Horizontal
+        grid = Layout(
+            LayoutDirection.Vertical,
+            [Layout(row, [views.axial_view(), views.threed_view()]), Layout(row, [views.coronal_view(), views.sagittal_view()])],
+        )
+        layout_manager.register_layout("four-up", grid)
+        layout_manager.set_layout("four-up")
+        for view in self.slicer.view_manager.get_slice_views():
+            annotate_slice_view(view, VIEW_TITLES.get(view.get_singleton_tag(), view.get_singleton_tag()))
+            view.set_visible_in_3d(True)
         composites = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
         for index in range(composites.GetNumberOfItems()):
             composites.GetItemAsObject(index).SetLinkedControl(True)
+        return layout_manager
 
     def _initial_state(self) -> None:
-        state = self.state
-        state.client_only("viewer_id")
+        self.state.client_only("viewer_id")
         sample = {key: f"{SAMPLE}/{name}" for key, name in SAMPLE_FILES.items()}
-        state.update(
+        self.state.update(
             {
+                "trame__title": "JointRegSeg",
                 "viewer_id": "",
                 "files": self._file_items(),
                 "fixed_file": sample["fixed"],
@@ -191,13 +195,11 @@ class WebApp:
                 "log": "",
             }
         )
-        self.state.trame__title = "JointRegSeg"
 
     def _bind(self) -> None:
-        self.state.change(*INPUT_FIELDS)(lambda **_: self._inputs_changed())
+        self.state.change(*INPUT_FIELDS)(lambda **_: self._inputs_changed(new_inputs=True))
         self.state.change("method")(lambda **_: self._method_changed())
         self.state.change("overlay", "opacity", "result")(lambda **_: self._show())
-        self.state.change("overlay")(lambda overlay, **_: self.state.update({"overlay_opacity": overlay not in (CHECKERBOARD, OUTLINES)}))
         self.ctrl.run_clicked = self.run_clicked
         self.ctrl.compare_clicked = self.compare_clicked
         self.ctrl.notice_closed = lambda viewer: self._notify(viewer, "")
@@ -225,7 +227,8 @@ class WebApp:
             self.nodes[key] = node.GetID()
         return node
 
-    def _inputs_changed(self) -> None:
+    def _inputs_changed(self, new_inputs: bool = False) -> None:
+        """Load the chosen files (each refusal shown under its list); new inputs are shown before registration."""
         errors: dict[str, list[str]] = {}
         for field in INPUT_FIELDS:
             try:
@@ -234,28 +237,34 @@ class WebApp:
                 errors[field] = [str(error)]
         self.state.input_errors = errors
         self._method_changed()
-        if not self.finished:
-            self._show()
-        self._update_scene_nodes()
+        if new_inputs:
+            self.state.update({"result": None, "overlay": BEFORE})
+        self._show(fit=new_inputs)
 
     def _method_changed(self) -> None:
         info = CATALOGUE.get(self.state.method) or method_info("tto")
-        self.state.method_text = f"{describe_method(info)} {info.paper}."
-        self.state.supports_tto = info.supports_tto
-        self.state.show_atlas, self.state.show_fixed = info.needs_atlas, not info.needs_atlas
+        self.state.update(
+            {
+                "method_text": f"{describe_method(info)} {info.paper}.",
+                "supports_tto": info.supports_tto,
+                "show_atlas": info.needs_atlas,
+                "show_fixed": not info.needs_atlas,
+            }
+        )
 
     def request(self) -> RunRequest:
-        """The run the page's inputs and options describe (`InputError` for a refused file)."""
+        """The run the page's inputs and options describe (`InputError` for a refused file or option)."""
         errors = self.state.input_errors or {}
         if errors:
             raise InputError(next(iter(errors.values()))[0])
         nodes = {field: self._node(field) for field in INPUT_FIELDS}
+        tto = bool(self.state.supports_tto)
         return RunRequest(
             fixed=nodes["fixed_file"], moving=nodes["moving_file"], fixed_segmentation=nodes["fixed_seg_file"],
             moving_segmentation=nodes["moving_seg_file"], atlas=nodes["atlas_file"], atlas_segmentation=nodes["atlas_seg_file"],
-            device=self.state.device or "cpu", iterations=_whole(self.state.iterations, "Iterations", 1),
-            time_budget=_number(self.state.time_budget, "Time budget", 1.0), seed=_whole(self.state.seed, "Seed", 0),
-            output_name="Web",
+            device=self.state.device or "cpu", seed=_whole(self.state.seed, "Seed", 0), output_name="Web",
+            iterations=_whole(self.state.iterations, "Iterations", 1) if tto else None,
+            time_budget=_number(self.state.time_budget, "Time budget", 1.0) if tto else None,
         )
 
     # Running
@@ -266,22 +275,21 @@ class WebApp:
             if viewer == self.owner and self.controller.state.state == RunState.RUNNING:
                 self.controller.cancel()
             elif viewer != self.owner:
-                self._notify(viewer, "A registration started by another viewer is running; its progress is shown here. Wait for it to finish.")
+                self._notify(viewer, REFUSED_RUN)
             return
         self._start(viewer, [self.state.method])
 
     def compare_clicked(self, viewer: str) -> None:
         """Run every method the inputs allow, one after another, into one metrics table."""
         if self.controller.state.busy:
-            self._notify(viewer, "A registration is running; compare the methods when it has finished.")
+            self._notify(viewer, REFUSED_RUN if viewer != self.owner else "Cancel the running registration first.")
             return
         try:
             request = self.request()
         except InputError as error:
             self._notify(viewer, str(error))
             return
-        usable = [info.name for info in Controller.methods() if self.controller.check(request, info.name) is None]
-        self._start(viewer, usable)
+        self._start(viewer, [info.name for info in Controller.methods() if self.controller.check(request, info.name) is None])
 
     def _start(self, viewer: str, methods: list[str]) -> None:
         try:
@@ -290,10 +298,9 @@ class WebApp:
             self._notify(viewer, str(error))
             return
         self.owner = viewer
-        self.state.run_owner = viewer
-        self._notify(viewer, "")
         self._log_lines = []
-        self.state.status = f"Running {', '.join(methods)}..."
+        self.state.update({"run_owner": viewer, "status": f"Running {', '.join(methods)}..."})
+        self._notify(viewer, "")
 
     def _on_state(self, old: RunState, new: RunState) -> None:
         busy = self.controller.state.busy
@@ -322,7 +329,8 @@ class WebApp:
         self.state.devices = [{"title": device_label(d), "value": d} for d in dependencies.devices]
         if self.state.device not in dependencies.devices:
             self.state.device = "cpu"
-        self.state.dependencies_text = "" if dependencies.ready else dependencies.summary() + "\nInstall them (README: Set up) and restart the page's server."
+        missing = dependencies.summary() + "\nInstall them (README: Set up) and start the page again."
+        self.state.dependencies_text = "" if dependencies.ready else missing
 
     def _on_finished(self, run: Any) -> None:
         if run.cancelled:
@@ -332,26 +340,38 @@ class WebApp:
         else:
             set_colour_table(self.scene.GetNodeByID(run.loaded.warped), OVERLAY_COLOURS)
             three_d = [view.get_view_node_id() for view in self.slicer.view_manager.get_threed_views()]
-            place_legends(self.scene, three_d, LEGEND_POSITION, LEGEND_SIZE)
+            place_legends(self.scene, three_d, LEGEND_POSITION, LEGEND_SIZE, LEGEND_TITLE_WIDTH)
             self.finished.append(run)
             self.state.status = f"Finished {run.method} in {format_duration(run.elapsed)}."
-        if self.controller.state.busy:
+        if self.controller.state.busy or run.cancelled or not self.finished:  # a comparison goes on, or nothing new
             return
         for done in self.controller.runs:
             if done.loaded is not None:
                 self.tables[done.loaded.output] = self.controller.comparison_table or done.loaded.table
-        if self.finished and not run.cancelled:
-            self.state.results = [{"title": f"{r.method} ({i + 1})", "value": i} for i, r in enumerate(self.finished)]
-            self.state.downloads = [
-                {"title": f"{r.method} ({i + 1}) output", "href": f"{panels.DOWNLOAD_URL}/{i}", "file": f"jointregseg-{r.method}-{i + 1}.zip"}
-                for i, r in enumerate(self.finished)
-            ]
-            self.state.overlays = self._overlay_items(True)
-            if self.state.overlay not in RESULT_OVERLAYS:
-                self.state.overlay = WARPED
-            self.state.result = len(self.finished) - 1
-            self._show(fit=True)
-        self._update_scene_nodes()
+        self.state.update(
+            {
+                "results": [{"title": f"{r.method} ({i + 1})", "value": i} for i, r in enumerate(self.finished)],
+                "downloads": [
+                    {"title": f"{r.method} ({i + 1}) output", "href": f"{routes.DOWNLOAD_URL}/{i}", "file": f"jointregseg-{r.method}-{i + 1}.zip"}
+                    for i, r in enumerate(self.finished)
+                ],
+                "overlays": self._overlay_items(True),
+                "overlay": self.state.overlay if self.state.overlay in RESULT_OVERLAYS else WARPED,
+                "result": len(self.finished) - 1,
+            }
+        )
+        self._show(fit=True)
+
+    # Uploads (called by `routes`)
+
+    def uploaded(self, viewer: str, file_id: str) -> None:
+        with self.state:
+            self.state.files = self._file_items()
+            self._notify(viewer, f"Uploaded {file_id}; choose it in the lists above.", "success")
+
+    def upload_refused(self, viewer: str, message: str) -> None:
+        with self.state:
+            self._notify(viewer, message)
 
     # Showing
 
@@ -363,20 +383,22 @@ class WebApp:
         return self.finished[index] if isinstance(index, int) and 0 <= index < len(self.finished) else None
 
     def _show(self, fit: bool = False) -> None:
+        """Show the chosen result with the chosen overlay, or the chosen inputs before registration."""
         run = self._shown_run()
-        app_logic = self.slicer.app_logic if fit or run is None else None
+        if run is None and self.state.overlay in RESULT_OVERLAYS and self.finished:  # a result's overlay: the latest result
+            run = self.finished[-1]
+            self.state.result = len(self.finished) - 1
         opacity = float(self.state.opacity or 0.0)
+        app_logic = self.slicer.app_logic if fit else None
         if run is None:
-            fixed = self.scene.GetNodeByID(self.nodes.get((self.state.fixed_file, False), "")) if self.state.fixed_file else None
-            moving = self.scene.GetNodeByID(self.nodes.get((self.state.moving_file, False), "")) if self.state.moving_file else None
-            show_before(self.scene, app_logic, fixed.GetID() if fixed else None, moving.GetID() if moving else None, opacity)
-            self.state.legend = BEFORE_LEGEND.as_dict()
-            self._fit_3d()
-            return
-        legend = apply_overlay(self.scene, app_logic, run, self.state.overlay or WARPED, opacity, self.checkerboards)
-        self.state.legend = legend.as_dict()
-        self.state.metrics = self._metrics(run)
-        self._update_scene_nodes()
+            fixed, moving = (self.nodes.get((self.state[f], False)) for f in ("fixed_file", "moving_file"))
+            show_before(self.scene, app_logic, fixed, moving, opacity)
+            self.state.update({"legend": BEFORE_LEGEND.as_dict(), "metrics": {"columns": [], "rows": []}})
+        else:
+            legend = apply_overlay(self.scene, app_logic, run, self.state.overlay or WARPED, opacity, self.checkerboards)
+            table = self.scene.GetNodeByID(self.tables.get(run.loaded.output) or run.loaded.table or "")
+            self.state.update({"legend": legend.as_dict(), "metrics": metrics_view(_table_dict(table))})
+        self.state.update({"scene_nodes": node_names(self.scene), "overlay_opacity": self.state.overlay not in (CHECKERBOARD, OUTLINES)})
         if fit:
             self._fit_3d()
 
@@ -393,76 +415,16 @@ class WebApp:
                 camera.ResetClippingRange()
                 camera.Modified()
 
-    def _metrics(self, run: Any) -> dict[str, Any]:
-        from .. import mrml
-        from ..mrml.table import MEANING_COLUMN, METRIC_COLUMN, ROWS
-
-        table_id = self.tables.get(run.loaded.output) or run.loaded.table
-        node = self.scene.GetNodeByID(table_id) if table_id else None
-        if node is None:
-            return {"columns": [], "rows": []}
-        data = mrml.table_as_dict(node)
-        main = {title for _, _, title, _ in ROWS}
-        columns = [c for c in next(iter(data.values()), {}) if c not in (METRIC_COLUMN, MEANING_COLUMN)] if data else []
-        rows = [
-            {
-                "title": title,
-                "meaning": values.get(MEANING_COLUMN, ""),
-                "values": [_format(values[c]) for c in columns],
-                "main": title in main or title.startswith("Time"),
-            }
-            for title, values in data.items()
-        ]
-        return {"columns": ["Metric"] + columns, "rows": rows}
-
-    def _update_scene_nodes(self) -> None:
-        names = []
-        for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLTransformNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
-            nodes = self.scene.GetNodesByClass(class_name)
-            names += [node.GetName() for node in (nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())) if not node.GetHideFromEditors()]
-        self.state.scene_nodes = names
-
-    def _notify(self, viewer: str, text: str) -> None:
+    def _notify(self, viewer: str, text: str, kind: str = "warning") -> None:
+        """Show ``text`` to ``viewer`` only (an empty text takes its message away)."""
         notices = dict(self.state.notices or {})
         if text:
-            notices[viewer] = text
+            notices[viewer] = {"text": text, "type": kind}
         else:
             notices.pop(viewer, None)
         self.state.notices = notices
 
-    # HTTP routes and the poll loop
-
-    def _add_routes(self, wslink_server: Any) -> None:
-        from aiohttp import web
-
-        async def upload(request: web.Request) -> web.Response:
-            viewer = request.query.get("viewer", "")
-            name = request.query.get("name", "")
-            try:
-                if self.controller.state.busy:
-                    raise InputError("Uploads wait until the running registration has finished.")
-                file_id = await asyncio.get_running_loop().run_in_executor(None, self.store.save_upload, name, _Reader(request))
-            except InputError as error:
-                with self.state:
-                    self._notify(viewer, str(error))
-                return web.json_response({"ok": False, "message": str(error)}, status=400)
-            with self.state:
-                self.state.files = self._file_items()
-                self._notify(viewer, f"Uploaded {file_id}; choose it in the lists above.")
-            return web.json_response({"ok": True, "file": file_id})
-
-        async def download(request: web.Request) -> web.Response:
-            text = request.match_info["index"]
-            if not (text.isascii() and text.isdigit()) or int(text) >= len(self.finished):  # a place in the result list, nothing else
-                raise web.HTTPNotFound(text="No such result.")
-            index = int(text)
-            run = self.finished[index]
-            data = await asyncio.get_running_loop().run_in_executor(None, zip_folder, run.output)
-            name = f"jointregseg-{run.method}-{index + 1}.zip"
-            return web.Response(body=data, content_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'})
-
-        wslink_server.app.router.add_post(f"/{panels.UPLOAD_URL}", upload)
-        wslink_server.app.router.add_get(f"/{panels.DOWNLOAD_URL}/{{index}}", download)
+    # The poll loop
 
     async def _poll_loop(self, **_: Any) -> None:
         print(f"JointRegSeg web: ready after {time.monotonic() - self.started:.1f} s", flush=True)
@@ -478,29 +440,10 @@ class WebApp:
         self.controller.shutdown()
 
 
-class _Reader:
-    """A blocking ``read(n)`` over an aiohttp request body, for `FileStore.save_upload` in a worker thread."""
+def _table_dict(table: Any) -> dict[str, dict[str, Any]]:
+    from .. import mrml
 
-    def __init__(self, request: Any) -> None:
-        self.request = request
-        self.loop = asyncio.get_running_loop()
-
-    def read(self, size: int) -> bytes:
-        return asyncio.run_coroutine_threadsafe(self.request.content.read(size), self.loop).result()
-
-
-def zip_folder(folder: Path) -> bytes:
-    """The files under ``folder`` as a zip archive (paths relative to the folder)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, path.relative_to(folder).as_posix())
-    return buffer.getvalue()
-
-
-def _format(value: Any) -> str:
-    return "–" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:.3f}"
+    return mrml.table_as_dict(table) if table is not None else {}
 
 
 def _whole(value: Any, name: str, minimum: int) -> int:

@@ -16,7 +16,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..colour_scales import JACOBIAN_FOLDING_RGB, JACOBIAN_RANGE, jacobian_control_points, pmm_control_points
+from ..colour_scales import (
+    JACOBIAN_FOLDING_RGB,
+    JACOBIAN_FOLDING_TEXT,
+    JACOBIAN_LEGEND,
+    JACOBIAN_RANGE,
+    jacobian_control_points,
+    pmm_control_points,
+)
 
 BEFORE, WARPED, CHECKERBOARD, JACOBIAN, PMM, OUTLINES = (
     "Moving image (before registration)",
@@ -32,7 +39,7 @@ OVERLAY_COLOURS = "vtkMRMLColorTableNodeRed"
 DIRECTIONS = (("R", "L"), ("A", "P"), ("S", "I"))
 """The letter of the +/- direction of each RAS axis."""
 LABEL_FONT_SIZE = 22
-LEGEND_POSITION, LEGEND_SIZE = (0.04, 0.5), (0.2, 0.8)
+LEGEND_POSITION, LEGEND_SIZE, LEGEND_TITLE_WIDTH = (0.04, 0.45), (0.2, 0.7), 24
 """Colour legends stand in the 3D view, at its left edge (the slice views keep their anatomy and labels clear)."""
 LABEL_COLOUR = (1.0, 0.85, 0.2)
 
@@ -65,12 +72,11 @@ def css_gradient(points: list[tuple[float, float, float, float]], low: float, hi
 def jacobian_legend() -> Legend:
     low, high = JACOBIAN_RANGE
     return Legend(
-        title="Jacobian determinant det J of the mapping fixed -> moving",
+        title="Jacobian determinant det J of the deformable part of the mapping fixed -> moving",
         gradient=css_gradient(jacobian_control_points(), low, high),
         ticks=["0", "0.5", "1", "1.5", ">= 2"],
-        swatches=[{"name": "folding: det J <= 0 (not invertible)", "colour": css_colour(JACOBIAN_FOLDING_RGB)}],
-        text="1 (white): volume kept. Blue (< 1): the moving image was locally stretched to fit. "
-        "Red (> 1): it was locally shrunk to fit.",
+        swatches=[{"name": JACOBIAN_FOLDING_TEXT, "colour": css_colour(JACOBIAN_FOLDING_RGB)}],
+        text=". ".join(text for _, text in JACOBIAN_LEGEND) + ".",
     )
 
 
@@ -80,7 +86,7 @@ def pmm_legend(window: tuple[float, float]) -> Legend:
         title="PMM: patch-wise normalised mutual information of fixed and warped",
         gradient=css_gradient(pmm_control_points(), 0.0, 1.0),
         ticks=[f"{v:.2f}" for v in np.linspace(low, high, 5)],
-        text="Higher (yellow) = better local alignment; outside the brain nothing is shown.",
+        text="Higher (yellow) = better local alignment; one scale for every run.",
     )
 
 
