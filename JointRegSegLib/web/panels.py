@@ -9,7 +9,7 @@ opacity, the legend of what is shown, the metrics table, downloads, the scene's 
 Everything here is declarative: it binds widgets to state names and to the handlers `server.WebApp`
 registers on the trame controller (``ctrl.<name>``). ``viewer_id`` is client-only state: each
 browser tab draws one at random, and the handlers receive it to tell viewers apart (who may cancel,
-whom a message is for).
+whom a message is for); the others learn only its first `OWNER_TAG` characters.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from typing import Any
 
 from .routes import UPLOAD_URL
 
-DRAWER_WIDTH = 380
-RESULTS_WIDTH = 430
+DRAWER_WIDTH = 340
+RESULTS_WIDTH = 480
+OWNER_TAG = 4
+"""How many leading characters of the running viewer's id all viewers are told (``run_owner``): enough to tell
+who sees Cancel, too few for another viewer to act in the owner's name (the server checks the whole id)."""
+OWNER = f"(run_owner && viewer_id.slice(0, {OWNER_TAG}) === run_owner)"
 TITLE = "JointRegSeg: registration joined with segmentation, in 3D Slicer's views"
 
 # Posts the chosen file to the upload route; the server answers through the page's state (messages, file list).
@@ -38,7 +42,8 @@ STYLE = """
 .jrs-legend-bar { height: 22px; border: 1px solid #555; border-radius: 3px; }
 .jrs-ticks { display: flex; justify-content: space-between; font-size: 0.9rem; }
 .jrs-swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #444; margin-right: 6px; vertical-align: middle; }
-.jrs-metrics td, .jrs-metrics th { padding: 2px 6px !important; font-size: 0.92rem; white-space: nowrap; }
+.jrs-metrics td, .jrs-metrics th { padding: 1px 4px !important; font-size: 0.86rem; white-space: nowrap; }
+.jrs-metrics { overflow-x: auto; }
 .jrs-log { font-size: 0.78rem; max-height: 160px; overflow-y: auto; white-space: pre-wrap; margin: 0; }
 .jrs-download { padding: 3px 8px; border: 1px solid #90a4ae; border-radius: 4px; text-decoration: none; }
 html { overflow-y: hidden; }
@@ -64,7 +69,7 @@ def build(server: Any, layout_manager: Any) -> Any:
     with VAppLayout(server, full_height=True) as layout:
         client.Style(STYLE)
         client.Script(UPLOAD_SCRIPT)
-        client.ClientTriggers(mounted="viewer_id = viewer_id || Math.random().toString(36).slice(2, 12)")
+        client.ClientTriggers(mounted="viewer_id = viewer_id || (Math.random().toString(36).slice(2, 10) + Math.random().toString(36).slice(2, 10))")
         with v.VAppBar(density="compact", color="blue-grey-darken-3"):
             v.VAppBarTitle(TITLE)
             v.VChip("{{ run_state_text }}", classes="mr-4", color=("run_state === 'idle' ? 'green' : 'amber'",), id="jrs-state")
@@ -128,12 +133,15 @@ def _run(v: Any, html: Any, ctrl: Any) -> None:
         with v.VCardText():
             with html.Div(classes="d-flex ga-2 mb-3"):
                 v.VBtn(
-                    "{{ run_state === 'running' && run_owner === viewer_id ? 'Cancel' : (busy && run_owner === viewer_id ? run_state_text : 'Run') }}",
-                    color=("run_state === 'running' && run_owner === viewer_id ? 'red' : 'primary'",),
-                    disabled=("busy && run_owner === viewer_id && run_state !== 'running'",),
-                    click=(ctrl.run_clicked, "[viewer_id]"), id="jrs-run", width=120,
+                    f"{{{{ run_state === 'running' && {OWNER} ? 'Cancel' : (busy && {OWNER} ? run_state_text : 'Run') }}}}",
+                    color=(f"run_state === 'running' && {OWNER} ? 'red' : 'primary'",),
+                    disabled=(f"busy && {OWNER} && run_state !== 'running'",),
+                    click=(ctrl.run_clicked, "[viewer_id]"), id="jrs-run", width=110, classes="text-none",
                 )
-                v.VBtn("Compare all methods", variant="outlined", click=(ctrl.compare_clicked, "[viewer_id]"), id="jrs-compare")
+                v.VBtn(
+                    "Compare all methods", variant="outlined", click=(ctrl.compare_clicked, "[viewer_id]"), id="jrs-compare",
+                    classes="text-none",
+                )
             with v.VProgressLinear(model_value=("progress", 0), height=26, color="teal", rounded=True, id="jrs-progress"):
                 html.Span("{{ progress_text }}", classes="text-body-2", style="color: black")
             html.Div("{{ status }}", classes="text-body-2 mt-2", id="jrs-status")
@@ -173,7 +181,7 @@ def _display(v: Any, html: Any) -> None:
 
 def _metrics(v: Any, html: Any) -> None:
     with v.VCard(flat=True, title="Metrics", v_show="metrics.rows.length", id="jrs-metrics"):
-        with v.VCardText(classes="pb-1"):
+        with v.VCardText(classes="pb-1 px-2"):
             with v.VTable(density="compact", classes="jrs-metrics"):
                 with html.Thead():
                     with html.Tr():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..mrml.table import MEANING_COLUMN, METRIC_COLUMN, ROWS
+from ..mrml.table import BEFORE_COLUMN, MEANING_COLUMN, METRIC_COLUMN, ROWS
 
 MAIN_ROWS = frozenset(title for _, _, title, _ in ROWS)
+SHORT_TITLES = {BEFORE_COLUMN: "Before"}  # narrow columns: a comparison's five methods fit beside the views
 DATA_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLTransformNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode")
 
 
@@ -25,12 +26,14 @@ def metrics_view(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         for title, values in table.items()
     ]
-    return {"columns": [METRIC_COLUMN] + columns if rows else [], "rows": rows}
+    return {"columns": [METRIC_COLUMN] + [SHORT_TITLES.get(c, c) for c in columns] if rows else [], "rows": rows}
 
 
 def number_text(value: Any) -> str:
-    """Three decimals; a dash for a number that was not measured (NaN)."""
-    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+    """Three decimals below 10, two below 100, none above (narrow columns); a dash where nothing was measured (NaN)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.{3 if abs(value) < 10 else 2 if abs(value) < 100 else 0}f}"
 
 
 def node_names(scene: Any) -> list[str]:

@@ -214,6 +214,8 @@ class WebApp:
         file_id = self.state[field]
         if not file_id:
             return None
+        if not isinstance(file_id, str):
+            raise InputError("Choose a file from the list.")
         labels, name = INPUT_FIELDS[field]
         key = (file_id, labels)
         node = self.scene.GetNodeByID(self.nodes[key]) if key in self.nodes else None
@@ -299,7 +301,7 @@ class WebApp:
             return
         self.owner = viewer
         self._log_lines = []
-        self.state.update({"run_owner": viewer, "status": f"Running {', '.join(methods)}..."})
+        self.state.update({"run_owner": viewer[: panels.OWNER_TAG], "status": f"Running {', '.join(methods)}..."})
         self._notify(viewer, "")
 
     def _on_state(self, old: RunState, new: RunState) -> None:
