@@ -77,3 +77,22 @@ def test_outlines_and_legends_show_only_what_was_chosen(sample_pair, tmp_path):
     assert not legend.GetVisibility()
     nodes.show_legends(core.scene, [fixed.GetID()])
     assert legend.GetVisibility()
+
+
+def test_metrics_view_of_a_comparison_table():
+    """The page's table: the columns of slicer-core's metrics table node in order (one per method), per-structure
+    rows marked for the 'on request' view, unmeasured numbers as a dash."""
+    from JointRegSegLib.web.results import metrics_view, number_text
+
+    core = core_scene()
+    first = {"ncc": 0.7, "ncc_initial": 0.5, "dice_mean": 0.61, "dice_mean_initial": 0.3, "time_register_s": 146.92,
+             "labels": {"17": {"name": "Left-Hippocampus", "dice": 0.5, "dice_initial": 0.2, "hd95": 3.0}}}
+    second = {"ncc": 0.8, "ncc_initial": 0.5}
+    view = metrics_view(mrml.table_as_dict(mrml.add_metrics_table(core.scene, {"tto": first, "segreg": second}, "t")))
+    assert view["columns"] == ["Metric", "Before", "tto", "segreg"]
+    rows = {row["title"]: row for row in view["rows"]}
+    assert rows["NCC"]["values"] == ["0.500", "0.700", "0.800"] and rows["NCC"]["main"]
+    assert rows["Dice mean"]["values"] == ["0.300", "0.610", "–"]
+    assert rows["Time register (s)"]["values"] == ["–", "147", "–"] and rows["Time register (s)"]["main"]
+    assert not rows["Dice Left-Hippocampus"]["main"] and rows["Dice Left-Hippocampus"]["values"][1] == "0.500"
+    assert [number_text(v) for v in (0.12345, 12.345, 123.45, float("nan"), None)] == ["0.123", "12.35", "123", "–", "–"]
