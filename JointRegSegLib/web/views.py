@@ -4,14 +4,14 @@ Every slice view shows the fixed image (or the atlas) as background; the overlay
 of these over it (`OVERLAYS`): the moving image before registration or the warped image (in red
 over the grey fixed image), a checkerboard of fixed and warped, the Jacobian determinant or the
 PMM map with their colour legends, or the run's segmentations as outlines with their names.
-`apply_overlay` sets the scene for a choice (through `JointRegSegLib.mrml`) and returns the legend
+`apply_overlay` sets the scene for a choice (through `JointRegSegLib.mrml` and `scene`) and returns the legend
 the page draws beside the views. `annotate_slice_view` writes the view's name and the patient
 directions (R/L, A/P, S/I, read off the slice node's orientation) on the edges of a view.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -39,9 +39,9 @@ OVERLAY_COLOURS = "vtkMRMLColorTableNodeRed"
 DIRECTIONS = (("R", "L"), ("A", "P"), ("S", "I"))
 """The letter of the +/- direction of each RAS axis."""
 LABEL_FONT_SIZE = 22
+LABEL_COLOUR = (1.0, 0.85, 0.2)
 LEGEND_POSITION, LEGEND_SIZE, LEGEND_TITLE_WIDTH = (0.04, 0.45), (0.2, 0.7), 24
 """Colour legends stand in the 3D view, at its left edge (the slice views keep their anatomy and labels clear)."""
-LABEL_COLOUR = (1.0, 0.85, 0.2)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Legend:
     text: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "gradient": self.gradient, "ticks": self.ticks, "swatches": self.swatches, "text": self.text}
+        return asdict(self)
 
 
 def css_colour(rgb: tuple[float, ...]) -> str:
@@ -183,6 +183,7 @@ def annotate_slice_view(view: Any, title: str) -> None:
 
     renderer = view.first_renderer()
     actors: dict[str, Any] = {}
+    # edge: (x, y) in the view, horizontal justification (0 left, 1 centre, 2 right), vertical (0 bottom, 1 centre, 2 top)
     positions = {"left": (0.012, 0.5, 0, 1), "right": (0.988, 0.5, 2, 1), "top": (0.5, 0.985, 1, 2), "bottom": (0.5, 0.07, 1, 0)}
     for edge, (x, y, justify, vertical) in positions.items():
         actor = vtk.vtkTextActor()
