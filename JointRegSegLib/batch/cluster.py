@@ -90,9 +90,14 @@ def _sigint_ignored_by_children() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _dashboard_address() -> str | None:
-    """A free port for the dashboard where bokeh (which serves it) is installed."""
-    return ":0" if importlib.util.find_spec("bokeh") else None
+def has_dashboard() -> bool:
+    """Whether the Dask dashboard can be served here (it needs bokeh: the ``[batch]`` extra)."""
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def _scheduler_options() -> dict[str, Any]:
+    """The local scheduler: on 127.0.0.1, its dashboard (where bokeh is installed) on a free port."""
+    return {"host": "127.0.0.1", "dashboard": has_dashboard(), "dashboard_address": ":0"}
 
 
 def _local_cluster(options: ClusterOptions) -> tuple[Any, Placement]:
@@ -101,7 +106,7 @@ def _local_cluster(options: ClusterOptions) -> tuple[Any, Placement]:
     threads_per_worker = options.threads_per_worker or 1
     if options.device == "cuda":
         gpus = visible_gpus()[: options.workers or None]
-        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": _dashboard_address()}}
+        scheduler = {"cls": Scheduler, "options": _scheduler_options()}
         workers = {
             f"gpu{gpu}": {
                 "cls": Nanny,
@@ -117,8 +122,9 @@ def _local_cluster(options: ClusterOptions) -> tuple[Any, Placement]:
         workers = options.workers or default_cpu_workers()
         with _sigint_ignored_by_children():
             cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, host="127.0.0.1",
-                dashboard_address=_dashboard_address(), silence_logs=40,
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, silence_logs=40,
+                **{key: value for key, value in _scheduler_options().items() if key != "dashboard"},
+                scheduler_kwargs={"dashboard": has_dashboard()},
             )
         slots = workers * threads_per_worker
         description = f"local cluster: {workers} worker(s) x {threads_per_worker} thread(s)"

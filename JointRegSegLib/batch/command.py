@@ -7,7 +7,10 @@ with the command's own inputs, 130 stopped by Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from . import DEFAULT_SEG_SUFFIX
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1.")
     pairs = cohort_pairs(args.pairs, args.fixed, args.fixed_seg, args.seg_suffix)
     cluster = ClusterOptions(args.scheduler, args.workers, args.threads_per_worker, args.device)
-    report = run_batch(pairs, settings, args.out, cluster)
+    with _sigterm_as_ctrl_c():
+        report = run_batch(pairs, settings, args.out, cluster)
     if report.cancelled:
         print("stopped: finished results are kept, nothing partial was left; run the same command again to continue.")
         return EXIT_CANCELLED
@@ -78,3 +82,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"all {len(report.rows)} task(s) have results: see {args.out / 'summary.csv'}")
     return 0
 
+
+
+class _sigterm_as_ctrl_c:
+    """While the batch runs, SIGTERM (``kill``, a job scheduler's pre-emption) stops it as Ctrl-C does."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._interrupt)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    @staticmethod
+    def _interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt

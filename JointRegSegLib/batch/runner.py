@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..methods import method_names
 from ..worker.job import INPUT_KEYS
 from ..worker.outputs import versions, write_json
-from .cluster import ClusterOptions, Placement, dask_client
+from .cluster import ClusterOptions, Placement, dask_client, has_dashboard
 from .resume import Checksums, Recipe, definition_of, finished_result, foreign_files, record_failure, recorded_failure
 from .summary import FAILED, Row, result_numbers, write_summary
 from .task import TaskOutcome, TaskPaths, TaskSpec, run_task
@@ -205,7 +205,9 @@ def execute(
     started = time.monotonic()
     with dask_client(cluster) as (client, placement):
         log(f"{placement.description}; {placement.slots} task(s) at once" + (f", {_threads(settings, placement)} thread(s) each" if _threads(settings, placement) else ""))
-        if client.dashboard_link and _serves_dashboard(client):
+        if cluster.scheduler is None and not has_dashboard():
+            log("(the Dask dashboard needs bokeh: pip install -e '.[batch]')")
+        else:
             log(f"Dask dashboard: {client.dashboard_link}")
         token = f"{os.getpid()}-{int(time.time())}"
         futures = {
@@ -238,17 +240,12 @@ def execute(
                 outcomes.setdefault(index, _outcome(future, to_run[index]))
         finally:
             bar.close()
-    log(f"ran {len(outcomes)} task(s) in {time.monotonic() - started:.1f} s")
+    log(f"{len(outcomes)} task(s) ended after {time.monotonic() - started:.1f} s")
     return outcomes, cancelled
 
 
 def _threads(settings: BatchSettings, placement: Placement) -> int | None:
     return settings.threads or placement.threads_per_job
-
-
-def _serves_dashboard(client: Any) -> bool:
-    """Whether the scheduler serves its dashboard (it needs bokeh)."""
-    return bool(client.scheduler_info().get("services", {}).get("dashboard"))
 
 
 def summary_row(planned: Planned, outcome: TaskOutcome | None) -> Row:

@@ -4,7 +4,8 @@
 ``python -m JointRegSegLib.worker JOB.json`` (through `bench.processes.spawn`: its own process
 group, peak memory measured, stopped on a timeout or when the batch's stop file appears), retries a
 failure once unless the worker reported a problem with the inputs or options (exit code 2: the same
-inputs would fail the same way), and moves a finished result into place.
+inputs would fail the same way) or was cancelled by someone's SIGTERM, and moves a finished result
+into place.
 
 Layout under the batch folder ``DIR`` for pair ``ID`` and method folder ``M`` (`TaskPaths`)::
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.processes import child_environment, last_error, spawn
-from ..worker.__main__ import EXIT_BAD_INPUT
+from ..worker.__main__ import EXIT_BAD_INPUT, EXIT_CANCELLED
 
 LOGS = "logs"
 
@@ -134,7 +135,7 @@ def run_task(spec: TaskSpec) -> TaskOutcome:
             errors.append(f"stopped after the time limit of {spec.timeout_s:g} s (--timeout)")
             break
         errors.append(f"{last_error(log)} (worker exit code {done.returncode})")
-        if done.returncode == EXIT_BAD_INPUT:
+        if done.returncode in (EXIT_BAD_INPUT, EXIT_CANCELLED):
             break
     outcome.status = "failed"
     outcome.error = errors[0] if len(set(errors)) == 1 else "; ".join(f"attempt {n}: {e}" for n, e in enumerate(errors, 1))

@@ -44,17 +44,28 @@ def child_environment(threads: int) -> dict[str, str]:
 # image it replaces into the new program's ru_maxrss, so a tool started straight from this process
 # (torch, images and maps loaded) would report our peak, not its own; started by the launcher (a
 # bare Python) it inherits only the launcher's few megabytes. The launcher and the tool form their
-# own process group, which is what a timeout or Ctrl-C stops.
+# own process group, which is what a timeout or Ctrl-C stops. If the process that started the
+# launcher dies (a killed benchmark, a Dask worker process that ended), the launcher stops the tool
+# (SIGTERM: the worker removes its unfinished output) instead of leaving it running unattended.
 _LAUNCHER = """
-import json, os, signal, subprocess, sys
+import json, os, signal, subprocess, sys, threading, time
+parent = os.getppid()
 child = subprocess.Popen(sys.argv[2:])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+finished = threading.Event()
+def watch_parent():
+    while not finished.wait(1.0):
+        if os.getppid() != parent:
+            child.terminate()
+            return
+threading.Thread(target=watch_parent, daemon=True).start()
 if hasattr(os, "wait4"):
     _, status, usage = os.wait4(child.pid, 0)
     code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss
 else:
     code, peak = child.wait(), None
+finished.set()
 with open(sys.argv[1], "w") as stream:
     json.dump([code, peak], stream)
 """
