@@ -40,7 +40,7 @@ from JointRegSegLib.imageio import Geometry, read_image, read_labels, resample, 
 METHOD = "tto[spacing=4;affine_iterations=[15,6,3];tto=false]"
 FOLDER = folder_name(METHOD)
 FAST = ["--methods", METHOD, "--threads", "1", "--no-pictures"]
-TIME_COLUMNS = {"time_s", "process_s", "peak_rss_mb", "time_load_s", "time_register_s", "output", "log", "attempts"}
+TIME_COLUMNS = {"time_s", "process_s", "peak_rss_mb", "time_load_s", "time_register_s", "output", "log"}
 BATCH_TIMEOUT_S = 900
 
 
@@ -287,3 +287,24 @@ def test_batch_command_line_rejects_bad_settings(tmp_path, cohort):
     assert batch(str(cohort), "--out", str(tmp_path / "o"), "--methods", "flirt")[0] == 2
     assert batch(str(cohort), "--out", str(tmp_path / "o"), "--methods", "tto,tto")[0] == 2
     assert batch(str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))[0] == 2
+
+
+def test_a_child_whose_starter_died_is_stopped(tmp_path):
+    """A Dask worker process that dies must not leave its registration running unattended."""
+    starter_code = (
+        "import os, sys\nfrom pathlib import Path\nfrom JointRegSegLib.bench.processes import spawn\n"
+        f"spawn([sys.executable, '-c', 'import time; time.sleep(600)'], dict(os.environ), Path({str(tmp_path / 'child.log')!r}))\n"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", starter_code])
+    try:
+        deadline = time.monotonic() + 120
+        children = []
+        while not children and time.monotonic() < deadline:
+            children = [p for p in psutil.Process(starter.pid).children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
+            time.sleep(0.2)
+        assert children, "the child did not start"
+    finally:
+        starter.kill()
+        starter.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, "the child outlived the process that started it"

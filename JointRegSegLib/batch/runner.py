@@ -253,8 +253,8 @@ def summary_row(planned: Planned, outcome: TaskOutcome | None) -> Row:
     status = outcome.status if outcome is not None else planned.status
     row = Row(planned.pair.name, planned.method, status, error=planned.error)
     if outcome is not None:
-        row.attempts, row.process_s, row.peak_rss_mb, row.error, row.log = (
-            outcome.attempts, outcome.process_s, outcome.peak_rss_mb, outcome.error, outcome.log,
+        row.attempts, row.process_s, row.peak_rss_mb, row.host, row.error, row.log = (
+            outcome.attempts, outcome.process_s, outcome.peak_rss_mb, outcome.host, outcome.error, outcome.log,
         )
     elif status == "failed earlier":
         row.log = str(planned.paths.log())

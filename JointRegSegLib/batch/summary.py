@@ -3,7 +3,7 @@
 Columns: ``id``, ``method``, ``status`` (`STATUSES`), ``attempts`` (worker runs in this batch),
 ``time_s`` (the worker's whole run, from its provenance.json), ``process_s`` and ``peak_rss_mb``
 (the worker process of this batch: wall time and peak resident memory; empty for a kept result),
-``error``, ``output`` (the result folder), ``log``, then every number of the result's metrics.json
+``host`` (the machine it ran on), ``error``, ``output`` (the result folder), ``log``, then every number of the result's metrics.json
 (the benchmark's columns first, then the rest by name; per-label numbers stay in metrics.json).
 """
 
@@ -27,7 +27,7 @@ STATUSES = {
     "cancelled": "stopped by Ctrl-C before it finished (a rerun runs it)",
 }
 FAILED = ("failed", "failed earlier")
-COLUMNS = ("id", "method", "status", "attempts", "time_s", "process_s", "peak_rss_mb", "error", "output", "log")
+COLUMNS = ("id", "method", "status", "attempts", "time_s", "process_s", "peak_rss_mb", "host", "error", "output", "log")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Row:
     time_s: float = float("nan")
     process_s: float = float("nan")
     peak_rss_mb: float = float("nan")
+    host: str = ""
     error: str = ""
     output: str = ""
     log: str = ""

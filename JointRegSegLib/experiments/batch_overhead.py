@@ -1,7 +1,7 @@
 """What the cohort runner costs: ``jointregseg batch`` against running the worker directly.
 
-    python -m JointRegSegLib.experiments.batch_overhead --out batch_overhead [--count 20] [--spacing 2] \\
-        [--method "tto[tto=false]"]
+    python -m JointRegSegLib.experiments.batch_overhead --out batch_overhead [--count 20] [--spacing 3] \\
+        [--method "tto[tto=false;spacing=4]"]
 
 1. ``count`` synthetic pairs are made from the shared data's brain (`bench.pairs.synthetic_pair_list`:
    the pair's fixed T1 under known random smooth deformations, resampled to ``spacing`` mm).
@@ -35,6 +35,7 @@ from ..bench.command import split_names
 from ..bench.pairs import SyntheticOptions, synthetic_pair_list
 from ..bench.processes import child_environment
 from ..cli import parse_options
+from ..errors import InputError
 
 
 def _timed(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:
@@ -121,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("batch_overhead"))
     parser.add_argument("--count", type=int, default=20)
-    parser.add_argument("--spacing", type=float, default=2.0)
-    parser.add_argument("--method", default="tto[tto=false]")
+    parser.add_argument("--spacing", type=float, default=3.0)
+    parser.add_argument("--method", default="tto[tto=false;spacing=4]")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     [method] = split_names(args.method)
-    measure(args.out, args.count, args.spacing, method, args.option)
+    try:
+        measure(args.out, args.count, args.spacing, method, args.option)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print((args.out / "batch_overhead.md").read_text())
     return 0
 
