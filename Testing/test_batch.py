@@ -308,3 +308,27 @@ def test_a_child_whose_starter_died_is_stopped(tmp_path):
         starter.wait(30)
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, "the child outlived the process that started it"
+
+
+def test_gpu_workers_see_their_gpu_and_run_one_task_per_gpu_at_a_time():
+    """The local GPU cluster's placement, checked without a GPU: each worker's CUDA_VISIBLE_DEVICES
+    and its GPU=1 resource, which keeps a second task waiting although the worker has two threads."""
+    from distributed import Client
+
+    from JointRegSegLib.batch.cluster import GPU, gpu_cluster
+
+    def interval() -> tuple[float, float]:
+        start = time.time()
+        time.sleep(1.0)
+        return start, time.time()
+
+    cluster = gpu_cluster(["3"], threads_per_worker=2)
+    try:
+        with Client(cluster) as client:
+            assert list(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values()) == ["3"]
+            on_gpu = sorted(client.gather([client.submit(interval, pure=False, resources={GPU: 1}) for _ in range(2)]))
+            free = sorted(client.gather([client.submit(interval, pure=False) for _ in range(2)]))
+    finally:
+        cluster.close()
+    assert on_gpu[1][0] >= on_gpu[0][1], "two tasks ran on one GPU at once"
+    assert free[1][0] < free[0][1], "without the resource the two threads run both tasks at once"

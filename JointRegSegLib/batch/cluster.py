@@ -100,22 +100,29 @@ def _scheduler_options() -> dict[str, Any]:
     return {"host": "127.0.0.1", "dashboard": has_dashboard(), "dashboard_address": ":0"}
 
 
+def gpu_cluster(gpus: list[str], threads_per_worker: int = 1) -> Any:
+    """A local cluster with one worker per GPU id: ``CUDA_VISIBLE_DEVICES`` set to it, resource ``GPU=1``."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    scheduler = {"cls": Scheduler, "options": _scheduler_options()}
+    workers = {
+        f"gpu{gpu}": {
+            "cls": Nanny,
+            "options": {"host": "127.0.0.1", "nthreads": threads_per_worker, "resources": {GPU: 1}, "env": {"CUDA_VISIBLE_DEVICES": gpu}},
+        }
+        for gpu in gpus
+    }
+    with _sigint_ignored_by_children():
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+
+
 def _local_cluster(options: ClusterOptions) -> tuple[Any, Placement]:
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+    from distributed import LocalCluster
 
     threads_per_worker = options.threads_per_worker or 1
     if options.device == "cuda":
         gpus = visible_gpus()[: options.workers or None]
-        scheduler = {"cls": Scheduler, "options": _scheduler_options()}
-        workers = {
-            f"gpu{gpu}": {
-                "cls": Nanny,
-                "options": {"host": "127.0.0.1", "nthreads": threads_per_worker, "resources": {GPU: 1}, "env": {"CUDA_VISIBLE_DEVICES": gpu}},
-            }
-            for gpu in gpus
-        }
-        with _sigint_ignored_by_children():
-            cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+        cluster = gpu_cluster(gpus, threads_per_worker)
         slots = len(gpus)
         description = f"local cluster: {len(gpus)} GPU worker(s) (GPUs {', '.join(gpus)})"
     else:

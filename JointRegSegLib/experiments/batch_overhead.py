@@ -1,7 +1,7 @@
 """What the cohort runner costs: ``jointregseg batch`` against running the worker directly.
 
     python -m JointRegSegLib.experiments.batch_overhead --out batch_overhead [--count 20] [--spacing 3] \\
-        [--method "tto[tto=false;spacing=4]"]
+        [--method "tto[tto=false;spacing=4;affine_iterations=[15,6,3]]"]
 
 1. ``count`` synthetic pairs are made from the shared data's brain (`bench.pairs.synthetic_pair_list`:
    the pair's fixed T1 under known random smooth deformations, resampled to ``spacing`` mm).
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("batch_overhead"))
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--spacing", type=float, default=3.0)
-    parser.add_argument("--method", default="tto[tto=false;spacing=4]")
+    parser.add_argument("--method", default="tto[tto=false;spacing=4;affine_iterations=[15,6,3]]")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     [method] = split_names(args.method)
