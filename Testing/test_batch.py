@@ -35,6 +35,7 @@ from JointRegSegLib.batch.resume import Checksums, foreign_files
 from JointRegSegLib.batch.runner import BatchSettings, plan_task
 from JointRegSegLib.bench.pairs import read_pair_list
 from JointRegSegLib.bench.runner import folder_name
+from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio import Geometry, read_image, read_labels, resample, write_volume
 
 METHOD = "tto[spacing=4;affine_iterations=[15,6,3];tto=false]"
@@ -283,10 +284,12 @@ def _processes_mentioning(folder: Path) -> list[str]:
     return found
 
 
-def test_batch_command_line_rejects_bad_settings(tmp_path, cohort):
-    assert batch(str(cohort), "--out", str(tmp_path / "o"), "--methods", "flirt")[0] == 2
-    assert batch(str(cohort), "--out", str(tmp_path / "o"), "--methods", "tto,tto")[0] == 2
-    assert batch(str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))[0] == 2
+def test_batch_command_line_rejects_bad_settings(tmp_path):
+    for methods, message in ((["flirt"], "unknown method"), (["tto", "tto"], "names a method twice"), ([], "no method")):
+        with pytest.raises(InputError, match=message):
+            BatchSettings(methods=methods).check()
+    code, log = batch(str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "none.csv" in log and "Traceback" not in log
 
 
 def test_a_child_whose_starter_died_is_stopped(tmp_path):
