@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+
+pytest.importorskip("distributed", reason="jointregseg batch needs Dask (pip install -e '.[test]' on Python 3.10+)")
+import psutil  # a dependency of Dask's distributed
 
 from JointRegSegLib.batch.pairlist import cohort_pairs
 from JointRegSegLib.batch.resume import Checksums, foreign_files

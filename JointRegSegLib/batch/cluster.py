@@ -162,7 +162,10 @@ def _remote_placement(client: Any, address: str, options: ClusterOptions) -> Pla
 @contextmanager
 def dask_client(options: ClusterOptions) -> Iterator[tuple[Any, Placement]]:
     """A Dask client and what its cluster offers (see the module docstring); closed on exit."""
-    from distributed import Client
+    try:
+        from distributed import Client
+    except ImportError as error:
+        raise InputError("jointregseg batch needs Dask (Python 3.10 or newer): pip install -e '.[batch]'.") from error
 
     if options.device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda (each GPU worker uses its own GPU); got '{options.device}'.")
