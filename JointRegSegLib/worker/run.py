@@ -19,7 +19,7 @@ from ..imageio.io import read_image, read_labels
 from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
-from ..methods.base import Inputs, Options
+from ..methods.base import Inputs, Options, Result
 from ..report import save_individual_pictures
 from ..weights import sha256_of
 from .events import EventWriter
@@ -102,7 +102,7 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
 
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        maps = quality_maps(inputs.fixed, result.warped, result.displacement)
+        maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
         metrics = evaluate(inputs, result, maps)
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         timings["evaluate_s"] = time.monotonic() - tick
@@ -112,7 +112,9 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
         files = write_result(staging.path, result, maps, metrics)
         if job.pictures:
             pictures = save_individual_pictures(
-                staging.path / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, maps.jacobian, maps.pmm
+                staging.path / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, maps.jacobian, maps.pmm,
+                jacobian_part=maps.jacobian_part, segmentations=segmentation_pictures(inputs, result, method.info.name),
+                mask=maps.mask,
             )
             files.update({f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()})
         timings["write_s"] = time.monotonic() - tick
@@ -128,6 +130,18 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
     summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics}
     events.emit("result", **summary)
     return summary
+
+
+def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[str, tuple[Volume, Volume, str]]:
+    """Outline pictures: the warped label map over the fixed image, and the method's own segmentations
+    (and brain mask) over the image each lies on."""
+    candidates = {
+        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed"),
+        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed"),
+        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving"),
+        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
+    }
+    return {name: entry for name, entry in candidates.items() if entry[1] is not None}
 
 
 def _on_fixed_grid(inputs: Inputs) -> Volume:
