@@ -291,7 +291,7 @@ class WebApp:
         except InputError as error:
             self._notify(viewer, str(error))
             return
-        self._start(viewer, [info.name for info in Controller.methods() if self.controller.check(request, info.name) is None])
+        self._start(viewer, self.controller.comparable(request))
 
     def _start(self, viewer: str, methods: list[str]) -> None:
         try:
