@@ -119,14 +119,15 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
-from ..imageio.network_grid import corner_points, network_geometry
+from ..imageio.network_grid import corner_points, network_geometry, resample
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
-from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial import affine_to_displacement, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial.physical import grid_indices_of, grid_steps_to_physical
 from ..synth.render import gaussian_blur
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import NetworkPair, prepare_pair, result_from_network_field
+from .common import NetworkPair, prepare_pair, result_from_physical_field
 from .regions import RegionPlan, parse_regions, plan_regions
 
 VARIANTS = ("iterative", "learned")
@@ -511,11 +512,12 @@ def extend_field(total: torch.Tensor, known: torch.Tensor, pool: int = 4, sigma:
 def compose_regions(
     prepared: Prepared, fields: dict[int, tuple[Box, torch.Tensor, int]], sigma: float, extend: bool = False
 ) -> torch.Tensor:
-    """``u = sum_i u_i * S_f^i`` on the fine grid, then the affine stage composed in front (whole mapping).
+    """``u = sum_i u_i * S_f^i`` on the fine grid (the deformable part, before the affine stage).
 
     ``fields[r] = (box, u_r on the box pooled by factor, factor)``. With ``sigma`` > 0 the masks are
     blurred and the sum renormalised by the sum of the blurred masks. With ``extend``, regions
-    without a field get the smooth extension of the others (`extend_field`).
+    without a field get the smooth extension of the others (`extend_field`). `field_on_fixed_grid`
+    turns it into the whole mapping on the fixed image's grid.
     """
     fixed_regions = prepared.fixed_regions
     total = torch.zeros((1, 3) + tuple(fixed_regions.shape[2:]), device=fixed_regions.device)
@@ -537,11 +539,69 @@ def compose_regions(
             for region in fields:
                 known += (fixed_regions == region).float()
             total = extend_field(total, known)
-        return compose(prepared.affine_disp, total)
+        return total
 
 
-def _finish(inputs: Inputs, prepared: Prepared, disp: torch.Tensor, settings: Settings, details: dict[str, Any]) -> Result:
-    result = result_from_network_field(inputs, prepared.pair.grid, disp, affine_index=prepared.affine_index)
+def fixed_grid_regions(inputs: Inputs, prepared: Prepared, points: torch.Tensor) -> np.ndarray:
+    """The region of every fixed-image voxel, from the fixed label map on the fixed image's own grid.
+
+    Codes map to regions through the plan's code groups; voxels whose code the plan dropped (found
+    in one map only, or lost by the resampling) take the region of the nearest fine-grid voxel
+    (``points``: their fine-grid indices).
+    """
+    labels = inputs.fixed_seg
+    if not labels.geometry.same_as(inputs.fixed.geometry):
+        labels = resample(labels, inputs.fixed.geometry, "nearest")
+    codes = labels.array.astype(np.int64)
+    lookup = {code: region for region, group in enumerate(prepared.plan.codes) for code in group}
+    regions = np.full(codes.shape, -1, dtype=np.int64)
+    for code in np.unique(codes).tolist():
+        if code in lookup:
+            regions[codes == code] = lookup[code]
+    dropped = regions < 0
+    if dropped.any():
+        where = torch.from_numpy(dropped)
+        nearest = sample_at_indices(
+            prepared.fixed_regions.float(), points[where].view(1, -1, 1, 1, 3), mode="nearest", padding_mode="border"
+        )
+        regions[dropped] = nearest.view(-1).round().long().cpu().numpy()
+    return regions
+
+
+def field_on_fixed_grid(
+    inputs: Inputs, prepared: Prepared, fields: dict[int, tuple[Box, torch.Tensor, int]], total: torch.Tensor, sigma: float
+) -> Volume:
+    """The whole mapping (affine stage, then the composed region fields) as a physical field on the fixed grid.
+
+    With hard masks (``sigma`` 0) each fixed voxel takes the field of its own region (`fixed_grid_regions`),
+    interpolated from that region's field alone, so where the fine grid's voxels do not coincide with
+    the fixed image's (other spacing, odd padding), a voxel beside a region border never mixes two
+    regions' displacements (two sliding regions would send it between their targets, into a third
+    structure). Regions without a field, and the blurred composition of ``sigma`` > 0, sample the
+    composed field ``total`` (fine grid, from `compose_regions`). Then ``c(x) = t(x) + a(x + t(x))``
+    (`spatial.compose` with the affine stage ``a``).
+    """
+    grid, geometry = prepared.pair.grid, inputs.fixed.geometry
+    device = total.device
+    points = grid_indices_of(geometry, grid).to(device)
+    as_batch = points.view(1, -1, 1, 1, 3)
+    whole = sample_at_indices(total, as_batch, padding_mode="border").view(3, -1).T
+    if sigma <= 0:
+        regions = torch.from_numpy(fixed_grid_regions(inputs, prepared, points).reshape(-1)).to(device)
+        for region, (box, disp, factor) in fields.items():
+            where = regions == region
+            if not bool(where.any()):
+                continue
+            start = torch.tensor(box.start, dtype=points.dtype, device=device)
+            local = (as_batch[0, :, 0, 0][where] - start).view(1, -1, 1, 1, 3)
+            whole[where] = sample_at_indices(upsample_field(disp, factor), local, padding_mode="border").view(3, -1).T
+    moved = (as_batch[0, :, 0, 0] + whole).view(1, -1, 1, 1, 3)
+    whole = whole + sample_at_indices(prepared.affine_disp, moved, padding_mode="border").view(3, -1).T
+    return grid_steps_to_physical(whole.view(tuple(geometry.shape) + (3,)), grid, geometry)
+
+
+def _finish(inputs: Inputs, prepared: Prepared, mapping: Volume, settings: Settings, details: dict[str, Any]) -> Result:
+    result = result_from_physical_field(inputs, mapping, prepared.pair.grid, affine_index=prepared.affine_index)
     result.details.update(
         {
             "variant": settings.variant,
@@ -859,11 +919,12 @@ def register_iterative(
             v = smooth_field(params[p.region].detach(), settings.field_smoothing)
             disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
             fields[p.region] = (p.box, disp, previous)
-    disp = compose_regions(prepared, fields, settings.mask_smoothing)
+    total = compose_regions(prepared, fields, settings.mask_smoothing)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing)
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.97, "writing the field")
     details = {"iterations": done, "stopped_by_time_budget": stopped_early, "loss_history": history}
-    return _finish(inputs, prepared, disp, settings, details)
+    return _finish(inputs, prepared, mapping, settings, details)
 
 
 # ----------------------------------------------------------------------------- learned variant
@@ -937,10 +998,11 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
                 progress(0.4 + 0.5 * call / max(calls, 1), f"network on region crops ({call}/{calls})")
     prepared.timings["network_s"] = time.monotonic() - tick
     tick = time.monotonic()
-    disp = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
+    total = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing)
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.95, "writing the field")
-    result = _finish(inputs, prepared, disp, settings, {"empty_regions_extended": skipped, "network_calls": calls})
+    result = _finish(inputs, prepared, mapping, settings, {"empty_regions_extended": skipped, "network_calls": calls})
     result.weights = {settings.weights_name: checksum}
     return result
 
