@@ -35,6 +35,7 @@ from JointRegSegLib.methods.segreg import (
     label_affine,
     masked_gradient_l2,
     prepare,
+    unlabelled_to_nearest,
 )
 from JointRegSegLib.spatial import affine_to_displacement, warp
 from JointRegSegLib.metrics import dice_per_label
@@ -142,6 +143,17 @@ def test_composition_on_the_fixed_grid_is_exact_for_piecewise_translations():
     expected = np.nan_to_num(truth)
     assert np.abs(mapping.array[..., 1] - expected).max() < 1e-4
     assert np.abs(mapping.array[..., [0, 2]]).max() < 1e-4
+
+
+def test_unlabelled_voxels_near_labels_take_the_nearest_region():
+    """A background gap between two regions (a sulcus) joins the nearer region; far background stays background."""
+    regions = np.zeros((12, 5, 5), np.int64)
+    regions[1:4] = 1
+    regions[7:10] = 2  # background gap at i = 4, 5, 6; far background at i = 0, 10, 11 only 1-2 voxels away
+    out = unlabelled_to_nearest(regions, (2.0, 1.0, 1.0), reach_mm=2.0)
+    assert (out[4] == 1).all() and (out[6] == 2).all() and (out[10] == 2).all() and (out[0] == 1).all()
+    assert (out[5] == regions[5]).all() and (out[11] == 0).all(), "voxels farther than the reach stay background"
+    assert np.array_equal(unlabelled_to_nearest(regions, (2.0, 1.0, 1.0), reach_mm=0.0), regions)
 
 
 def test_same_seed_same_field():

@@ -21,6 +21,10 @@ the CLI's ``--option KEY=VALUE``):
 ``margin_mm``         iterative: context kept around each region (default 5 mm)
 ``mask_smoothing``    Gaussian sigma (voxels of the fine grid) of the composition masks (default 0:
                       the paper's hard masks)
+``background_reach_mm`` composition: background (unlabelled) voxels within this distance of a labelled
+                      voxel take the field of the nearest labelled voxel's region (default: the band
+                      where the region fields are regularised, ``REG_DILATION`` voxels of the finest
+                      level: 4 mm on a 1 mm grid; 0: the background field everywhere in the background)
 ``affine``            the affine pre-alignment: ``image`` (default: `affine_stage.fit_affine`, MI on
                       the images), ``labels`` (least squares on the shared labels' centroids, fast and
                       contrast-free) or ``none``
@@ -85,6 +89,14 @@ Choices where the paper is silent (recorded here, as METHODS.md asks):
   with ``mask_smoothing`` = sigma > 0 the masks are Gaussian-blurred and renormalised to sum 1
   (a light smoothing of the discontinuity, METHODS.md: fewer folds, lower Dice for thin
   structures). A region empty in the fixed map has no weight anywhere and is skipped.
+  With hard masks the sum is taken on the fixed image's own grid (`field_on_fixed_grid`): each
+  fixed voxel takes its own region's field, interpolated from that field alone, so a voxel beside
+  a border never mixes two sliding regions' displacements where the fine grid is off the fixed grid
+  (2 mm sample data, odd sizes, other spacings). The background of a brain label map also holds
+  unlabelled tissue (sulcal CSF, the medial surface at the midline) that the one smooth background
+  field cannot follow: background voxels within ``background_reach_mm`` of a labelled voxel take
+  the field of the nearest labelled voxel's region (by default the band in which that field is
+  regularised, so it is defined there). docs/results/segreg.md measures both.
 - Learned variant: `nets.RegistrationUNet` (VoxelMorph-like: 4 down / 4 up with skips; the
   architecture is stored with the weights) predicts a stationary velocity on each region pair
   (moving first), integrated by scaling and squaring, at the coarser level the weights were
@@ -153,6 +165,7 @@ _DEFAULTS: dict[str, Any] = {
     "field_smoothing": 2,
     "margin_mm": 5.0,
     "mask_smoothing": 0.0,
+    "background_reach_mm": None,
     "affine": "image",
     "spacing": None,
     "weights_name": None,
@@ -177,6 +190,7 @@ class Settings:
     field_smoothing: int = 2
     margin_mm: float = 5.0
     mask_smoothing: float = 0.0
+    background_reach_mm: float | None = None
     affine: str = "image"
     spacing: float | None = None
     weights_name: str = "segreg-dice"
@@ -207,6 +221,9 @@ class Settings:
             raise InputError(f"iteration counts must be positive; got {iterations} and fine_iterations {fine_iterations}")
         numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing")}
         spacing = None if values["spacing"] is None else float(values["spacing"])
+        reach = None if values["background_reach_mm"] is None else float(values["background_reach_mm"])
+        if reach is not None and not reach >= 0:
+            raise InputError(f"background_reach_mm must be a distance in mm >= 0; got {values['background_reach_mm']!r}")
         if numbers["lr"] <= 0 or (spacing is not None and spacing <= 0) or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
             raise InputError(
                 f"lr and spacing must be positive, margin_mm and mask_smoothing non-negative; got {numbers}, spacing {spacing}"
@@ -230,6 +247,7 @@ class Settings:
             field_smoothing=passes,
             margin_mm=numbers["margin_mm"],
             mask_smoothing=numbers["mask_smoothing"],
+            background_reach_mm=reach,
             affine=affine,
             spacing=spacing,
             weights_name=str(values["weights_name"] or f"segreg-{mask_loss}"),
@@ -568,8 +586,40 @@ def fixed_grid_regions(inputs: Inputs, prepared: Prepared, points: torch.Tensor)
     return regions
 
 
+def background_reach(settings: Settings, factor: int) -> float:
+    """``background_reach_mm``, by default ``REG_DILATION`` voxels of the level the fields live at (``factor``)."""
+    if settings.background_reach_mm is not None:
+        return settings.background_reach_mm
+    return REG_DILATION * factor * float(settings.spacing)
+
+
+def unlabelled_to_nearest(regions: np.ndarray, spacing: tuple[float, ...], reach_mm: float) -> np.ndarray:
+    """Background voxels within ``reach_mm`` of a labelled voxel take the region of the nearest labelled voxel.
+
+    The background of a brain label map also holds unlabelled tissue (sulcal CSF, the medial
+    surface at the midline); one smooth background field cannot follow it between the gyri.
+    """
+    background = regions == 0
+    if reach_mm <= 0 or background.all() or not background.any():
+        return regions
+    foreground = np.nonzero(~background)
+    pad = int(math.ceil(reach_mm / min(spacing))) + 1
+    box = tuple(slice(max(int(w.min()) - pad, 0), int(w.max()) + 1 + pad) for w in foreground)
+    distance, index = ndimage.distance_transform_edt(background[box], sampling=spacing, return_indices=True)
+    near = background[box] & (distance <= reach_mm)
+    out = regions.copy()
+    inner = out[box]
+    inner[near] = regions[box][tuple(i[near] for i in index)]
+    return out
+
+
 def field_on_fixed_grid(
-    inputs: Inputs, prepared: Prepared, fields: dict[int, tuple[Box, torch.Tensor, int]], total: torch.Tensor, sigma: float
+    inputs: Inputs,
+    prepared: Prepared,
+    fields: dict[int, tuple[Box, torch.Tensor, int]],
+    total: torch.Tensor,
+    sigma: float,
+    reach_mm: float = 0.0,
 ) -> Volume:
     """The whole mapping (affine stage, then the composed region fields) as a physical field on the fixed grid.
 
@@ -577,8 +627,9 @@ def field_on_fixed_grid(
     interpolated from that region's field alone, so where the fine grid's voxels do not coincide with
     the fixed image's (other spacing, odd padding), a voxel beside a region border never mixes two
     regions' displacements (two sliding regions would send it between their targets, into a third
-    structure). Regions without a field, and the blurred composition of ``sigma`` > 0, sample the
-    composed field ``total`` (fine grid, from `compose_regions`). Then ``c(x) = t(x) + a(x + t(x))``
+    structure); background voxels within ``reach_mm`` of a labelled voxel take the field of the nearest
+    labelled voxel's region (`unlabelled_to_nearest`). Regions without a field, and the blurred
+    composition of ``sigma`` > 0, sample the composed field ``total`` (fine grid, from `compose_regions`). Then ``c(x) = t(x) + a(x + t(x))``
     (`spatial.compose` with the affine stage ``a``).
     """
     grid, geometry = prepared.pair.grid, inputs.fixed.geometry
@@ -587,7 +638,8 @@ def field_on_fixed_grid(
     as_batch = points.view(1, -1, 1, 1, 3)
     whole = sample_at_indices(total, as_batch, padding_mode="border").view(3, -1).T
     if sigma <= 0:
-        regions = torch.from_numpy(fixed_grid_regions(inputs, prepared, points).reshape(-1)).to(device)
+        regions = unlabelled_to_nearest(fixed_grid_regions(inputs, prepared, points), geometry.spacing, reach_mm)
+        regions = torch.from_numpy(regions.reshape(-1)).to(device)
         for region, (box, disp, factor) in fields.items():
             where = regions == region
             if not bool(where.any()):
@@ -920,7 +972,7 @@ def register_iterative(
             disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
             fields[p.region] = (p.box, disp, previous)
     total = compose_regions(prepared, fields, settings.mask_smoothing)
-    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, previous or 1))
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.97, "writing the field")
     details = {"iterations": done, "stopped_by_time_budget": stopped_early, "loss_history": history}
@@ -999,7 +1051,7 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
     prepared.timings["network_s"] = time.monotonic() - tick
     tick = time.monotonic()
     total = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
-    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, factor))
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.95, "writing the field")
     result = _finish(inputs, prepared, mapping, settings, {"empty_regions_extended": skipped, "network_calls": calls})
