@@ -20,7 +20,9 @@ Usage::
 
     python -m JointRegSegLib.experiments.segreg_defects --data ../shared/data/pair --run RUN --out OUT
 
-Writes ``defects.json`` and ``defects.png`` (rows: fixed image with the fixed region borders,
+Writes ``defects.json``, ``defects.png`` and, with ``--compare OTHER_RUN ...``, ``comparison.png``
+(sagittal and coronal slices through the corpus callosum of the fixed image and each run's warped
+image). ``defects.png`` rows: fixed image with the fixed region borders,
 warped image with the same borders, implausible voxels coloured by their distance to a border,
 local NCC; columns: axial, coronal and sagittal slices through the corpus callosum).
 """
@@ -37,12 +39,13 @@ from scipy import ndimage
 
 from ..imageio import read_image, read_labels
 from ..imageio.geometry import Volume
+from ..labels import label_info
 from ..metrics import jacobian_determinant
 from ..report.slices import orthogonal_aspects, orthogonal_slices
 from ..spatial.field_io import read_displacement_field
 
 BINS_MM = (0.0, 1.0, 2.0, 3.0, 5.0, np.inf)  # distance bins: [0, 1), [1, 2), [2, 3), [3, 5), >= 5 mm
-BIN_NAMES = ("0 (border voxel)", "1 mm", "2 mm", "3-4 mm", ">= 5 mm")
+BIN_NAMES = ("on a border", "1 mm", "2 mm", "3-4 mm", ">= 5 mm")
 CORPUS_CALLOSUM = (251, 252, 253, 254, 255)
 NEAR_MM = 3.0  # background voxels this close to a labelled voxel are scored too (sulcal CSF, brain outline)
 
@@ -146,8 +149,28 @@ def measure(
         "bright_near_brain_background_percent": 100.0 * float(bright[band].mean()),
         "local_ncc_mean": float(ncc[foreground].mean()),
         "by_border_distance": rows,
+        "by_label": _by_label(labels, bad, agree, band),
     }
     return summary, {"distance": distance, "implausible": bad, "ncc": ncc}
+
+
+def _by_label(labels: np.ndarray, bad: np.ndarray, agree: np.ndarray, band: np.ndarray, top: int = 8) -> list[dict[str, Any]]:
+    """The labels holding most implausible voxels (label 0: the near-brain background band)."""
+    codes, counts = np.unique(labels[bad], return_counts=True)
+    total = max(int(bad.sum()), 1)
+    rows = []
+    for code, count in sorted(zip(codes.tolist(), counts.tolist()), key=lambda item: -item[1])[:top]:
+        where = band if code == 0 else labels == code
+        rows.append(
+            {
+                "label": int(code),
+                "name": "background near labels" if code == 0 else label_info(code).name,
+                "share_of_implausible_percent": 100.0 * count / total,
+                "implausible_percent_of_label": 100.0 * count / max(int(where.sum()), 1),
+                "warped_label_agrees_percent": 100.0 * float(agree[bad & (labels == code)].mean()),
+            }
+        )
+    return rows
 
 
 def _borders(labels_2d: np.ndarray) -> np.ndarray:
@@ -176,7 +199,7 @@ def save_figure(path: Path, fixed: Volume, fixed_seg: Volume, warped: Volume, ma
     bins = np.digitize(maps["distance"], BINS_MM[1:-1]).astype(np.float32)
     coloured = np.where(maps["implausible"], bins, np.nan)
     bin_colours = ListedColormap(["#ff2020", "#ff9f1c", "#ffe14d", "#4dd0ff", "#3a5bff"])
-    figure, axes = plt.subplots(4, 3, figsize=(11, 14.5))
+    figure, axes = plt.subplots(4, 3, figsize=(12.5, 14.5))
     rows = [
         ("fixed, region borders", views(fixed.array), grey, None),
         ("warped, fixed region borders", views(warped.array), warped_grey, None),
@@ -200,12 +223,41 @@ def save_figure(path: Path, fixed: Volume, fixed_seg: Volume, warped: Volume, ma
                 ax.set_ylabel(name)
         if overlay is not None:
             bar = figure.colorbar(marks, ax=axes[row].tolist(), ticks=range(len(BIN_NAMES)), fraction=0.03)
-            bar.ax.set_yticklabels([f"{n} from a border" for n in BIN_NAMES], fontsize=7)
+            bar.ax.set_yticklabels([BIN_NAMES[0]] + [f"{n} from one" for n in BIN_NAMES[1:]], fontsize=8)
         if row == 3:
             figure.colorbar(shown, ax=axes[row].tolist(), fraction=0.03)
     for column, name in enumerate(("axial (R on the left)", "coronal (R on the left)", "sagittal (A on the left)")):
         axes[0, column].set_title(name)
     figure.suptitle(title)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def save_comparison(path: Path, fixed: Volume, fixed_seg: Volume, warped: dict[str, Volume], title: str) -> Path:
+    """Sagittal and coronal slices through the corpus callosum: the fixed image, then each warped image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    callosum = np.isin(fixed_seg.array, CORPUS_CALLOSUM)
+    index = tuple(int(round(c)) for c in ndimage.center_of_mass(callosum if callosum.any() else fixed_seg.array > 0))
+    aspects = orthogonal_aspects(fixed.geometry)
+    columns = {"fixed": fixed, **warped}
+    figure, axes = plt.subplots(2, len(columns), figsize=(3.6 * len(columns), 7.2))
+    for column, (name, volume) in enumerate(columns.items()):
+        _, coronal, sagittal = orthogonal_slices(volume.array, index, fixed.geometry)
+        top = float(np.percentile(volume.array, 99.5))
+        for row, (view, aspect) in enumerate(((sagittal, aspects[2]), (coronal, aspects[1]))):
+            axes[row, column].imshow(view, cmap="gray", vmin=0.0, vmax=top, aspect=aspect, interpolation="nearest")
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+        axes[0, column].set_title(name)
+    axes[0, 0].set_ylabel("sagittal (A on the left)")
+    axes[1, 0].set_ylabel("coronal (R on the left)")
+    figure.suptitle(title)
+    figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
@@ -217,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="a register output folder (warped, warped_seg, displacement)")
     parser.add_argument("--out", type=Path, required=True, help="folder for defects.json and defects.png")
     parser.add_argument("--title", default="segreg: implausible warped intensities and region borders")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other run folders: comparison.png shows them beside --run")
     args = parser.parse_args(argv)
     fixed = read_image(args.data / "fixed_img.nii.gz")
     fixed_seg = read_labels(args.data / "fixed_seg.nii.gz")
@@ -229,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defects.json").write_text(json.dumps(summary, indent=2))
     save_figure(args.out / "defects.png", fixed, fixed_seg, warped, maps, args.title)
-    print(json.dumps({k: v for k, v in summary.items() if k != "by_border_distance"}, indent=2))
-    for row in summary["by_border_distance"]:
+    if args.compare:
+        runs = {args.run.name: warped, **{run.name: read_image(run / "warped.nii.gz") for run in args.compare}}
+        save_comparison(args.out / "comparison.png", fixed, fixed_seg, runs, "warped images through the corpus callosum")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("by_border_distance", "by_label")}, indent=2))
+    for row in summary["by_border_distance"] + summary["by_label"]:
         print(row)
     return 0
 
