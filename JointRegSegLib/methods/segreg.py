@@ -22,9 +22,9 @@ the CLI's ``--option KEY=VALUE``):
 ``mask_smoothing``    Gaussian sigma (voxels of the fine grid) of the composition masks (default 0:
                       the paper's hard masks)
 ``background_reach_mm`` composition: background (unlabelled) voxels within this distance of a labelled
-                      voxel take the field of the nearest labelled voxel's region (default: the band
-                      where the region fields are regularised, ``REG_DILATION`` voxels of the finest
-                      level: 4 mm on a 1 mm grid; 0: the background field everywhere in the background)
+                      voxel take the field of the nearest labelled voxel's region (default 0: the
+                      paper's background field; at most ``REG_DILATION`` voxels of the finest level,
+                      4 mm on a 1 mm grid, where the region fields are regularised)
 ``affine``            the affine pre-alignment: ``image`` (default: `affine_stage.fit_affine`, MI on
                       the images), ``labels`` (least squares on the shared labels' centroids, fast and
                       contrast-free) or ``none``
@@ -94,9 +94,10 @@ Choices where the paper is silent (recorded here, as METHODS.md asks):
   a border never mixes two sliding regions' displacements where the fine grid is off the fixed grid
   (2 mm sample data, odd sizes, other spacings). The background of a brain label map also holds
   unlabelled tissue (sulcal CSF, the medial surface at the midline) that the one smooth background
-  field cannot follow: background voxels within ``background_reach_mm`` of a labelled voxel take
-  the field of the nearest labelled voxel's region (by default the band in which that field is
-  regularised, so it is defined there). docs/results/segreg.md measures both.
+  field cannot follow: with ``background_reach_mm`` > 0, background voxels within that distance of a
+  labelled voxel take the field of the nearest labelled voxel's region (capped at the band where
+  that field is regularised, so it is defined there). Off by default: on ../shared/data/pair it cuts
+  folding by a fifth but makes the near-brain background less plausible (docs/results/segreg.md).
 - Learned variant: `nets.RegistrationUNet` (VoxelMorph-like: 4 down / 4 up with skips; the
   architecture is stored with the weights) predicts a stationary velocity on each region pair
   (moving first), integrated by scaling and squaring, at the coarser level the weights were
@@ -165,7 +166,7 @@ _DEFAULTS: dict[str, Any] = {
     "field_smoothing": 2,
     "margin_mm": 5.0,
     "mask_smoothing": 0.0,
-    "background_reach_mm": None,
+    "background_reach_mm": 0.0,
     "affine": "image",
     "spacing": None,
     "weights_name": None,
@@ -190,7 +191,7 @@ class Settings:
     field_smoothing: int = 2
     margin_mm: float = 5.0
     mask_smoothing: float = 0.0
-    background_reach_mm: float | None = None
+    background_reach_mm: float = 0.0
     affine: str = "image"
     spacing: float | None = None
     weights_name: str = "segreg-dice"
@@ -221,8 +222,8 @@ class Settings:
             raise InputError(f"iteration counts must be positive; got {iterations} and fine_iterations {fine_iterations}")
         numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing")}
         spacing = None if values["spacing"] is None else float(values["spacing"])
-        reach = None if values["background_reach_mm"] is None else float(values["background_reach_mm"])
-        if reach is not None and not reach >= 0:
+        reach = float(values["background_reach_mm"])
+        if not reach >= 0:
             raise InputError(f"background_reach_mm must be a distance in mm >= 0; got {values['background_reach_mm']!r}")
         if numbers["lr"] <= 0 or (spacing is not None and spacing <= 0) or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
             raise InputError(
@@ -587,10 +588,8 @@ def fixed_grid_regions(inputs: Inputs, prepared: Prepared, points: torch.Tensor)
 
 
 def background_reach(settings: Settings, factor: int) -> float:
-    """``background_reach_mm``, by default ``REG_DILATION`` voxels of the level the fields live at (``factor``)."""
-    if settings.background_reach_mm is not None:
-        return settings.background_reach_mm
-    return REG_DILATION * factor * float(settings.spacing)
+    """``background_reach_mm``, capped at the band where the fields (at level ``factor``) are regularised."""
+    return min(settings.background_reach_mm, REG_DILATION * factor * float(settings.spacing))
 
 
 def unlabelled_to_nearest(regions: np.ndarray, spacing: tuple[float, ...], reach_mm: float) -> np.ndarray:
