@@ -168,7 +168,7 @@ def test_uresnet_overfits_one_pair(tmp_path, pair):
     moving, fixed = _both_ways(pair["moving"], pair["fixed"])
     moving_classes, fixed_classes = _both_ways(labels_to_classes(pair["moving_seg"]), labels_to_classes(pair["fixed_seg"]))
     batch = {"moving": moving, "fixed": fixed, "moving_classes": moving_classes, "fixed_classes": fixed_classes}
-    _train(trainer, batch, 300)
+    _train(trainer, batch, 400)
     with torch.no_grad():
         out = forward(trainer.net.eval(), *fast_layout([moving, fixed], CPU))
     classes = {"moving": labels_to_classes(pair["moving_seg"]), "fixed": labels_to_classes(pair["fixed_seg"])}
@@ -221,7 +221,7 @@ def test_hof_overfits_one_pair(tmp_path, pair):
     from JointRegSegLib.training.hof import one_hot, smoothness
 
     trainer = make_trainer("hof", {
-        "iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "phases": [250, 0, 250], "output": str(tmp_path),
+        "iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "phases": [250, 0, 450], "output": str(tmp_path),
         "alpha": 3e-3, "lr_follower": 1e-2,
     })
     x_l, x_u = _both_ways(pair["moving"], pair["fixed"])
@@ -238,7 +238,7 @@ def test_hof_overfits_one_pair(tmp_path, pair):
     classes = torch.from_numpy(codes_to_classes(pair["moving_seg"].numpy()))
     y_l = one_hot(torch.cat([classes, classes]), HOF_CLASSES)
     batch = {"x_l": torch.cat([pair["moving"]] * 2), "y_l": y_l, "x_u": x_u, "gamma": torch.zeros(2)}
-    _train(trainer, batch, 250, start=250)
+    _train(trainer, batch, 450, start=250)
     with torch.no_grad():
         predicted = trainer.net.eval().segment(fast_layout(pair["moving"], CPU)).argmax(dim=1, keepdim=True)
     segmentation = _mean_dice(classes, predicted)
@@ -260,7 +260,7 @@ def test_jers_overfits_one_head(tmp_path, head_pair):
     image = render_t1(labels, torch.Generator().manual_seed(3))
     raw = torch.cat([image, image.flip(2)])  # the head and its mirror image: a batch of two
     brain = brain_mask_of(torch.cat([labels, labels.flip(2)])).float()
-    _train(trainer, {"raw": raw, "brain": brain}, 200)
+    _train(trainer, {"raw": raw, "brain": brain}, 300)
     trainer.net.eval()
     with torch.no_grad():
         out = trainer.forward(fast_layout(raw, CPU), coupled=False, hard=True)

@@ -26,12 +26,12 @@ from .loop import fit
 
 # (network, its fixed settings, share of each round's time)
 SCHEDULE: tuple[tuple[str, dict[str, Any], float], ...] = (
-    ("tto", {"stage": "teacher"}, 0.18),
+    ("uresnet", {}, 0.20),
+    ("jers", {}, 0.18),
+    ("hof", {}, 0.27),
+    ("tto", {"stage": "teacher"}, 0.17),
     ("tto", {"stage": "student"}, 0.10),
     ("segreg", {}, 0.08),
-    ("uresnet", {}, 0.20),
-    ("jers", {}, 0.20),
-    ("hof", {}, 0.24),
 )
 GPU_SETTINGS: dict[str, dict[str, Any]] = {
     "tto": {"batch_size": 4},

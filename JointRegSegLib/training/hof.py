@@ -215,7 +215,7 @@ class TrainConfig(CommonConfig):
     """Settings of one run (see the module docstring)."""
 
     run: str = "full"
-    phases: tuple[int, int, int] = (1500, 600, 1500)
+    phases: tuple[int, int, int] = (600, 300, 1200)
     spacing: float = 3.0
     size: int = 64
     crop: int = 48

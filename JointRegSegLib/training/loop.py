@@ -247,7 +247,8 @@ def _shipped_score(trainer: Trainer, folder: Path) -> tuple[float | None, str | 
     except WeightsError:
         return None, None
     try:
-        return float(trainer.validate()["score"]), checksum
+        with torch.no_grad():
+            return float(trainer.validate()["score"]), checksum
     finally:
         trainer.net.load_state_dict(current)
 
