@@ -40,7 +40,7 @@ from JointRegSegLib.bench.runner import (
     run_peer,
     stage_pair,
 )
-from JointRegSegLib.bench.command import _names
+from JointRegSegLib.bench.command import split_names
 from JointRegSegLib.bench.table import RESULT_COLUMNS, markdown, time_ratios
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio import Geometry, Volume, read_image, read_labels, resample, to_sitk, write_volume
@@ -52,8 +52,10 @@ THREADS = 2
 
 
 def _grid(geometry: Geometry, spacing: float, direction: np.ndarray) -> Geometry:
-    """A grid with ``spacing`` and ``direction`` about the same physical centre and extent."""
-    extent = (np.asarray(geometry.shape) - 1) * np.asarray(geometry.spacing)
+    """A grid with ``spacing`` and ``direction`` about the same physical centre, covering the same box."""
+    corners = geometry.index_to_physical(np.array(np.meshgrid(*[(0, n - 1) for n in geometry.shape])).reshape(3, -1).T)
+    along = corners @ direction  # each corner's coordinates along the new grid's axes
+    extent = along.max(axis=0) - along.min(axis=0)
     shape = tuple(int(n) for n in np.floor(extent / spacing) + 1)
     centre = geometry.index_to_physical((np.asarray(geometry.shape) - 1) / 2.0)
     origin = centre - direction @ (spacing * (np.asarray(shape) - 1) / 2.0)
@@ -236,7 +238,7 @@ def test_peers_use_the_thread_count_given(bench):
 
 
 def test_method_specs_split_on_top_level_commas_and_carry_their_options():
-    names = _names("tto, segreg[variant=learned;levels=[4,2]],segreg")
+    names = split_names("tto, segreg[variant=learned;levels=[4,2]],segreg")
     assert names == ["tto", "segreg[variant=learned;levels=[4,2]]", "segreg"]
     assert method_spec(names[1]) == ("segreg", {"variant": "learned", "levels": [4, 2]})
     assert method_spec("tto") == ("tto", {})

@@ -126,7 +126,8 @@ from ..spatial import affine_to_displacement, compose, identity_grid, integrate_
 from ..synth.render import gaussian_blur
 from ..weights import fit_state, load_weights, read_manifest
 from .affine_stage import fit_affine
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .common import NetworkPair, prepare_pair, result_from_network_field
 from .regions import RegionPlan, parse_regions, plan_regions
 
@@ -982,19 +983,7 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
 class SegRegMethod:
     """The `Method` protocol for SegReg."""
 
-    info = MethodInfo(
-        name="segreg",
-        title="SegReg: segmentation-driven registration",
-        description=(
-            "Registers each segmented region separately and composes the region fields, so the deformation "
-            "may slide at region borders. Needs label maps of both images (FreeSurfer codes, or matching "
-            "codes). Variants: iterative (no training) or learned (shared U-Net)."
-        ),
-        paper="Chen et al., Ideal Registration? Segmentation is All You Need (seed 001)",
-        needs_segmentations=True,
-        gives_affine=True,
-        trainable=True,
-    )
+    info = method_info("segreg")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
         settings = Settings.from_options(options)

@@ -19,10 +19,11 @@ from ..imageio.io import read_image, read_labels
 from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
-from ..methods.base import Inputs, Options
+from ..methods.base import Inputs, Options, Result
 from ..report import save_individual_pictures
+from ..weights import sha256_of
 from .events import EventWriter
-from .job import Job
+from .job import INPUT_KEYS, Job
 from .outputs import MANIFEST, device_description, versions, write_json, write_result
 from .staging import PROVENANCE, Staging
 
@@ -101,7 +102,7 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
 
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        maps = quality_maps(inputs.fixed, result.warped, result.displacement)
+        maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
         metrics = evaluate(inputs, result, maps)
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         timings["evaluate_s"] = time.monotonic() - tick
@@ -111,7 +112,9 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
         files = write_result(staging.path, result, maps, metrics)
         if job.pictures:
             pictures = save_individual_pictures(
-                staging.path / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, maps.jacobian, maps.pmm
+                staging.path / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, maps.jacobian, maps.pmm,
+                jacobian_part=maps.jacobian_part, segmentations=segmentation_pictures(inputs, result, method.info.name),
+                mask=maps.mask,
             )
             files.update({f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()})
         timings["write_s"] = time.monotonic() - tick
@@ -129,6 +132,18 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
     return summary
 
 
+def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[str, tuple[Volume, Volume, str]]:
+    """Outline pictures: the warped label map over the fixed image, and the method's own segmentations
+    (and brain mask) over the image each lies on."""
+    candidates = {
+        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed"),
+        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed"),
+        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving"),
+        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
+    }
+    return {name: entry for name, entry in candidates.items() if entry[1] is not None}
+
+
 def _on_fixed_grid(inputs: Inputs) -> Volume:
     """The moving image as it lies, resampled onto the fixed grid (for pictures)."""
     return resample(inputs.moving, inputs.fixed.geometry)
@@ -137,11 +152,12 @@ def _on_fixed_grid(inputs: Inputs) -> Volume:
 def provenance(
     job: Job, method: str, weights: dict[str, str], device: torch.device, timings: dict[str, float], details: dict[str, Any]
 ) -> dict[str, Any]:
-    """What produced this output: method, options, seed, weights checksums, versions, device, timings."""
+    """What produced this output: method, options, input and weights checksums, seed, versions, device, timings."""
     return {
         "jointregseg": __version__,
         "method": method,
         "job": job.to_dict(),
+        "inputs_sha256": {key: sha256_of(path) for key in INPUT_KEYS if (path := getattr(job, key)) is not None},
         "seed": job.seed,
         "weights_sha256": weights,
         "device": device_description(device),
