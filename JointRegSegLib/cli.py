@@ -190,6 +190,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    from .batch.command import run
+
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jointregseg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark our methods and peer tools (ANTsPy, elastix, SimpleITK) on the same pairs")
     bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from .batch.command import add_arguments as batch_arguments
+
+    batch = sub.add_parser("batch", help="register a cohort (a pair list or a folder of images) on Dask, resumably, with one summary")
+    batch_arguments(batch)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -21,8 +21,9 @@ from ..imageio.validate import check_same_grid
 from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
 from ..report import save_individual_pictures
+from ..weights import sha256_of
 from .events import EventWriter
-from .job import Job
+from .job import INPUT_KEYS, Job
 from .outputs import MANIFEST, device_description, versions, write_json, write_result
 from .staging import PROVENANCE, Staging
 
@@ -155,11 +156,12 @@ def _on_fixed_grid(inputs: Inputs) -> Volume:
 def provenance(
     job: Job, method: str, weights: dict[str, str], device: torch.device, timings: dict[str, float], details: dict[str, Any]
 ) -> dict[str, Any]:
-    """What produced this output: method, options, seed, weights checksums, versions, device, timings."""
+    """What produced this output: method, options, input and weights checksums, seed, versions, device, timings."""
     return {
         "jointregseg": __version__,
         "method": method,
         "job": job.to_dict(),
+        "inputs_sha256": {key: sha256_of(path) for key in INPUT_KEYS if (path := getattr(job, key)) is not None},
         "seed": job.seed,
         "weights_sha256": weights,
         "device": device_description(device),
