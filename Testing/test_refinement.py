@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
 from JointRegSegLib.methods import refinement
+from JointRegSegLib.methods.adam import Adam
 from JointRegSegLib.metrics import folding_percent, jacobian_determinant
 from JointRegSegLib.spatial import physical_to_voxel_field, warp_volume
 
@@ -193,3 +194,19 @@ def test_bad_settings_are_refused():
         refinement.Settings(similarity="ssd").check()
     with pytest.raises(InputError, match="odd"):
         refinement.Settings(smoothing=4).check()
+
+
+def test_adam_matches_torch_optim_adam_bit_for_bit():
+    """`methods.adam.Adam` (torch's functional Adam, no torch._dynamo import) against torch.optim.Adam."""
+    target = torch.linspace(-2.0, 3.0, 24).reshape(2, 3, 4)
+    ours, theirs = torch.zeros(2, 3, 4, requires_grad=True), torch.zeros(2, 3, 4, requires_grad=True)
+    a, b = Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for step in range(30):
+        a.lr = 0.1 / (1 + step)
+        for group in b.param_groups:
+            group["lr"] = 0.1 / (1 + step)
+        for x, optimiser in ((ours, a), (theirs, b)):
+            optimiser.zero_grad()
+            ((x - target) ** 4).sum().backward()
+            optimiser.step()
+    assert torch.equal(ours, theirs)

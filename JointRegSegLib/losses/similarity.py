@@ -126,15 +126,14 @@ def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """`box_sum` without autograd: per axis, the copy plus its shifts by 1 .. window // 2 both ways, added in place."""
     radius = window // 2
     for axis in (2, 3, 4):
         size = x.shape[axis]
-        pad = [0] * 6
-        pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = radius
-        padded = F.pad(x, pad)
-        total = padded.narrow(axis, 0, size).clone()
-        for shift in range(1, window):
-            total += padded.narrow(axis, shift, size)
+        total = x.clone()
+        for shift in range(1, min(radius, size - 1) + 1):
+            total.narrow(axis, shift, size - shift).add_(x.narrow(axis, 0, size - shift))
+            total.narrow(axis, 0, size - shift).add_(x.narrow(axis, shift, size - shift))
         x = total
     return x
 

@@ -58,6 +58,7 @@ from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..losses import LocalNCC, bending_energy, box_sum, gradient_l2, mi_loss, multi_axis_mi_loss
 from ..spatial import compose, identity_grid, integrate_velocity, regrid_voxel_field
+from .adam import Adam
 
 SIMILARITIES = ("lncc", "mi", "mami")
 """Similarities `refine` optimises; ``"auto"`` lets `choose_similarity` pick lncc or mi."""
@@ -352,7 +353,7 @@ def refine(
         similarity = similarity_function(name, level.fixed, settings, level.spacing, generator)
         smooth = _Smoother(level.grid.shape, settings.smoothing, device)
         residual = torch.zeros_like(base, requires_grad=True)
-        optimiser = torch.optim.Adam([residual], lr=settings.lr)
+        optimiser = Adam([residual], lr=settings.lr)
         first = last = float("nan")
         steps = 0
         while steps < int(iterations) and not stopped:
@@ -360,7 +361,7 @@ def refine(
                 stopped = True
                 break
             tick = time.perf_counter()
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             update = smooth(residual)
             if settings.field == "velocity":
                 disp = compose(base, integrate_velocity(update, settings.integration_steps))
