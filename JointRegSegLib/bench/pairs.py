@@ -234,7 +234,7 @@ def make_synthetic_set(
         generator = torch.Generator().manual_seed(int(options.seed) + number)
         disp = random_deformation(grid.shape, generator, 1, deformation)
         true_field = voxel_to_physical_field(disp[0], grid, grid)
-        name = f"synthetic{number:02d}"
+        name = f"{'synthetic' if options.contrast == 'same' else 'contrast'}{number:02d}"
         paths = {
             "fixed": out / f"{name}_fixed_img.nii.gz",
             "fixed_seg": out / f"{name}_fixed_seg.nii.gz",

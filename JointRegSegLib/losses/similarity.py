@@ -2,6 +2,9 @@
 
 All functions take torch tensors shaped (B, C, I, J, K), images normalised to [0, 1], and return a
 scalar tensor to MINIMISE (the negated similarity). They are differentiable and device agnostic.
+MONAI is imported where it is first used, not with this module: ``import monai`` loads every
+MONAI sub-package (3-4 s of CPU time), which a worker whose method never calls MONAI's losses
+(e.g. tto with the local NCC refinement) should not wait for.
 
 Choices recorded here:
 
@@ -45,7 +48,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
 from JointRegSegLib.errors import InputError
 
@@ -103,6 +105,8 @@ def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor
     _check_pair(a, b, "lncc_loss")
     if window < 1 or window % 2 == 0:
         raise InputError(f"lncc_loss: window must be a positive odd number of voxels, got {window}.")
+    from monai.losses import LocalNormalizedCrossCorrelationLoss  # on first use: see the module docstring
+
     loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window, kernel_type="rectangular")
     return loss(a, b)
 
@@ -167,6 +171,8 @@ def _parzen_mi(bins: int, sigma_ratio: float, reduction: str) -> GlobalMutualInf
         raise InputError(f"mutual information needs at least 2 bins, got {bins}.")
     if sigma_ratio <= 0:
         raise InputError(f"sigma_ratio must be positive, got {sigma_ratio}.")
+    from monai.losses import GlobalMutualInformationLoss  # on first use: see the module docstring
+
     return GlobalMutualInformationLoss(
         kernel_type="gaussian", num_bins=bins, sigma_ratio=sigma_ratio, reduction=reduction
     )

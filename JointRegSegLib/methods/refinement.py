@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import threads_for
 from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
@@ -73,7 +74,7 @@ class Settings:
     """What `refine` optimises and how (see the module docstring)."""
 
     spacings: tuple[float, ...] = (4.0, 2.0)
-    iterations: tuple[int, ...] = (60, 20)
+    iterations: tuple[int, ...] = (40, 20)
     similarity: str = "lncc"
     window_mm: float = 9.0
     regulariser: str = "diffusion"
@@ -310,6 +311,65 @@ class _Smoother:
         return box_sum(x, self.window) / self.count
 
 
+class _Steps:
+    """The step count over all levels, the last step's duration, the time budget's say and the progress callback."""
+
+    def __init__(self, total: int, progress: Callable[[float], None] | None, allows: Callable[[float], bool] | None) -> None:
+        self.total, self.done, self.last_s, self.stopped = max(1, total), 0, 0.0, False
+        self.progress, self.allows = progress, allows
+
+    def may_take_one(self) -> bool:
+        """Whether another step may start (False for good once the budget said no)."""
+        if not self.stopped and self.allows is not None and not self.allows(self.last_s):
+            self.stopped = True
+        return not self.stopped
+
+    def took_one(self, seconds: float) -> None:
+        self.done, self.last_s = self.done + 1, seconds
+        if self.progress is not None:
+            self.progress(self.done / self.total)
+
+
+def _field(base: torch.Tensor, update: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """``w = w_0 + S r`` or ``w_0 o exp(S r)`` (see the module docstring) from ``update = S r``."""
+    if settings.field == "velocity":
+        return compose(base, integrate_velocity(update, settings.integration_steps))
+    return base + update
+
+
+def _optimise_level(
+    level: Level,
+    base: torch.Tensor,
+    sample: _Sampler,
+    similarity: Callable[[torch.Tensor], torch.Tensor],
+    settings: Settings,
+    iterations: int,
+    steps: _Steps,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One level's Adam steps from the field ``base``; returns the field and what the level did."""
+    smooth = _Smoother(level.grid.shape, settings.smoothing, base.device)
+    residual = torch.zeros_like(base, requires_grad=True)
+    optimiser = Adam([residual], lr=settings.lr)
+    first = last = float("nan")
+    done = 0
+    while done < iterations and steps.may_take_one():
+        tick = time.perf_counter()
+        optimiser.zero_grad()
+        update = smooth(residual)
+        disp = _field(base, update, settings)
+        value = similarity(sample(disp))
+        penalty = _regulariser(settings.regulariser, update if settings.field == "velocity" else disp)
+        (value + settings.weight * penalty).backward()
+        optimiser.step()
+        last = value.item()
+        first = last if done == 0 else first
+        done += 1
+        steps.took_one(time.perf_counter() - tick)
+    with torch.no_grad():
+        disp = _field(base, smooth(residual), settings)
+    return disp, {"iterations": done, "similarity_first": first, "similarity_last": last}
+
+
 def refine(
     fixed: Volume,
     moving: Volume,
@@ -330,6 +390,7 @@ def refine(
     ``progress(fraction)`` is called after every step. ``allows(seconds)`` (a time budget) is asked
     before every step whether a step as long as the last one may still run; once it says no, the
     optimisation stops and the field reached so far is returned (``levels`` records the steps done).
+    Each level runs on one CPU thread when it is small (`device.threads_for`).
     """
     settings.check()
     affine = np.asarray(affine, dtype=np.float64)
@@ -339,56 +400,21 @@ def refine(
         disp, grid = torch.zeros(1, 3, *levels[0].grid.shape, device=device), levels[0].grid
     else:
         disp, grid = initial[0].detach().float().to(device), initial[1]
-    total, done = max(1, sum(int(n) for n in settings.iterations)), 0
+    steps = _Steps(sum(int(n) for n in settings.iterations), progress, allows)
     history: list[dict[str, float]] = []
-    name, last_step, stopped = settings.similarity, 0.0, False
+    name = settings.similarity
     for level, iterations in zip(levels, settings.iterations):
         start = time.perf_counter()
-        base = regrid_voxel_field(disp, grid, level.grid).detach()
+        with threads_for(int(np.prod(level.grid.shape)), device):
+            base = regrid_voxel_field(disp, grid, level.grid).detach()
+            sample = _Sampler(level, affine)
+            if name == "auto":
+                with torch.no_grad():
+                    name = choose_similarity(level.fixed, sample(base))
+            similarity = similarity_function(name, level.fixed, settings, level.spacing, generator)
+            disp, record = _optimise_level(level, base, sample, similarity, settings, int(iterations), steps)
         grid = level.grid
-        sample = _Sampler(level, affine)
-        if name == "auto":
-            with torch.no_grad():
-                name = choose_similarity(level.fixed, sample(base))
-        similarity = similarity_function(name, level.fixed, settings, level.spacing, generator)
-        smooth = _Smoother(level.grid.shape, settings.smoothing, device)
-        residual = torch.zeros_like(base, requires_grad=True)
-        optimiser = Adam([residual], lr=settings.lr)
-        first = last = float("nan")
-        steps = 0
-        while steps < int(iterations) and not stopped:
-            if allows is not None and not allows(last_step):
-                stopped = True
-                break
-            tick = time.perf_counter()
-            optimiser.zero_grad()
-            update = smooth(residual)
-            if settings.field == "velocity":
-                disp = compose(base, integrate_velocity(update, settings.integration_steps))
-                penalty = _regulariser(settings.regulariser, update)
-            else:
-                disp = base + update
-                penalty = _regulariser(settings.regulariser, disp)
-            value = similarity(sample(disp))
-            loss = value + settings.weight * penalty
-            loss.backward()
-            optimiser.step()
-            last = value.item()
-            first = last if steps == 0 else first
-            steps += 1
-            done += 1
-            last_step = time.perf_counter() - tick
-            if progress is not None:
-                progress(done / total)
-        with torch.no_grad():
-            update = smooth(residual)
-            disp = compose(base, integrate_velocity(update, settings.integration_steps)) if settings.field == "velocity" else base + update
         history.append({
-            "spacing_mm": level.spacing,
-            "shape": list(level.grid.shape),
-            "iterations": steps,
-            "similarity_first": first,
-            "similarity_last": last,
-            "seconds": time.perf_counter() - start,
+            "spacing_mm": level.spacing, "shape": list(level.grid.shape), **record, "seconds": time.perf_counter() - start
         })
     return Refined(affine, disp.detach(), grid, name, history)

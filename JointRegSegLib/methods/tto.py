@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import resolve_device, threads_for
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from ..imageio.network_grid import RAS_DIRECTION, corner_points
@@ -79,6 +79,7 @@ from ..spatial import affine_to_displacement, compose, index_affine_to_physical,
 from ..weights import load_into
 from . import refinement
 from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
+from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
@@ -112,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
 }
 DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
 DEFAULT_REFINE_SPACINGS = {"cpu": (4.0, 2.0), "cuda": (4.0, 2.0, 1.0)}
-DEFAULT_REFINE_ITERATIONS = {"cpu": (60, 20), "cuda": (100, 100, 50)}
+DEFAULT_REFINE_ITERATIONS = {"cpu": (40, 20), "cuda": (100, 100, 50)}
 GRID_MULTIPLE = 16
 
 # Rough costs (seconds, one busy CPU core) used to give each stage a share of the progress bar
@@ -380,10 +381,11 @@ class TTOMethod:
         if s["affine"] == "none":
             affine_index = np.eye(4)
         else:
-            affine_index = fit_affine(
-                pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                progress=lambda f, _stage: report(f, "affine"),
-            )
+            with threads_for(AFFINE_SAMPLES, device):
+                affine_index = fit_affine(
+                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                    progress=lambda f, _stage: report(f, "affine"),
+                )
         affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
         timings["affine"] = time.perf_counter() - tick
 
@@ -413,10 +415,11 @@ class TTOMethod:
             tick = time.perf_counter()
             with torch.no_grad():
                 disp = predict(net.eval(), pair.fixed, moved)
-                loss, terms = tto_loss(
-                    pair.fixed, moved, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
-                )
-            details["final_loss"], details["final_terms"] = loss.item(), terms
+                if tto_steps > 0:
+                    loss, terms = tto_loss(
+                        pair.fixed, moved, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
+                    )
+                    details["final_loss"], details["final_terms"] = loss.item(), terms
             report(1.0, "inference")
             timings["inference"] = time.perf_counter() - tick
 
