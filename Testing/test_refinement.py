@@ -6,6 +6,8 @@ of a blob image whose true field is the one that made the pair.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,15 +56,17 @@ def sine_field(grid: Geometry, amplitude_mm: float = 2.5) -> Volume:
     return Volume(array.astype(np.float32), grid)
 
 
-def folded_contrast(image: np.ndarray) -> np.ndarray:
-    """Another contrast of a foreground image: brightest at its median intensity, dark at both ends (not monotone).
+def folded_contrast(image: np.ndarray, folds: int = 1) -> np.ndarray:
+    """Another contrast of a foreground image: a triangle wave of the intensity's rank (not monotone).
 
-    The intensity's rank ``q`` in [0, 1] among the foreground voxels maps to ``1 - 0.8 |2 q - 1|``, so
-    half the voxels lie on each branch of the fold.
+    The intensity's rank ``q`` in [0, 1] among the foreground voxels maps to ``1 - 0.8 |((folds + 1) q
+    mod 2) - 1|``: one fold is brightest at the median intensity and dark at both ends, with half the
+    voxels on each branch; each further fold adds a branch.
     """
     inside = image > refinement.FOREGROUND
     values = np.interp(image, np.sort(image[inside]), np.linspace(0.0, 1.0, int(inside.sum())))
-    return np.where(inside, 1.0 - 0.8 * np.abs(2.0 * values - 1.0), 0.0).astype(np.float32)
+    wave = np.abs(np.mod((folds + 1) * values, 2.0) - 1.0)
+    return np.where(inside, 1.0 - 0.8 * wave, 0.0).astype(np.float32)
 
 
 def end_point_error(field: Volume, truth: Volume, mask: np.ndarray) -> float:
@@ -166,15 +170,31 @@ def test_refine_is_deterministic_and_stops_when_the_budget_says_so(deformed):
     assert asked[0] == 0.0 and all(s > 0 for s in asked[1:])
 
 
-def test_refine_across_contrasts_chooses_mi_and_recovers_the_field(deformed):
-    """The moving image in a contrast no monotone map relates to the fixed one (`folded_contrast`)."""
+def test_refine_across_contrasts_chooses_mi_which_recovers_the_field_where_lncc_falls_short(deformed):
+    """The moving image in a contrast no monotone map relates to the fixed one (`folded_contrast`).
+
+    One fold: the automatic choice is MI, which recovers the field. Two folds: local NCC sees a
+    window's intensities related near-linearly only where the window stays on one branch of the map,
+    MI takes any map. Measured: end-point error 0.48 of the initial one (one fold, MI); two folds
+    0.41 with MI, 0.65 with local NCC.
+    """
     fixed, moving, truth = deformed
-    other = moving.with_array(folded_contrast(moving.array))
     mask = fixed.array > 0.05
-    refined = refinement.refine(fixed, other, np.eye(4), None, FAST, DEVICE)
     start = end_point_error(Volume(np.zeros_like(truth.array), fixed.geometry), truth, mask)
-    assert refined.similarity == "mi"
-    assert end_point_error(refined.whole_field(fixed.geometry), truth, mask) < 0.6 * start
+    chosen = refinement.refine(fixed, moving.with_array(folded_contrast(moving.array)), np.eye(4), None, FAST, DEVICE)
+    assert chosen.similarity == "mi"
+    assert end_point_error(chosen.whole_field(fixed.geometry), truth, mask) < 0.6 * start
+    other = moving.with_array(folded_contrast(moving.array, folds=2))
+    errors = {
+        name: end_point_error(
+            refinement.refine(fixed, other, np.eye(4), None, replace(FAST, similarity=name), DEVICE).whole_field(fixed.geometry),
+            truth,
+            mask,
+        )
+        for name in ("mi", "lncc")
+    }
+    assert errors["mi"] < 0.5 * start
+    assert errors["lncc"] > 1.3 * errors["mi"]
 
 
 def test_velocity_field_is_diffeomorphic_and_registers(deformed):

@@ -386,7 +386,8 @@ def refine(
     ``affine`` is the 4x4 LPS matrix (fixed point -> moving point); ``initial`` is ``w_0`` as a voxel
     field ``(1, 3, I, J, K)`` with its grid (e.g. a network grid), or None for zero.
     ``settings.similarity`` names the similarity, or ``"auto"``: `choose_similarity` picks one from
-    the fixed image and the moving image under the initial mapping on the coarsest level.
+    the fixed image and the moving image under the initial mapping on the finest level (pooling
+    blurs a non-monotone contrast map towards a monotone one on coarse levels).
     ``progress(fraction)`` is called after every step. ``allows(seconds)`` (a time budget) is asked
     before every step whether a step as long as the last one may still run; once it says no, the
     optimisation stops and the field reached so far is returned (``levels`` records the steps done).
@@ -403,14 +404,15 @@ def refine(
     steps = _Steps(sum(int(n) for n in settings.iterations), progress, allows)
     history: list[dict[str, float]] = []
     name = settings.similarity
+    if name == "auto":
+        finest = levels[-1]
+        with threads_for(int(np.prod(finest.grid.shape)), device), torch.no_grad():
+            name = choose_similarity(finest.fixed, _Sampler(finest, affine)(regrid_voxel_field(disp, grid, finest.grid)))
     for level, iterations in zip(levels, settings.iterations):
         start = time.perf_counter()
         with threads_for(int(np.prod(level.grid.shape)), device):
             base = regrid_voxel_field(disp, grid, level.grid).detach()
             sample = _Sampler(level, affine)
-            if name == "auto":
-                with torch.no_grad():
-                    name = choose_similarity(level.fixed, sample(base))
             similarity = similarity_function(name, level.fixed, settings, level.spacing, generator)
             disp, record = _optimise_level(level, base, sample, similarity, settings, int(iterations), steps)
         grid = level.grid

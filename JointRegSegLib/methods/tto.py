@@ -78,6 +78,7 @@ from ..nets import RegistrationUNet, student_unet, teacher_unet
 from ..spatial import affine_to_displacement, compose, index_affine_to_physical, warp
 from ..weights import load_into
 from . import refinement
+from .adam import Adam
 from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
@@ -472,12 +473,12 @@ class TTOMethod:
         tuned = copy.deepcopy(net).train()
         for parameter in tuned.parameters():
             parameter.requires_grad_(True)
-        optimiser = torch.optim.Adam(tuned.parameters(), lr=s["lr"])
+        optimiser = Adam(list(tuned.parameters()), lr=s["lr"])
         history: list[dict[str, float]] = []
         last_step = 0.0
         while len(history) < s["iterations"] and deadline.allows(last_step):
             step_start = time.perf_counter()
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             disp = predict(tuned, fixed, moving)
             loss, terms = tto_loss(
                 fixed, moving, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
