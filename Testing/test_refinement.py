@@ -175,8 +175,8 @@ def test_refine_across_contrasts_chooses_mi_which_recovers_the_field_where_lncc_
 
     One fold: the automatic choice is MI, which recovers the field. Two folds: local NCC sees a
     window's intensities related near-linearly only where the window stays on one branch of the map,
-    MI takes any map. Measured: end-point error 0.48 of the initial one (one fold, MI); two folds
-    0.41 with MI, 0.65 with local NCC.
+    MI takes any map (regulariser weight 2: the two-fold map leaves MI a flatter optimum). Measured:
+    end-point error 0.40 of the initial one (one fold, MI); two folds 0.41 with MI, 0.65 with local NCC.
     """
     fixed, moving, truth = deformed
     mask = fixed.array > 0.05
@@ -187,7 +187,7 @@ def test_refine_across_contrasts_chooses_mi_which_recovers_the_field_where_lncc_
     other = moving.with_array(folded_contrast(moving.array, folds=2))
     errors = {
         name: end_point_error(
-            refinement.refine(fixed, other, np.eye(4), None, replace(FAST, similarity=name), DEVICE).whole_field(fixed.geometry),
+            refinement.refine(fixed, other, np.eye(4), None, replace(FAST, similarity=name, weight=2.0), DEVICE).whole_field(fixed.geometry),
             truth,
             mask,
         )

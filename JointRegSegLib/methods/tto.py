@@ -10,11 +10,20 @@ Pipeline of `TTOMethod.register` (paper sections 2.1-2.3 and the choices below):
    warped moving image;
 4. test-time optimisation (section 2.3): a copy of the network is fine-tuned on this one pair with
    ``L_TTO = MultiAxisMI + NCC + lambda_smooth ||grad u||^2 + alpha_div ||div u||^2``, Adam,
-   until ``options.iterations`` (default 100) steps or ``options.time_budget`` seconds (default
-   60) of optimisation, whichever comes first; then the fine-tuned network predicts the field
-   (``options.extra['tto'] = False``: the network as shipped predicts it);
-5. the whole mapping ``compose(affine, u)`` (affine applied to the moving image first) goes back to
-   the fixed image's grid as a physical field (`common.result_from_network_field`).
+   ``options.iterations`` steps (default 100 on a GPU, 0 on the CPU: see "Defaults"); then the
+   fine-tuned network predicts the field (``options.extra['tto'] = False``: the network as shipped
+   predicts it);
+5. refinement (ours, option ``refine``): the field ``w`` of the mapping ``T(x) = A (x + w(x))`` is
+   optimised directly on the fixed image's grid, coarse to fine (`refinement.refine`: 4 then 2 mm
+   on the CPU, 4, 2, 1 mm on a GPU), from the network's field, with local NCC for images of one
+   contrast and MI for different contrasts (``refine_similarity = "auto"``:
+   `refinement.choose_similarity`), a diffusion regulariser and Adam;
+6. the whole mapping goes back to the fixed image's grid as a physical field
+   (`common.result_from_field`; without refinement ``compose(affine, u)`` through
+   `common.result_from_network_field`).
+
+Stages switch off for the ablation: ``network = "none"`` (affine, then refinement from zero),
+``tto = False``, ``refine = False``; ``affine = "none"``.
 
 Choices where the paper is silent (ours, recorded here):
 
@@ -39,25 +48,35 @@ Choices where the paper is silent (ours, recorded here):
   image, so the loss sees full-resolution detail; NCC and the regularisers use every voxel;
 - TTO optimiser: Adam, learning rate ``lr`` (see "Defaults"), all network parameters trainable,
   one pair per step (the paper's "epoch" over one test pair is one step);
-- time budget: the optimisation loop stops before a step that would end past the budget
-  (estimated by the previous step's duration), so a budget of 0 does no step; affine, inference
-  and resampling time are not counted in the budget (reported in ``details['timings']``);
-- ``options.extra['tto'] = False`` gives plain inference (no optimisation step);
-- determinism: on the CPU the result depends only on the inputs, the weights, the options and
-  ``options.seed`` (the sub-lattice offsets and the affine sampling draw from seeded generators);
-  the time budget can end the loop at a different step on a busier machine.
+- time budget: none by default, so the result depends only on the inputs, the weights, the
+  options and ``options.seed``. With ``options.time_budget`` the optimisation stages (test-time
+  optimisation and refinement) stop before a step that would end past the budget (estimated by
+  the previous step's duration; a budget of 0 does no step); affine, inference and resampling are
+  not counted (``details['timings']``). A cut is reported in ``result.messages`` and
+  ``details['stopped_by']``, since the result then depends on how busy the machine was;
+- ``options.extra['tto'] = False`` skips the fine-tuning whatever ``iterations`` says;
+- determinism: on the CPU the sub-lattice offsets and the affine sampling draw from seeded
+  generators and each stage runs on a thread count fixed by its sizes (`device.threads_for`), so
+  the same command gives the same field however busy the machine is.
 
 Defaults, measured on the benchmark pair (../shared/data/pair, 160 x 192 x 224 at 1 mm, mean Dice
-over the 30 evaluation labels at 1 mm; weights from 25 + 15 CPU minutes of training; a 2-core CPU
-shared with other jobs, torch on one thread; affine alone 0.58):
+over the 30 evaluation labels at 1 mm; a 2-core CPU shared with other jobs; docs/results/tto.md):
 
-- ``spacing`` 3 mm on the CPU: a TTO step of the student costs about 2 s at 48 x 64 x 80, 4.5 s at
-  64 x 80 x 96 (2.5 mm) and 10 s at 80 x 96 x 112 (2 mm), so one minute buys about 26, 12 and 5
-  steps: Dice 0.66, 0.61 and 0.59. On a GPU the paper's 2 mm-class grids are cheap;
+- ``spacing`` 3 mm on the CPU: a TTO step of the student costs about 2 s at 48 x 64 x 80 on an idle
+  core (7 s at load 8), 4.5 s at 2.5 mm and 10 s at 2 mm. On a GPU the paper's 2 mm-class grids
+  are cheap;
+- ``iterations`` 0 on the CPU: five TTO steps (37 s at load 8) raised the network's Dice from
+  0.515 to 0.538 and left the refined result at 0.782 with or without them, so on the CPU the
+  seconds go to the refinement; ``--iterations N`` turns the fine-tuning on;
 - ``lr`` 1e-3: 3e-3 oscillates (Dice 0.39-0.62 from step to step), 1e-2 diverges, 5e-4 gains less
   in 30 steps (0.60 against 0.63 on the network grid);
 - ``lambda_smooth`` 0.3 and ``alpha_div`` 0.03: Dice 0.67 against 0.66 (1 and 0.1), 0.64 (3 and
-  0.3) and 0.65 (0.1 and 0.01), all without folding.
+  0.3) and 0.65 (0.1 and 0.01), all without folding (26 TTO steps, before the refinement);
+- refinement 40 steps at 4 mm, then 20 at 2 mm, regulariser weight 1 (`refinement.Settings`):
+  Dice 0.786, folding 0.06 % (from the same affine and network field: weight 2 0.781 and 0.02 %,
+  1.5 0.784; 60 steps at 4 mm alone 0.740; 12 steps at 2 mm 0.781; 4 and 3 mm 0.769; learning
+  rate 0.2 0.790 but folding 0.23 %; smoothing window 3 0.773 and 0.19 %). The 2 mm level costs
+  0.5-0.8 s a step, the 4 mm one under 0.1 s.
 """
 
 from __future__ import annotations
@@ -89,7 +108,7 @@ from .common import prepare_pair, result_from_field, result_from_network_field
 NETWORKS = {"teacher": teacher_unet, "student": student_unet}
 NETWORK_CHOICES = (*NETWORKS, "none")
 WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
-DEFAULT_ITERATIONS = {"cpu": 5, "cuda": 100}
+DEFAULT_ITERATIONS = {"cpu": 0, "cuda": 100}
 DEFAULTS: dict[str, Any] = {
     "tto": True,
     "network": "student",
