@@ -33,10 +33,14 @@ def _sampling_grid(
     intermediate index arrays). Also returns the 3x3 taking a source index step to a coordinate step.
     """
     n = normaliser(source_shape)[0]
-    m = torch.as_tensor(n @ matrix, dtype=torch.float32, device=device)
+    return _mapped_indices(shape, n @ matrix, device)[None], n[:3, :3]
+
+
+def _mapped_indices(shape: Sequence[int], matrix: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """``matrix @ (p, 1)`` (its first three rows) for every voxel ``p`` of a grid of ``shape``, float32 ``(I, J, K, 3)``."""
+    m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
     i, j, k = (torch.arange(int(size), dtype=torch.float32, device=device) for size in shape)
-    grid = m[:3, 3] + i[:, None, None, None] * m[:3, 0] + j[None, :, None, None] * m[:3, 1] + k[None, None, :, None] * m[:3, 2]
-    return grid[None], n[:3, :3]
+    return m[:3, 3] + i[:, None, None, None] * m[:3, 0] + j[None, :, None, None] * m[:3, 1] + k[None, None, :, None] * m[:3, 2]
 
 
 def _sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
@@ -77,8 +81,18 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     else:
         coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape)[0]
         u_idx = _sample(disp[None], coordinates, "bilinear", "border")[0]
+    return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
+
+
+def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
+    """The continuous index on ``grid`` of every voxel of ``fixed``, float32 ``(I, J, K, 3)``."""
+    return _mapped_indices(fixed.shape, _index_map(fixed, grid))
+
+
+def grid_steps_to_physical(u_idx: torch.Tensor, grid: Geometry, fixed: Geometry) -> Volume:
+    """The LPS mm field on ``fixed`` of displacements ``u_idx (I, J, K, 3)`` given in voxels of ``grid``, at fixed's voxels."""
     linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32)
-    u_phys = torch.einsum("rc,cijk->ijkr", linear, u_idx)
+    u_phys = u_idx.detach().cpu().float() @ linear.T
     return Volume(np.ascontiguousarray(u_phys.numpy(), dtype=np.float32), fixed)
 
 
