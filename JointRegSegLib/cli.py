@@ -58,7 +58,11 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
     parser.add_argument("--method", default="tto", help=f"one of: {', '.join(method_names())} (default tto)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--iterations", type=int, help="iteration cap for optimisation (tto: test-time optimisation steps)")
-    parser.add_argument("--time-budget", type=float, help="seconds allowed for optimisation (tto: test-time optimisation)")
+    parser.add_argument(
+        "--time-budget", type=float,
+        help="seconds allowed for optimisation (tto: test-time optimisation and refinement); default none: "
+        "the result then does not depend on how busy the machine is",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result on CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, usually the core count)")
     parser.add_argument("--variant", choices=("iterative", "learned"), help="segreg: optimise per region (iterative) or the trained network (learned)")

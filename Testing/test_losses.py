@@ -13,6 +13,8 @@ from scipy.spatial import cKDTree
 
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.losses import (
+    LocalNCC,
+    box_sum,
     bending_energy,
     cross_entropy_loss,
     divergence_l2,
@@ -70,6 +72,30 @@ def test_lncc_equals_direct_box_window_computation(window: int) -> None:
     assert -1.0 < got < 0.0
     assert lncc_loss(t5(a), t5(a), window=window).item() == pytest.approx(-1.0, abs=1e-9)
     assert lncc_loss(t5(a), t5(2.0 * a), window=window).item() == pytest.approx(-1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_local_ncc_equals_lncc_loss_in_value_and_gradient(window: int) -> None:
+    fixed = t5(smooth_volume((18, 16, 14), seed=1))
+    warped = t5(np.clip(0.7 * smooth_volume((18, 16, 14), seed=1) + 0.3 * smooth_volume((18, 16, 14), seed=2), 0, 1))
+    warped.requires_grad_(True)
+    ours = LocalNCC(fixed, window)(warped)
+    (ours_grad,) = torch.autograd.grad(ours, warped)
+    reference = lncc_loss(fixed, warped, window=window)
+    (reference_grad,) = torch.autograd.grad(reference, warped)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    np.testing.assert_allclose(ours_grad.numpy(), reference_grad.numpy(), rtol=1e-9, atol=1e-15)
+
+
+def test_box_sum_matches_scipy_and_is_its_own_adjoint() -> None:
+    x = smooth_volume((9, 8, 7), seed=3)
+    expected = uniform_filter(x, size=5, mode="constant", cval=0.0) * 125.0
+    np.testing.assert_allclose(box_sum(t5(x), 5)[0, 0].numpy(), expected, rtol=1e-12)
+    a, b = t5(smooth_volume((9, 8, 7), seed=4)), t5(smooth_volume((9, 8, 7), seed=5))
+    assert float((box_sum(a, 3) * b).sum()) == pytest.approx(float((a * box_sum(b, 3)).sum()), rel=1e-12)
+    a.requires_grad_(True)
+    (grad,) = torch.autograd.grad((box_sum(a, 3) * b).sum(), a)
+    np.testing.assert_allclose(grad.numpy(), box_sum(b, 3).numpy(), rtol=1e-12)
 
 
 def test_lncc_rejects_even_window() -> None:

@@ -28,6 +28,7 @@ from JointRegSegLib.spatial import (
     integrate_velocity,
     normalised_affine_to_index,
     physical_to_voxel_field,
+    regrid_voxel_field,
     read_displacement_field,
     rescale_field,
     to_sitk_affine,
@@ -227,6 +228,22 @@ def test_physical_to_voxel_matches_scipy_interpolation():
     )
     expected = u_phys @ np.linalg.inv(NETWORK.direction @ np.diag(NETWORK.spacing)).T
     np.testing.assert_allclose(disp.permute(1, 2, 3, 0).numpy(), expected, atol=1e-4)
+
+
+def test_regrid_voxel_field_matches_scipy_interpolation_and_the_physical_field():
+    disp = smooth_voxel_field(NETWORK.shape, 2.0, seed=4)
+    on_fixed = regrid_voxel_field(disp.double(), NETWORK, FIXED)[0]
+    c = NETWORK.physical_to_index(FIXED.index_to_physical(all_indices(FIXED.shape)))
+    u_idx = np.stack(
+        [map_coordinates(disp[0, a].double().numpy(), np.moveaxis(c, -1, 0), order=1, mode="nearest") for a in range(3)],
+        axis=-1,
+    )
+    expected = u_idx @ (np.linalg.inv(FIXED.direction @ np.diag(FIXED.spacing)) @ NETWORK.direction @ np.diag(NETWORK.spacing)).T
+    np.testing.assert_allclose(on_fixed.permute(1, 2, 3, 0).numpy(), expected, atol=1e-4)
+    # the same physical displacement as voxel_to_physical_field gives, in voxels of the fixed grid
+    physical = voxel_to_physical_field(disp[0], NETWORK, FIXED).array
+    np.testing.assert_allclose(on_fixed.permute(1, 2, 3, 0).numpy() @ (FIXED.direction @ np.diag(FIXED.spacing)).T, physical, atol=1e-4)
+    assert regrid_voxel_field(disp, NETWORK, NETWORK) is disp
 
 
 def test_voxel_physical_round_trip_of_an_affine_field():

@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
+from JointRegSegLib.imageio.io import read_image, read_labels
 from JointRegSegLib.methods import get_method
 from JointRegSegLib.methods.base import Inputs, Options
 from JointRegSegLib.methods.tto import build_network, network_grid_shape
@@ -114,7 +115,7 @@ def test_recovers_a_physical_shift_on_an_oblique_grid(weights):
 
 def test_registration_improves_similarity_and_reports_progress(weights, deformed_pair):
     stages: list[tuple[float, str]] = []
-    options = Options(iterations=4, time_budget=600, extra={**EXTRA, "lr": 3e-3})
+    options = Options(iterations=4, extra={**EXTRA, "lr": 3e-3, "refine_iterations": [10, 5]})
     result = get_method("tto").register(deformed_pair, options, lambda f, s: stages.append((f, s)))
     fixed, moving = deformed_pair.fixed.array, deformed_pair.moving.array
     assert ncc(fixed, result.warped.array) > ncc(fixed, moving)
@@ -124,21 +125,42 @@ def test_registration_improves_similarity_and_reports_progress(weights, deformed
     assert result.weights == {"tto_student": load_weights("tto_student")[1]}
     fractions = [f for f, _ in stages]
     assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == pytest.approx(1.0)
-    assert {"affine", "inference", "test-time optimisation"} <= {s for _, s in stages}
+    assert {"affine", "inference", "test-time optimisation", "refinement"} <= {s for _, s in stages}
     assert sum(s == "test-time optimisation" for _, s in stages) >= 4
 
 
-def test_time_budget_and_plain_inference_do_no_optimisation(weights, deformed_pair):
+def test_time_budget_stops_every_stage_and_says_so(weights, deformed_pair):
     budget = get_method("tto").register(deformed_pair, Options(iterations=50, time_budget=0.0, extra=EXTRA), None)
     assert budget.details["iterations_done"] == 0 and budget.details["stopped_by"] == "time budget"
-    plain = get_method("tto").register(deformed_pair, Options(iterations=50, extra={**EXTRA, "tto": False}), None)
+    assert [level["iterations"] for level in budget.details["refinement"]["levels"]] == [0, 0]
+    assert len(budget.messages) == 1 and "time budget of 0 s cut the optimisation short" in budget.messages[0]
+    plain = get_method("tto").register(
+        deformed_pair, Options(iterations=50, extra={**EXTRA, "tto": False, "refine_iterations": [0, 0]}), None
+    )
     assert plain.details["iterations_done"] == 0 and "loss_history" not in plain.details
+    assert plain.details["stopped_by"] == "iterations" and plain.messages == []
     # Without optimisation both runs are the same computation.
     np.testing.assert_array_equal(budget.displacement.array, plain.displacement.array)
 
 
+def test_stages_switch_off_for_the_ablation(weights, deformed_pair):
+    fast = {**EXTRA, "refine_iterations": [4, 2]}
+    affine_only = get_method("tto").register(deformed_pair, Options(extra={**fast, "network": "none", "refine": False}), None)
+    assert affine_only.details["stages"] == ["affine"] and affine_only.weights == {}
+    network_only = get_method("tto").register(deformed_pair, Options(extra={**fast, "tto": False, "refine": False}), None)
+    assert network_only.details["stages"] == ["affine", "network"] and "refinement" not in network_only.details
+    full = get_method("tto").register(deformed_pair, Options(iterations=1, extra=fast), None)
+    assert full.details["stages"] == ["affine", "network", "test-time optimisation", "refinement"]
+    assert full.details["refinement"]["similarity"] == "lncc"
+    assert [level["iterations"] for level in full.details["refinement"]["levels"]] == [4, 2]
+    refined_affine = get_method("tto").register(deformed_pair, Options(extra={**fast, "network": "none"}), None)
+    assert refined_affine.details["stages"] == ["affine", "refinement"]
+    fixed = deformed_pair.fixed.array
+    assert ncc(fixed, refined_affine.warped.array) > ncc(fixed, affine_only.warped.array)
+
+
 def test_same_seed_same_result(weights, deformed_pair):
-    options = Options(seed=3, iterations=2, time_budget=600, extra={**EXTRA, "network": "teacher"})
+    options = Options(seed=3, iterations=2, extra={**EXTRA, "network": "teacher", "refine_iterations": [3, 2], "refine_similarity": "mi"})
     a = get_method("tto").register(deformed_pair, options, None)
     b = get_method("tto").register(deformed_pair, options, None)
     np.testing.assert_array_equal(a.displacement.array, b.displacement.array)
@@ -154,3 +176,25 @@ def test_bad_options_raise_input_errors(weights, deformed_pair):
     with pytest.raises(InputError, match="spacing"):
         method.register(deformed_pair, Options(extra={"spacing": 0}), None)
 
+
+def test_same_seed_gives_identical_fields_on_the_sample_pair(sample_pair, one_thread):
+    """The shipped networks on the bundled pair, every stage on, twice with one seed: the same field, bit for bit.
+
+    Fixed step counts (no time budget) make the result independent of how busy the machine is.
+    """
+    inputs = Inputs(
+        read_image(sample_pair["fixed"]), read_image(sample_pair["moving"]),
+        read_labels(sample_pair["fixed_seg"]), read_labels(sample_pair["moving_seg"]),
+    )
+    options = Options(seed=7, iterations=2, extra={"refine_iterations": [15, 5]})
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = get_method("tto").register(inputs, options, None)
+        b = get_method("tto").register(inputs, options, None)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert a.details["stages"] == ["affine", "network", "test-time optimisation", "refinement"]
+    assert a.details["stopped_by"] == "iterations" and a.messages == []
+    np.testing.assert_array_equal(a.displacement.array, b.displacement.array)
+    np.testing.assert_array_equal(a.warped_seg.array, b.warped_seg.array)

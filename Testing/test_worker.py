@@ -93,6 +93,20 @@ def test_simpleitk_reproduces_warped_image_and_dice_improves(finished_run, sampl
     assert read_image(out / "jacobian.nii.gz").geometry.same_as(read_image(sample_pair["fixed"]).geometry)
 
 
+def test_a_time_budget_that_cuts_the_optimisation_is_reported(tmp_path, sample_pair):
+    """tto with a budget of 1 ms, spent before the first optimisation step (the affine stage and the network run
+    first): the log and metrics.json say the budget cut it short."""
+    job = _job(
+        sample_pair, tmp_path / "out", time_budget=0.001, options={"spacing": 4, "affine_iterations": [15, 6, 3]}
+    )
+    code, events, stderr = run_worker(job, tmp_path)
+    assert code == 0, (events, stderr[-3000:])
+    warnings = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"]
+    assert any("time budget of 0.001 s cut the optimisation short" in w for w in warnings), warnings
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(metrics["messages"]) == 1 and "run without a time budget" in metrics["messages"][0]
+
+
 def _start(job: dict, tmp: Path) -> subprocess.Popen:
     job_file = tmp / "job.json"
     job_file.write_text(json.dumps(job))

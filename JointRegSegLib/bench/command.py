@@ -27,7 +27,7 @@ def split_names(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
-    parser.add_argument("--pairs", default="shared", help="shared (../shared/data/pair), sample (bundled, 2 mm), synthetic (known fields), or a pair-list CSV")
+    parser.add_argument("--pairs", default="shared", help="shared (../shared/data/pair), sample (bundled, 2 mm), synthetic (known fields), contrast (known fields, FLAIR-like moving images), or a pair-list CSV")
     parser.add_argument(
         "--methods",
         default="tto",

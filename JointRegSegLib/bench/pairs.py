@@ -13,15 +13,17 @@ averaged over (default: the fixed label map's foreground, else the fixed image's
 ``moving_mask`` is recorded but no tool uses it, so that every tool gets the same inputs.
 
 Ready lists: ``shared`` (../shared/data/pair, or ``$JRS_SHARED_DATA/pair``), ``sample`` (the
-bundled Resources/SampleData pair, 2 mm) and ``synthetic`` (`make_synthetic_set`: a real brain
-from the shared data under known random smooth deformations).
+bundled Resources/SampleData pair, 2 mm), ``synthetic`` (`make_synthetic_set`: a real brain
+from the shared data under known random smooth deformations) and ``contrast`` (the same, with the
+moving image re-rendered in a FLAIR-like contrast from its label map: cross-contrast pairs with a
+known field and labels).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +31,25 @@ import torch
 
 from ..data_paths import shared_data_dir
 from ..errors import InputError
-from ..imageio.geometry import Geometry
+from ..imageio.geometry import Geometry, Volume
 from ..imageio.io import read_image, read_labels, write_volume
 from ..imageio.network_grid import resample
+from ..labels import TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE, tissue_of
 from ..sample_data import sample_pair
 from ..spatial.field_io import write_displacement_field
 from ..spatial.physical import voxel_to_physical_field, warp_volume
 from ..synth.deform import AffineRanges, DeformationOptions, random_deformation
+from ..synth.render import render_image
 
 COLUMNS = ("name", "fixed", "fixed_seg", "moving", "moving_seg", "fixed_mask", "moving_mask", "true_field")
 ALIASES = {"id": "name"}
-READY_LISTS = ("shared", "sample", "synthetic")
+READY_LISTS = ("shared", "sample", "synthetic", "contrast")
+CONTRASTS = ("same", "flair-like")
+FLAIR_LIKE_MEANS = {0: 0.0, TISSUE_CSF: 30.0, TISSUE_WHITE: 110.0, TISSUE_GREY: 170.0}
+"""Mean intensity per tissue of the ``flair-like`` contrast (background 0, skull-stripped): CSF dark, grey matter
+brighter than white matter, unlike T1 (CSF dark, grey matter darker than white matter), so no monotone map relates
+the two contrasts."""
+FLAIR_LIKE_STD = 8.0
 SHARED_PAIR_FILES = {
     "fixed": "fixed_img.nii.gz",
     "fixed_seg": "fixed_seg.nii.gz",
@@ -168,6 +178,7 @@ class SyntheticOptions:
     scale: float = 0.04
     shear: float = 0.02
     translation_mm: float = 4.0
+    contrast: str = "same"
 
 
 def _regrid(geometry: Geometry, spacing: float) -> Geometry:
@@ -190,10 +201,14 @@ def make_synthetic_set(
     through it: ``fixed(x) = moving(x + u(x))`` (linear; labels nearest). So ``u`` itself, in our
     convention, is exactly the field that registers the pair (no inversion error), and it is
     written as ``true_field``. ``spacing`` (mm) resamples the brain first (a cheaper set);
-    ``None`` keeps its grid. The seed of pair ``n`` is ``seed + n``.
+    ``None`` keeps its grid. The seed of pair ``n`` is ``seed + n``. ``contrast="flair-like"``
+    replaces the moving image (after the fixed images are made from it) by `render_contrast` of its
+    label map, so each pair joins two contrasts.
     """
     if options.count < 1:
         raise InputError(f"the synthetic set needs at least one pair; got count={options.count}.")
+    if options.contrast not in CONTRASTS:
+        raise InputError(f"the synthetic set's contrast must be one of {', '.join(CONTRASTS)}; got {options.contrast!r}.")
     moving = read_image(image, "synthetic-set source image")
     moving_seg = read_labels(labels, "synthetic-set source label map")
     if not moving.geometry.same_as(moving_seg.geometry):
@@ -205,7 +220,8 @@ def make_synthetic_set(
     voxel = float(np.mean(grid.spacing))
     out.mkdir(parents=True, exist_ok=True)
     moving_path, moving_seg_path = out / "moving_img.nii.gz", out / "moving_seg.nii.gz"
-    write_volume(moving, moving_path)
+    moving_image = render_contrast(moving_seg, options.seed) if options.contrast == "flair-like" else moving
+    write_volume(moving_image, moving_path)
     write_volume(moving_seg, moving_seg_path)
     deformation = DeformationOptions(
         max_std=options.rms_mm / voxel,
@@ -218,7 +234,7 @@ def make_synthetic_set(
         generator = torch.Generator().manual_seed(int(options.seed) + number)
         disp = random_deformation(grid.shape, generator, 1, deformation)
         true_field = voxel_to_physical_field(disp[0], grid, grid)
-        name = f"synthetic{number:02d}"
+        name = f"{'synthetic' if options.contrast == 'same' else 'contrast'}{number:02d}"
         paths = {
             "fixed": out / f"{name}_fixed_img.nii.gz",
             "fixed_seg": out / f"{name}_fixed_seg.nii.gz",
@@ -232,6 +248,20 @@ def make_synthetic_set(
     return pairs
 
 
+def render_contrast(labels: Volume, seed: int) -> Volume:
+    """The FLAIR-like image of a FreeSurfer label map: `synth.render.render_image` with the means of
+    `FLAIR_LIKE_MEANS` per tissue (`labels.tissue_of`), standard deviation `FLAIR_LIKE_STD`, and the
+    renderer's random blur, bias field and gamma drawn from ``seed``; intensities in [0, 1]."""
+    tissues = torch.from_numpy(tissue_of(labels.array).astype(np.int64))[None, None]
+    means = torch.zeros(1, int(tissues.max()) + 1)
+    for code, mean in FLAIR_LIKE_MEANS.items():
+        means[0, code] = mean
+    stds = torch.full_like(means, FLAIR_LIKE_STD)
+    stds[0, 0] = 0.0
+    image = render_image(tissues, torch.Generator().manual_seed(int(seed)), means=means, stds=stds)
+    return labels.with_array(image[0, 0].numpy().astype(np.float32))
+
+
 def synthetic_pair_list(out: Path, options: SyntheticOptions = SyntheticOptions(), data: Path | None = None) -> list[PairSpec]:
     """The synthetic set made from the shared pair's fixed brain (a T1 scan with its aseg labels)."""
     source = shared_pair_list(data)[0]
@@ -239,11 +269,13 @@ def synthetic_pair_list(out: Path, options: SyntheticOptions = SyntheticOptions(
 
 
 def resolve_pairs(spec: str, out: Path, synthetic: SyntheticOptions = SyntheticOptions()) -> list[PairSpec]:
-    """Pairs named by ``spec``: a ready list (``shared``, ``sample``, ``synthetic``) or a pair-list CSV."""
+    """Pairs named by ``spec``: a ready list (``shared``, ``sample``, ``synthetic``, ``contrast``) or a pair-list CSV."""
     if spec == "shared":
         return shared_pair_list()
     if spec == "sample":
         return sample_pair_list()
     if spec == "synthetic":
         return synthetic_pair_list(out / "synthetic_pairs", synthetic)
+    if spec == "contrast":
+        return synthetic_pair_list(out / "contrast_pairs", replace(synthetic, contrast="flair-like"))
     return read_pair_list(spec)

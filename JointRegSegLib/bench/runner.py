@@ -84,7 +84,8 @@ _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv
 
 def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``name[key=value;key=value]`` (values parsed as JSON where they are JSON) to the
-    method's name and its own options, e.g. ``segreg[variant=learned;mask_loss=edt]``."""
+    method's name and its own options, e.g. ``segreg[variant=learned;mask_loss=edt]``; the keys
+    ``iterations`` and ``time_budget`` set the run's iteration cap and time budget (`run_method`)."""
     from ..cli import parse_options
 
     name, bracket, rest = spec.partition("[")
@@ -260,6 +261,9 @@ def run_method(
     run = ToolRun(pair.name, name, "ours", "ok", folder=folder / "result")
     env = child_environment(settings.threads)
     method, own_options = method_spec(name)
+    # iterations and time_budget in brackets are the run's own (e.g. tto[iterations=20;refine=false])
+    iterations = own_options.pop("iterations", settings.iterations)
+    time_budget = own_options.pop("time_budget", settings.time_budget)
     for repeat in range(settings.repeats):
         output = folder / ("result" if repeat == 0 else f"repeat{repeat}")
         job = Job(
@@ -267,8 +271,8 @@ def run_method(
             output=output,
             device=settings.device,
             seed=settings.seed,
-            iterations=settings.iterations,
-            time_budget=settings.time_budget,
+            iterations=iterations,
+            time_budget=time_budget,
             options={**settings.options, **own_options},
             pictures=False,
             threads=settings.threads,

@@ -8,10 +8,12 @@ from JointRegSegLib.losses.segmentation import (
     edt_mask,
     soft_dice_loss,
 )
-from JointRegSegLib.losses.similarity import lncc_loss, mi_loss, multi_axis_mi_loss, ncc_loss
+from JointRegSegLib.losses.similarity import LocalNCC, box_sum, lncc_loss, mi_loss, multi_axis_mi_loss, ncc_loss
 
 __all__ = [
+    "LocalNCC",
     "bending_energy",
+    "box_sum",
     "cross_entropy_loss",
     "divergence_l2",
     "edt_dice_loss",

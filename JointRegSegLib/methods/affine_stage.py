@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..losses import mi_loss, ncc_loss
 from ..spatial import identity_grid, sample_at_indices
+from .adam import Adam
 from .base import ProgressCallback
 
 LOSSES = ("nmi", "mi", "ncc")
@@ -66,6 +67,7 @@ DEFAULT_ITERATIONS = (150, 60, 30)
 DEFAULT_LEVELS = (4, 2, 1)
 DEFAULT_LR = 0.02
 DEFAULT_SAMPLES = 8000
+CACHED_WEIGHTS = 16_000_000
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -115,13 +117,26 @@ def _pool_matrix(factor: int) -> torch.Tensor:
 
 
 class _ParzenNMI:
-    """Negative Studholme NMI between fixed samples and warped samples, Gaussian Parzen window."""
+    """Negative Studholme NMI between fixed samples and warped samples, Gaussian Parzen window.
+
+    ``fixed`` holds the values of every fixed voxel; `select` picks the samples the next evaluations
+    use. The fixed Parzen weights of all voxels are computed once when they fit in `CACHED_WEIGHTS`
+    numbers (they are the same every iteration), else for each selection.
+    """
 
     def __init__(self, fixed: torch.Tensor, bins: int = NMI_BINS, sigma_ratio: float = NMI_SIGMA_RATIO) -> None:
         self.centres = torch.linspace(0.0, 1.0, bins, device=fixed.device)
         self.sigma = sigma_ratio / (bins - 1)
-        self.fixed_weights = self._weights(fixed)
+        self.fixed = fixed.reshape(-1)
+        self.all_fixed_weights = self._weights(self.fixed) if self.fixed.numel() * bins <= CACHED_WEIGHTS else None
+        self.select(torch.arange(self.fixed.numel(), device=fixed.device))
+
+    def select(self, chosen: torch.Tensor) -> "_ParzenNMI":
+        """Use the fixed samples ``chosen`` (flat indices) from now on."""
+        weights = self.all_fixed_weights
+        self.fixed_weights = weights[chosen] if weights is not None else self._weights(self.fixed[chosen])
         self.fixed_entropy = self._entropy(self.fixed_weights.mean(dim=0))
+        return self
 
     def _weights(self, x: torch.Tensor) -> torch.Tensor:
         """(samples, bins) Parzen weights, each row summing to 1."""
@@ -203,14 +218,14 @@ def fit_affine(
         grid_points = identity_grid(fixed_l.shape[2:], dtype=torch.float64).reshape(3, -1).T  # (voxels, 3)
         fixed_values = fixed_l.reshape(-1)
         pool, unpool = _pool_matrix(factor), torch.linalg.inv(_pool_matrix(factor))
-        optimiser = torch.optim.Adam([params], lr=lr)
+        optimiser = Adam([params], lr=lr)
+        nmi = _ParzenNMI(fixed_values) if loss == "nmi" and count > 0 else None
         for step in range(count):
-            for group in optimiser.param_groups:
-                group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
+            optimiser.lr = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
             chosen = _draw(grid_points.shape[0], samples, generator)
             points = grid_points[chosen]
             target = fixed_values[chosen].view(1, 1, 1, 1, -1)
-            similarity = {"nmi": _ParzenNMI(target), "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
+            similarity = {"nmi": nmi.select(chosen) if nmi else None, "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
             optimiser.zero_grad()
             matrix = unpool @ _matrix(params, centre, t0, radius) @ pool  # the affine on the pooled grid
             mapped = (points @ matrix[:3, :3].T + matrix[:3, 3]).float().to(fixed.device)

@@ -49,6 +49,8 @@ class Result:
     ``affine`` is the affine part alone (4x4, LPS mm, fixed point -> moving point) where the
     method has one. ``brain_mask`` and ``extracted`` (the moving image with everything but the
     brain set to 0) lie on the moving image's grid, where a method strips the skull. ``details`` holds method-specific numbers (losses, iterations, weights used).
+    ``messages`` are what the user should know about this run (e.g. that a time budget cut the
+    optimisation short); the worker logs each as a warning and writes them into metrics.json.
     """
 
     displacement: Volume
@@ -61,6 +63,7 @@ class Result:
     extracted: Volume | None = None
     weights: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
 
 
 class Method(Protocol):

@@ -79,8 +79,10 @@ CATALOGUE: dict[str, MethodInfo] = {
             title="Generalised registration with test-time optimisation",
             description=(
                 "A U-Net pretrained on synthetic images only (any contrast) predicts a deformation after an "
-                "affine stage, then adapts itself to the pair for up to 100 steps or one minute. Needs only "
-                "the two images; gives the affine and the deformable transform."
+                "affine stage, adapts itself to the pair (100 steps on a GPU; off on the CPU unless iterations "
+                "are given), then the deformation is refined on the fixed image's grid. Needs only the two "
+                "images, in any contrasts; gives the affine and the deformable transform. The same inputs and "
+                "seed give the same result unless a time budget cuts it short."
             ),
             paper="Sneha Sree C et al., Test Time Optimized Generalized AI-based Medical Image Registration Method",
             gives_affine=True,

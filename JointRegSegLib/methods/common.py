@@ -66,7 +66,12 @@ def result_from_network_field(
 
 def result_from_physical_field(inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None) -> Result:
     """A `Result` of the whole mapping given as a physical field on the fixed grid (see `result_from_network_field`)."""
+    affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None
+    return result_from_field(inputs, field, affine)
+
+
+def result_from_field(inputs: Inputs, field: Volume, affine: np.ndarray | None = None) -> Result:
+    """A `Result` of a physical field on the fixed grid (the whole mapping): the moving image and its label map warped by it."""
     warped = warp_volume(inputs.moving, field)
     warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
-    affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None
     return Result(displacement=field, warped=warped, affine=affine, warped_seg=warped_seg)

@@ -10,11 +10,20 @@ Pipeline of `TTOMethod.register` (paper sections 2.1-2.3 and the choices below):
    warped moving image;
 4. test-time optimisation (section 2.3): a copy of the network is fine-tuned on this one pair with
    ``L_TTO = MultiAxisMI + NCC + lambda_smooth ||grad u||^2 + alpha_div ||div u||^2``, Adam,
-   until ``options.iterations`` (default 100) steps or ``options.time_budget`` seconds (default
-   60) of optimisation, whichever comes first; then the fine-tuned network predicts the field
-   (``options.extra['tto'] = False``: the network as shipped predicts it);
-5. the whole mapping ``compose(affine, u)`` (affine applied to the moving image first) goes back to
-   the fixed image's grid as a physical field (`common.result_from_network_field`).
+   ``options.iterations`` steps (default 100 on a GPU, 0 on the CPU: see "Defaults"); then the
+   fine-tuned network predicts the field (``options.extra['tto'] = False``: the network as shipped
+   predicts it);
+5. refinement (ours, option ``refine``): the field ``w`` of the mapping ``T(x) = A (x + w(x))`` is
+   optimised directly on the fixed image's grid, coarse to fine (`refinement.refine`: 4 then 2 mm
+   on the CPU, 4, 2, 1 mm on a GPU), from the network's field, with local NCC for images of one
+   contrast and MI for different contrasts (``refine_similarity = "auto"``:
+   `refinement.choose_similarity`), a diffusion regulariser and Adam;
+6. the whole mapping goes back to the fixed image's grid as a physical field
+   (`common.result_from_field`; without refinement ``compose(affine, u)`` through
+   `common.result_from_network_field`).
+
+Stages switch off for the ablation: ``network = "none"`` (affine, then refinement from zero),
+``tto = False``, ``refine = False``; ``affine = "none"``.
 
 Choices where the paper is silent (ours, recorded here):
 
@@ -39,25 +48,35 @@ Choices where the paper is silent (ours, recorded here):
   image, so the loss sees full-resolution detail; NCC and the regularisers use every voxel;
 - TTO optimiser: Adam, learning rate ``lr`` (see "Defaults"), all network parameters trainable,
   one pair per step (the paper's "epoch" over one test pair is one step);
-- time budget: the optimisation loop stops before a step that would end past the budget
-  (estimated by the previous step's duration), so a budget of 0 does no step; affine, inference
-  and resampling time are not counted in the budget (reported in ``details['timings']``);
-- ``options.extra['tto'] = False`` gives plain inference (no optimisation step);
-- determinism: on the CPU the result depends only on the inputs, the weights, the options and
-  ``options.seed`` (the sub-lattice offsets and the affine sampling draw from seeded generators);
-  the time budget can end the loop at a different step on a busier machine.
+- time budget: none by default, so the result depends only on the inputs, the weights, the
+  options and ``options.seed``. With ``options.time_budget`` the optimisation stages (test-time
+  optimisation and refinement) stop before a step that would end past the budget (estimated by
+  the previous step's duration; a budget of 0 does no step); affine, inference and resampling are
+  not counted (``details['timings']``). A cut is reported in ``result.messages`` and
+  ``details['stopped_by']``, since the result then depends on how busy the machine was;
+- ``options.extra['tto'] = False`` skips the fine-tuning whatever ``iterations`` says;
+- determinism: on the CPU the sub-lattice offsets and the affine sampling draw from seeded
+  generators and each stage runs on a thread count fixed by its sizes (`device.threads_for`), so
+  the same command gives the same field however busy the machine is.
 
 Defaults, measured on the benchmark pair (../shared/data/pair, 160 x 192 x 224 at 1 mm, mean Dice
-over the 30 evaluation labels at 1 mm; weights from 25 + 15 CPU minutes of training; a 2-core CPU
-shared with other jobs, torch on one thread; affine alone 0.58):
+over the 30 evaluation labels at 1 mm; a 2-core CPU shared with other jobs; docs/results/tto.md):
 
-- ``spacing`` 3 mm on the CPU: a TTO step of the student costs about 2 s at 48 x 64 x 80, 4.5 s at
-  64 x 80 x 96 (2.5 mm) and 10 s at 80 x 96 x 112 (2 mm), so one minute buys about 26, 12 and 5
-  steps: Dice 0.66, 0.61 and 0.59. On a GPU the paper's 2 mm-class grids are cheap;
+- ``spacing`` 3 mm on the CPU: a TTO step of the student costs about 2 s at 48 x 64 x 80 on an idle
+  core (7 s at load 8), 4.5 s at 2.5 mm and 10 s at 2 mm. On a GPU the paper's 2 mm-class grids
+  are cheap;
+- ``iterations`` 0 on the CPU: five TTO steps (37 s at load 8) raised the network's Dice from
+  0.515 to 0.538 and left the refined result at 0.782 with or without them, so on the CPU the
+  seconds go to the refinement; ``--iterations N`` turns the fine-tuning on;
 - ``lr`` 1e-3: 3e-3 oscillates (Dice 0.39-0.62 from step to step), 1e-2 diverges, 5e-4 gains less
   in 30 steps (0.60 against 0.63 on the network grid);
 - ``lambda_smooth`` 0.3 and ``alpha_div`` 0.03: Dice 0.67 against 0.66 (1 and 0.1), 0.64 (3 and
-  0.3) and 0.65 (0.1 and 0.01), all without folding.
+  0.3) and 0.65 (0.1 and 0.01), all without folding (26 TTO steps, before the refinement);
+- refinement 40 steps at 4 mm, then 20 at 2 mm, regulariser weight 1 (`refinement.Settings`):
+  Dice 0.786, folding 0.06 % (from the same affine and network field: weight 2 0.781 and 0.02 %,
+  1.5 0.784; 60 steps at 4 mm alone 0.740; 12 steps at 2 mm 0.781; 4 and 3 mm 0.769; learning
+  rate 0.2 0.790 but folding 0.23 %; smoothing window 3 0.773 and 0.19 %). The 2 mm level costs
+  0.5-0.8 s a step, the 4 mm one under 0.1 s.
 """
 
 from __future__ import annotations
@@ -69,24 +88,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import resolve_device, threads_for
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from ..imageio.network_grid import RAS_DIRECTION, corner_points
 from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
 from ..nets import RegistrationUNet, student_unet, teacher_unet
-from ..spatial import affine_to_displacement, compose, warp
+from ..spatial import affine_to_displacement, compose, index_affine_to_physical, warp
 from ..weights import load_into
+from . import refinement
+from .adam import Adam
 from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
+from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import prepare_pair, result_from_network_field
+from .common import prepare_pair, result_from_field, result_from_network_field
 
 NETWORKS = {"teacher": teacher_unet, "student": student_unet}
+NETWORK_CHOICES = (*NETWORKS, "none")
 WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
-DEFAULT_ITERATIONS = 100
-DEFAULT_TIME_BUDGET = 60.0
+DEFAULT_ITERATIONS = {"cpu": 0, "cuda": 100}
 DEFAULTS: dict[str, Any] = {
     "tto": True,
     "network": "student",
@@ -98,17 +120,32 @@ DEFAULTS: dict[str, Any] = {
     "mi_stride": 2,
     "affine": "nmi",
     "affine_iterations": list(AFFINE_ITERATIONS),
+    "refine": True,
+    "refine_similarity": "auto",
+    "refine_spacings": None,
+    "refine_iterations": None,
+    "refine_weight": refinement.Settings.weight,
+    "refine_regulariser": refinement.Settings.regulariser,
+    "refine_field": refinement.Settings.field,
+    "refine_lr": refinement.Settings.lr,
+    "refine_window_mm": refinement.Settings.window_mm,
+    "refine_smoothing": refinement.Settings.smoothing,
 }
 DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
+DEFAULT_REFINE_SPACINGS = {"cpu": (4.0, 2.0), "cuda": (4.0, 2.0, 1.0)}
+DEFAULT_REFINE_ITERATIONS = {"cpu": (40, 20), "cuda": (100, 100, 50)}
 GRID_MULTIPLE = 16
 
 # Rough costs (seconds, one busy CPU core) used to give each stage a share of the progress bar
 # proportional to its expected duration, so a time-left estimate from the bar's rate holds:
-# an affine iteration (8000 samples), a TTO step per network voxel, resampling per fixed voxel.
+# an affine iteration (8000 samples), a TTO step per network voxel, resampling per fixed voxel, a refinement
+# step per voxel of its level before the crop to the foreground (measured on the benchmark pair: 13-16 s
+# for 40 steps at 4 mm and 20 at 2 mm at load 8, about half that on a quieter machine).
 _COST_AFFINE_STEP = 0.025
 _COST_STEP_PER_VOXEL = {"cpu": 8e-6, "cuda": 2e-7}
 _COST_RESAMPLING_PER_VOXEL = 5e-7
-_STAGE_ORDER = ("preparing", "affine", "test-time optimisation", "inference", "resampling")
+_COST_REFINE_STEP_PER_VOXEL = {"cpu": 3e-7, "cuda": 2e-8}
+_STAGE_ORDER = ("preparing", "affine", "test-time optimisation", "inference", "refinement", "resampling")
 
 
 def network_grid_shape(geometry: Geometry, spacing: float) -> tuple[float, tuple[int, int, int]]:
@@ -186,38 +223,101 @@ def _number(key: str, value: Any) -> float:
         raise InputError(f"tto option '{key}' must be a number; got {value!r}") from None
 
 
-def _settings(options: Options) -> dict[str, Any]:
-    """The method's settings: DEFAULTS overridden by ``options.extra``, checked."""
+def _numbers(key: str, value: Any, kind: type) -> list[Any]:
+    """``value`` as a non-empty list of ``kind`` (int or float), or an InputError naming the option."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        numbers = [kind(_number(key, v)) for v in items]
+    except ValueError:
+        numbers = []
+    if not numbers or any(float(n) != float(v) for n, v in zip(numbers, items)):
+        raise InputError(f"tto option '{key}' must be a list of {'whole ' if kind is int else ''}numbers; got {value!r}")
+    return numbers
+
+
+def _settings(options: Options, device: str) -> dict[str, Any]:
+    """The method's settings: DEFAULTS (device-dependent where None) overridden by ``options.extra``, checked."""
     unknown = sorted(set(options.extra) - set(DEFAULTS))
     if unknown:
         raise InputError(f"unknown tto option(s) {unknown}; the tto options are {sorted(DEFAULTS)}")
     s = {**DEFAULTS, **options.extra}
-    if not isinstance(s["tto"], bool):
-        raise InputError(f"tto option 'tto' must be true or false; got {s['tto']!r}")
-    if s["network"] not in NETWORKS:
-        raise InputError(f"tto option 'network' must be 'student' or 'teacher'; got {s['network']!r}")
+    for key in ("tto", "refine"):
+        if not isinstance(s[key], bool):
+            raise InputError(f"tto option '{key}' must be true or false; got {s[key]!r}")
+    if s["network"] not in NETWORK_CHOICES:
+        raise InputError(f"tto option 'network' must be one of {', '.join(NETWORK_CHOICES)}; got {s['network']!r}")
     if s["affine"] not in ("nmi", "mi", "ncc", "none"):
         raise InputError(f"tto option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
-    for key in ("spacing", "lr"):
+    choices = {
+        "refine_similarity": ("auto", *refinement.SIMILARITIES),
+        "refine_regulariser": refinement.REGULARISERS,
+        "refine_field": refinement.FIELDS,
+    }
+    for key, allowed in choices.items():
+        if s[key] not in allowed:
+            raise InputError(f"tto option '{key}' must be one of {', '.join(allowed)}; got {s[key]!r}")
+    for key in ("spacing", "lr", "refine_lr", "refine_window_mm"):
         if s[key] is None:
             continue
         if not _number(key, s[key]) > 0:
             raise InputError(f"tto option '{key}' must be positive; got {s[key]!r}")
         s[key] = float(s[key])
-    for key in ("lambda_smooth", "alpha_div"):
+    for key in ("lambda_smooth", "alpha_div", "refine_weight"):
         if not _number(key, s[key]) >= 0:
             raise InputError(f"tto option '{key}' must be zero or positive; got {s[key]!r}")
         s[key] = float(s[key])
-    for key, low in (("mi_bins", 2), ("mi_stride", 1)):
+    for key, low in (("mi_bins", 2), ("mi_stride", 1), ("refine_smoothing", 1)):
         if _number(key, s[key]) < low or int(s[key]) != float(s[key]):
             raise InputError(f"tto option '{key}' must be an integer >= {low}; got {s[key]!r}")
         s[key] = int(s[key])
-    iterations = DEFAULT_ITERATIONS if options.iterations is None else options.iterations
-    budget = DEFAULT_TIME_BUDGET if options.time_budget is None else options.time_budget
-    if int(iterations) < 0 or not float(budget) >= 0:
-        raise InputError(f"iterations and time budget must be >= 0; got {iterations} and {budget}")
-    s["iterations"], s["time_budget"] = int(iterations), float(budget)
+    s["refine_spacings"] = tuple(
+        DEFAULT_REFINE_SPACINGS.get(device, DEFAULT_REFINE_SPACINGS["cuda"])
+        if s["refine_spacings"] is None else _numbers("refine_spacings", s["refine_spacings"], float)
+    )
+    s["refine_iterations"] = tuple(
+        DEFAULT_REFINE_ITERATIONS.get(device, DEFAULT_REFINE_ITERATIONS["cuda"])
+        if s["refine_iterations"] is None else _numbers("refine_iterations", s["refine_iterations"], int)
+    )
+    iterations = DEFAULT_ITERATIONS.get(device, DEFAULT_ITERATIONS["cuda"]) if options.iterations is None else options.iterations
+    if int(iterations) < 0 or (options.time_budget is not None and not float(options.time_budget) >= 0):
+        raise InputError(f"iterations and time budget must be >= 0; got {iterations} and {options.time_budget}")
+    s["iterations"] = int(iterations)
+    s["time_budget"] = None if options.time_budget is None else float(options.time_budget)
     return s
+
+
+def refinement_settings(s: dict[str, Any]) -> refinement.Settings:
+    """The refinement stage's settings from the method's (``refine_*`` options)."""
+    settings = refinement.Settings(
+        spacings=s["refine_spacings"],
+        iterations=s["refine_iterations"],
+        similarity=s["refine_similarity"],
+        window_mm=s["refine_window_mm"],
+        regulariser=s["refine_regulariser"],
+        weight=s["refine_weight"],
+        lr=s["refine_lr"],
+        smoothing=s["refine_smoothing"],
+        field=s["refine_field"],
+        mi_bins=s["mi_bins"],
+        mi_stride=s["mi_stride"],
+    )
+    settings.check()
+    return settings
+
+
+class Deadline:
+    """The user's time budget for the optimisation stages (test-time optimisation and refinement); None: no budget.
+
+    `allows` says whether a step expected to last ``step_s`` seconds still ends within the budget.
+    """
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.end = None if budget_s is None else time.perf_counter() + budget_s
+        self.cut: list[str] = []
+
+    def allows(self, step_s: float) -> bool:
+        return self.end is None or time.perf_counter() + step_s <= self.end
 
 
 class _Progress:
@@ -249,6 +349,16 @@ class _Progress:
             self.callback(self.last, stage)
 
 
+def _refinement_cost(inputs: Inputs, settings: refinement.Settings | None, device: str) -> float:
+    """Rough seconds of the refinement stage: steps x voxels of each level (for the progress bar's shares)."""
+    if settings is None:
+        return 0.0
+    voxel_mm3 = float(np.prod(inputs.fixed.geometry.spacing))
+    voxels = float(np.prod(inputs.fixed.geometry.shape))
+    per_voxel = _COST_REFINE_STEP_PER_VOXEL.get(device, _COST_REFINE_STEP_PER_VOXEL["cuda"])
+    return sum(n * per_voxel * voxels * voxel_mm3 / s**3 for s, n in zip(settings.spacings, settings.iterations))
+
+
 class TTOMethod:
     """The tto method (see the module docstring)."""
 
@@ -256,29 +366,35 @@ class TTOMethod:
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed`` (see the module docstring)."""
-        s = _settings(options)
         device = resolve_device(options.device)
+        s = _settings(options, device.type)
+        refine_settings = refinement_settings(s) if s["refine"] else None
         if s["spacing"] is None:
             s["spacing"] = DEFAULT_SPACING.get(device.type, DEFAULT_SPACING["cuda"])
+        use_network = s["network"] != "none"
         report = _Progress(progress)
         timings: dict[str, float] = {}
         generator = torch.Generator().manual_seed(int(options.seed))
         torch.manual_seed(int(options.seed))
+        deadline = Deadline(s["time_budget"])
 
         tick = time.perf_counter()
         report(0.0, "preparing")
         spacing, shape = network_grid_shape(inputs.fixed.geometry, s["spacing"])
         pair = prepare_pair(inputs, device, spacing=spacing, shape=shape)
-        net = build_network(s["network"])
-        checksum = load_into(net, WEIGHT_NAMES[s["network"]])
-        net = net.to(device).eval()
+        checksum = None
+        if use_network:
+            net = build_network(s["network"])
+            checksum = load_into(net, WEIGHT_NAMES[s["network"]])
+            net = net.to(device).eval()
         report(1.0, "preparing")
         step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))
-        tto_steps = s["iterations"] if s["tto"] else 0
+        tto_steps = s["iterations"] if use_network and s["tto"] else 0
         report.plan({
             "affine": 0.0 if s["affine"] == "none" else _COST_AFFINE_STEP * float(sum(s["affine_iterations"])),
-            "test-time optimisation": min(tto_steps * step, s["time_budget"]),
-            "inference": step / 2.0,
+            "test-time optimisation": tto_steps * step,
+            "inference": step / 2.0 if use_network else 0.0,
+            "refinement": _refinement_cost(inputs, refine_settings, device.type),
             "resampling": _COST_RESAMPLING_PER_VOXEL * float(np.prod(inputs.fixed.geometry.shape)) + 0.5,
         })
         timings["preparing"] = time.perf_counter() - tick
@@ -287,49 +403,80 @@ class TTOMethod:
         if s["affine"] == "none":
             affine_index = np.eye(4)
         else:
-            affine_index = fit_affine(
-                pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                progress=lambda f, _stage: report(f, "affine"),
-            )
+            with threads_for(AFFINE_SAMPLES, device):
+                affine_index = fit_affine(
+                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                    progress=lambda f, _stage: report(f, "affine"),
+                )
         affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
-        moved = warp(pair.moving, affine_disp)
         timings["affine"] = time.perf_counter() - tick
 
         details: dict[str, Any] = {
             "network": s["network"],
             "network_grid": {"shape": list(shape), "spacing_mm": spacing},
             "settings": {k: s[k] for k in sorted(s)},
+            "stages": ["affine"] if s["affine"] != "none" else [],
             "iterations_done": 0,
         }
-        if s["tto"] and s["iterations"] > 0:
+        disp = None
+        if use_network:
+            details["stages"].append("network")
+            moved = warp(pair.moving, affine_disp)
+            if tto_steps > 0:
+                tick = time.perf_counter()
+                net, history = self._optimise(net, pair.fixed, moved, s, generator, report, deadline)
+                timings["test-time optimisation"] = time.perf_counter() - tick
+                details["stages"].append("test-time optimisation")
+                details["iterations_done"] = len(history)
+                details["loss_history"] = [h["loss"] for h in history]
+                if len(history) < s["iterations"]:
+                    deadline.cut.append(f"test-time optimisation after {len(history)} of {s['iterations']} steps")
+                if history:
+                    details["initial_loss"] = history[0]["loss"]
+                    details["initial_terms"] = {k: v for k, v in history[0].items() if k != "loss"}
             tick = time.perf_counter()
-            net, history = self._optimise(net, pair.fixed, moved, s, generator, report)
-            timings["test-time optimisation"] = time.perf_counter() - tick
-            details["iterations_done"] = len(history)
-            details["stopped_by"] = "iterations" if len(history) >= s["iterations"] else "time budget"
-            details["loss_history"] = [h["loss"] for h in history]
-            if history:
-                details["initial_loss"] = history[0]["loss"]
-                details["initial_terms"] = {k: v for k, v in history[0].items() if k != "loss"}
+            with torch.no_grad():
+                disp = predict(net.eval(), pair.fixed, moved)
+                if tto_steps > 0:
+                    loss, terms = tto_loss(
+                        pair.fixed, moved, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
+                    )
+                    details["final_loss"], details["final_terms"] = loss.item(), terms
+            report(1.0, "inference")
+            timings["inference"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        with torch.no_grad():
-            disp = predict(net.eval(), pair.fixed, moved)
-            loss, terms = tto_loss(
-                pair.fixed, moved, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
+        if refine_settings is not None:
+            tick = time.perf_counter()
+            affine = index_affine_to_physical(affine_index, pair.grid, pair.grid)
+            refined = refinement.refine(
+                inputs.fixed, inputs.moving, affine, None if disp is None else (disp, pair.grid), refine_settings, device,
+                seed=int(options.seed), progress=lambda f: report(f, "refinement"), allows=deadline.allows,
             )
-        details["final_loss"], details["final_terms"] = loss.item(), terms
-        report(1.0, "inference")
-        timings["inference"] = time.perf_counter() - tick
+            report(1.0, "refinement")
+            timings["refinement"] = time.perf_counter() - tick
+            details["stages"].append("refinement")
+            details["refinement"] = {"similarity": refined.similarity, "levels": refined.levels}
+            done, planned = sum(level["iterations"] for level in refined.levels), sum(refine_settings.iterations)
+            if done < planned:
+                deadline.cut.append(f"refinement after {done} of {planned} steps")
 
         tick = time.perf_counter()
         report(0.0, "resampling")
-        total = compose(affine_disp, disp.detach())
-        result = result_from_network_field(inputs, pair.grid, total, affine_index)
+        if refine_settings is not None:
+            result = result_from_field(inputs, refined.whole_field(inputs.fixed.geometry), affine)
+        else:
+            total = affine_disp if disp is None else compose(affine_disp, disp.detach())
+            result = result_from_network_field(inputs, pair.grid, total, affine_index)
         timings["resampling"] = time.perf_counter() - tick
         report(1.0, "resampling")
         details["timings"] = timings
-        result.weights = {WEIGHT_NAMES[s["network"]]: checksum}
+        details["stopped_by"] = "time budget" if deadline.cut else "iterations"
+        if deadline.cut:
+            result.messages.append(
+                f"the time budget of {s['time_budget']:g} s cut the optimisation short ({'; '.join(deadline.cut)}): "
+                "the result depends on how busy the machine was; run without a time budget for a reproducible result"
+            )
+        result.weights = {WEIGHT_NAMES[s["network"]]: checksum} if use_network else {}
         result.details = details
         return result
 
@@ -341,20 +488,18 @@ class TTOMethod:
         s: dict[str, Any],
         generator: torch.Generator,
         report: _Progress,
+        deadline: Deadline,
     ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
         """Fine-tune a copy of ``net`` on the pair (section 2.3, eq. 2); returns it and the loss history."""
         tuned = copy.deepcopy(net).train()
         for parameter in tuned.parameters():
             parameter.requires_grad_(True)
-        optimiser = torch.optim.Adam(tuned.parameters(), lr=s["lr"])
+        optimiser = Adam(list(tuned.parameters()), lr=s["lr"])
         history: list[dict[str, float]] = []
-        start = time.perf_counter()
         last_step = 0.0
-        while len(history) < s["iterations"]:
-            if time.perf_counter() - start + last_step > s["time_budget"]:
-                break
+        while len(history) < s["iterations"] and deadline.allows(last_step):
             step_start = time.perf_counter()
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             disp = predict(tuned, fixed, moving)
             loss, terms = tto_loss(
                 fixed, moving, disp, s["lambda_smooth"], s["alpha_div"], s["mi_bins"], s["mi_stride"], generator
@@ -363,9 +508,7 @@ class TTOMethod:
             optimiser.step()
             history.append({"loss": loss.item(), **terms})
             last_step = time.perf_counter() - step_start
-            elapsed = time.perf_counter() - start
-            fraction = max(len(history) / s["iterations"], elapsed / s["time_budget"] if s["time_budget"] > 0 else 1.0)
-            report(min(fraction, 1.0), "test-time optimisation")
+            report(len(history) / s["iterations"], "test-time optimisation")
         report(1.0, "test-time optimisation")
         return tuned, history
 

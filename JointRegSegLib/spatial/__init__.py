@@ -18,7 +18,7 @@ from .affine import (
     to_sitk_affine,
 )
 from .fields import compose, integrate_velocity, rescale_field
-from .physical import physical_to_voxel_field, voxel_to_physical_field, warp_volume
+from .physical import physical_to_voxel_field, regrid_voxel_field, voxel_to_physical_field, warp_volume
 from .warp import check_field, identity_grid, sample_at_indices, warp
 
 _FIELD_IO = ("read_displacement_field", "to_sitk_transform", "write_displacement_field")
@@ -45,6 +45,7 @@ __all__ = [
     "normalised_affine_to_index",
     "physical_to_voxel_field",
     "read_displacement_field",
+    "regrid_voxel_field",
     "rescale_field",
     "sample_at_indices",
     "to_sitk_affine",

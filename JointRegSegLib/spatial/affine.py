@@ -104,7 +104,7 @@ def affine_matrix(
     return m
 
 
-def _normaliser(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def normaliser(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """4x4 ``N`` taking an index (i, j, k, 1) to grid_sample's normalised (x, y, z, 1) = (k, j, i) order, and ``N^-1``."""
     if len(shape) != 3:
         raise InputError(f"a 3D grid shape (I, J, K) is needed; got {tuple(shape)}")
@@ -131,13 +131,13 @@ def index_affine_to_normalised(matrix: Matrix, shape: Sequence[int]) -> Matrix:
     ``(x, y, z) = (k, j, i)`` coordinates. ``affine_grid`` + ``grid_sample`` with this theta gives
     the same image as ``warp(image, affine_to_displacement(A, shape))``.
     """
-    n, n_inv = _normaliser(shape)
+    n, n_inv = normaliser(shape)
     return (_like(n, matrix) @ _homogeneous(matrix) @ _like(n_inv, matrix))[..., :3, :]
 
 
 def normalised_affine_to_index(theta: Matrix, shape: Sequence[int]) -> Matrix:
     """Inverse of `index_affine_to_normalised`: ``A = N^-1 theta N`` as ``(..., 4, 4)``."""
-    n, n_inv = _normaliser(shape)
+    n, n_inv = normaliser(shape)
     return _like(n_inv, theta) @ _homogeneous(theta) @ _like(n, theta)
 
 

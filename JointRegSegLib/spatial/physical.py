@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
-from .warp import sample_at_indices
+from .affine import normaliser
 
 
 def _index_map(source: Geometry, target: Geometry) -> np.ndarray:
@@ -22,17 +23,29 @@ def _index_map(source: Geometry, target: Geometry) -> np.ndarray:
     return target.physical_to_index_matrix @ source.index_to_physical_matrix
 
 
-def _mapped_indices(shape: Sequence[int], matrix: np.ndarray) -> torch.Tensor:
-    """``matrix @ (p, 1)`` for every voxel ``p`` of a grid of ``shape``, as float32 ``(I, J, K, 3)``."""
-    m = torch.as_tensor(matrix, dtype=torch.float64)
-    i, j, k = (torch.arange(int(n), dtype=torch.float64) for n in shape)
-    points = (
-        m[:3, 3]
-        + i[:, None, None, None] * m[:3, 0]
-        + j[None, :, None, None] * m[:3, 1]
-        + k[None, None, :, None] * m[:3, 2]
-    )
-    return points.float()
+def _sampling_grid(
+    shape: Sequence[int], matrix: np.ndarray, source_shape: Sequence[int], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``grid_sample`` coordinates ``(1, I, J, K, 3)`` of the source index ``matrix @ (p, 1)`` for every voxel ``p`` of a grid of ``shape``.
+
+    The coordinates are normalised for a source of ``source_shape`` (``align_corners=True``) and
+    ordered ``(x, y, z) = (k, j, i)``, as `spatial.warp` does, computed once in float32 (no
+    intermediate index arrays). Also returns the 3x3 taking a source index step to a coordinate step.
+    """
+    n = normaliser(source_shape)[0]
+    return _mapped_indices(shape, n @ matrix, device)[None], n[:3, :3]
+
+
+def _mapped_indices(shape: Sequence[int], matrix: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """``matrix @ (p, 1)`` (its first three rows) for every voxel ``p`` of a grid of ``shape``, float32 ``(I, J, K, 3)``."""
+    m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
+    i, j, k = (torch.arange(int(size), dtype=torch.float32, device=device) for size in shape)
+    return m[:3, 3] + i[:, None, None, None] * m[:3, 0] + j[None, :, None, None] * m[:3, 1] + k[None, None, :, None] * m[:3, 2]
+
+
+def _sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``image (B, C, I, J, K)`` at the normalised coordinates ``grid (B, I', J', K', 3)`` of `_sampling_grid`."""
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def _linear_part(grid: Geometry) -> np.ndarray:
@@ -66,8 +79,8 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     if fixed.same_as(grid):
         u_idx = disp
     else:
-        indices = grid_indices_of(fixed, grid)
-        u_idx = sample_at_indices(disp[None], indices[None], mode="bilinear", padding_mode="border")[0]
+        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape)[0]
+        u_idx = _sample(disp[None], coordinates, "bilinear", "border")[0]
     return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
 
 
@@ -83,6 +96,26 @@ def grid_steps_to_physical(u_idx: torch.Tensor, grid: Geometry, fixed: Geometry)
     return Volume(np.ascontiguousarray(u_phys.numpy(), dtype=np.float32), fixed)
 
 
+def regrid_voxel_field(disp: torch.Tensor, source: Geometry, target: Geometry) -> torch.Tensor:
+    """A voxel displacement ``disp (B, 3, I, J, K)`` on grid ``source`` as a voxel displacement on grid ``target``.
+
+    The physical displacement ``direction @ diag(spacing) @ u`` of ``source`` is interpolated
+    trilinearly at each ``target`` voxel's point (edge values outside ``source``) and expressed in
+    voxels of ``target``. Differentiable; stays on ``disp``'s device.
+    """
+    if disp.ndim != 5 or disp.shape[1] != 3 or tuple(disp.shape[2:]) != source.shape:
+        raise InputError(
+            f"the voxel displacement field must have shape (B, 3, {', '.join(map(str, source.shape))}) to match its grid; "
+            f"got {tuple(disp.shape)}"
+        )
+    if source.same_as(target):
+        return disp
+    coordinates = _sampling_grid(target.shape, _index_map(target, source), source.shape, disp.device)[0]
+    sampled = _sample(disp, coordinates.expand(disp.shape[0], -1, -1, -1, -1).to(disp.dtype), "bilinear", "border")
+    to_target = np.linalg.inv(_linear_part(target)) @ _linear_part(source)
+    return torch.einsum("rc,bcijk->brijk", torch.as_tensor(to_target, dtype=disp.dtype, device=disp.device), sampled)
+
+
 def physical_to_voxel_field(field: Volume, grid: Geometry) -> torch.Tensor:
     """The voxel field ``(3, I, J, K)`` on the network ``grid`` of a physical field (inverse of `voxel_to_physical_field`).
 
@@ -94,8 +127,8 @@ def physical_to_voxel_field(field: Volume, grid: Geometry) -> torch.Tensor:
     if field.geometry.same_as(grid):
         u_phys = values
     else:
-        indices = _mapped_indices(grid.shape, _index_map(grid, field.geometry))
-        u_phys = sample_at_indices(values[None], indices[None], mode="bilinear", padding_mode="border")[0]
+        coordinates = _sampling_grid(grid.shape, _index_map(grid, field.geometry), field.geometry.shape)[0]
+        u_phys = _sample(values[None], coordinates, "bilinear", "border")[0]
     inverse = torch.as_tensor(np.linalg.inv(_linear_part(grid)), dtype=torch.float32)
     return torch.einsum("rc,cijk->rijk", inverse, u_phys).contiguous()
 
@@ -116,14 +149,15 @@ def warp_volume(moving: Volume, field: Volume, interpolation: str = "linear", de
     array = np.asarray(moving.array)
     if array.ndim not in (3, 4):
         raise InputError(f"the moving image must be a 3D array (or 3D with components last); got shape {array.shape}")
-    to_moving = _index_map(field.geometry, moving.geometry)
-    indices = _mapped_indices(field.geometry.shape, to_moving)
+    coordinates, index_to_coordinate = _sampling_grid(
+        field.geometry.shape, _index_map(field.geometry, moving.geometry), moving.geometry.shape
+    )
     u = torch.as_tensor(np.asarray(field.array, dtype=np.float32))
-    mm_to_moving_index = torch.as_tensor(np.linalg.inv(_linear_part(moving.geometry)), dtype=torch.float32)
-    indices = indices + u @ mm_to_moving_index.T
+    mm_to_coordinate = torch.as_tensor(index_to_coordinate @ np.linalg.inv(_linear_part(moving.geometry)), dtype=torch.float32)
+    coordinates = coordinates + u @ mm_to_coordinate.T
     image = torch.as_tensor(array.astype(np.float32) - np.float32(default))
     image = image[None, None] if array.ndim == 3 else image.permute(3, 0, 1, 2)[None]
-    out = sample_at_indices(image, indices[None], mode=modes[interpolation], padding_mode="zeros")[0] + float(default)
+    out = _sample(image, coordinates, modes[interpolation], "zeros")[0] + float(default)
     out = out[0] if array.ndim == 3 else out.permute(1, 2, 3, 0)
     result = out.numpy()
     if interpolation == "nearest" and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):

@@ -99,12 +99,16 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
         timings["register_s"] = time.monotonic() - tick
+        for message in result.messages:
+            events.log(message, "warning")
 
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
         maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
         metrics = evaluate(inputs, result, maps)
         metrics.update({f"time_{k}": v for k, v in timings.items()})
+        if result.messages:
+            metrics["messages"] = result.messages
         timings["evaluate_s"] = time.monotonic() - tick
 
         tick = time.monotonic()
