@@ -46,10 +46,14 @@ Choices recorded here:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 
 from JointRegSegLib.errors import InputError
+
+if TYPE_CHECKING:
+    from monai.losses import GlobalMutualInformationLoss
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
