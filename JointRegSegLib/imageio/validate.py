@@ -15,6 +15,7 @@ from .geometry import Geometry, Volume
 _SPACING_RTOL = 1e-4
 _ORIGIN_TOL_VOXELS = 1e-3
 _DIRECTION_ATOL = 1e-4
+_ORTHONORMAL_ATOL = 1e-4
 
 
 def _array_of(volume: Volume | np.ndarray) -> np.ndarray:
@@ -53,16 +54,7 @@ def check_image(volume: Volume | np.ndarray, name: str) -> None:
         raise InputError(f"{name} has voxel type {array.dtype}; JointRegSeg needs numeric intensities.")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise InputError(f"{name} has complex voxel values; give a magnitude image instead.")
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = array.size - int(finite.sum())
-        kinds = " and ".join(
-            kind for kind, present in (("NaN", np.isnan(array).any()), ("inf", np.isinf(array).any())) if present
-        )
-        raise InputError(
-            f"{name} has {bad} non-finite voxels ({kinds}); JointRegSeg needs finite intensities. "
-            "Replace them (e.g. by 0) before registering."
-        )
+    check_finite(array, name)
     low, high = array.min(), array.max()
     if low == high:
         if low == 0:
@@ -70,6 +62,41 @@ def check_image(volume: Volume | np.ndarray, name: str) -> None:
         raise InputError(
             f"{name} is constant (every voxel is {low}); there is nothing to register. "
             "Check that the right file was given."
+        )
+
+
+def check_finite(array: np.ndarray, name: str) -> None:
+    """Every voxel is a finite number (no NaN, no inf)."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array.size - int(finite.sum())
+        kinds = " and ".join(
+            kind for kind, present in (("NaN", np.isnan(array).any()), ("inf", np.isinf(array).any())) if present
+        )
+        raise InputError(
+            f"{name} has {bad} non-finite voxels ({kinds}); JointRegSeg needs finite values. "
+            "Replace them (e.g. by 0) before registering."
+        )
+
+
+def check_geometry(geometry: Geometry, name: str) -> None:
+    """Positive finite voxel sizes, a finite origin and an orthonormal direction matrix (a rotation or reflection).
+
+    ITK keeps a sheared direction matrix (NRRD, MetaImage) without complaint, but resampling through it
+    puts the voxels elsewhere than a viewer shows them, so such an image is refused.
+    """
+    spacing = np.asarray(geometry.spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{name} has voxel size(s) {_fmt(geometry.spacing)} mm; every voxel size must be a positive number.")
+    if not np.all(np.isfinite(geometry.origin)):
+        raise InputError(f"{name} has an origin of {_fmt(geometry.origin)} in its header; fix the header or export it again.")
+    direction = geometry.direction
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=_ORTHONORMAL_ATOL):
+        raise InputError(
+            f"{name} has a sheared (non-orthogonal) orientation matrix, which JointRegSeg and 3D Slicer cannot keep: its "
+            "outputs would lie on another grid. Resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)."
         )
 
 

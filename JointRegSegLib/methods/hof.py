@@ -32,48 +32,23 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..errors import InputError
 from ..imageio.geometry import Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
-from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import fit_affine
 from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
 from .common import prepare_pair, result_from_network_field
+from .options import validate_options
 
-WEIGHT_CHOICES = ("hof", "hof_phase2", "hof_no_aaa", "hof_no_gra", "hof_no_feedback", "hof_unfrozen")
-DEFAULTS: dict[str, Any] = {
-    "weights": "hof",
-    "spacing": 3.0,
-    "affine": "nmi",
-    "affine_iterations": list(AFFINE_ITERATIONS),
-}
 _STAGES = {"preparing": (0.0, 0.1), "affine": (0.1, 0.5), "inference": (0.5, 0.7), "segmentation": (0.7, 0.85),
            "resampling": (0.85, 1.0)}
 
 
 def _settings(options: Options) -> dict[str, Any]:
-    """DEFAULTS overridden by ``options.extra``, checked."""
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown hof option(s) {unknown}; the hof options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    if s["weights"] not in WEIGHT_CHOICES:
-        raise InputError(f"hof option 'weights' must be one of {list(WEIGHT_CHOICES)}; got {s['weights']!r}")
-    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
-        raise InputError(f"hof option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
-    try:
-        s["spacing"] = float(s["spacing"])
-    except (TypeError, ValueError):
-        raise InputError(f"hof option 'spacing' must be a number of mm; got {s['spacing']!r}") from None
-    if not 1.0 <= s["spacing"] <= 8.0:
-        raise InputError(f"hof option 'spacing' must be between 1 and 8 mm (trained at 3); got {s['spacing']}")
-    iterations = s["affine_iterations"]
-    if not isinstance(iterations, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in iterations):
-        raise InputError(f"hof option 'affine_iterations' must be a list of integers >= 0; got {iterations!r}")
-    return s
+    """The method's settings: its declared options (`options.OPTIONS['hof']`), checked."""
+    return validate_options("hof", options.extra)
 
 
 def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device) -> Volume:

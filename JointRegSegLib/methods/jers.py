@@ -45,7 +45,6 @@ from torch.nn import functional as F
 
 from ..atlas import TISSUE_CODES
 from ..device import resolve_device
-from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
@@ -55,18 +54,11 @@ from ..spatial.physical import warp_volume
 from ..labels import TISSUE_LABELS
 from ..weights import load_into
 from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
 SPACING = 3.0
 CLASSES = len(TISSUE_CODES)
-WEIGHT_NAME = "jers"
-DEFAULTS: dict[str, Any] = {
-    "extraction_stages": 5,
-    "registration_stages": 5,
-    "extraction": True,
-    "segmentation": "network",
-    "weights": WEIGHT_NAME,
-}
 
 
 @dataclass
@@ -127,22 +119,8 @@ def build_model() -> JERS:
 
 
 def _settings(options: Options) -> dict[str, Any]:
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown jers option(s) {unknown}; the jers options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    for key in ("extraction_stages", "registration_stages"):
-        value = s[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 1 <= int(value) <= 20:
-            raise InputError(f"jers option '{key}' must be a whole number from 1 to 20; got {value!r}")
-        s[key] = int(value)
-    if not isinstance(s["extraction"], bool):
-        raise InputError(f"jers option 'extraction' must be true or false; got {s['extraction']!r}")
-    if s["segmentation"] not in ("network", "atlas"):
-        raise InputError(f"jers option 'segmentation' must be 'network' or 'atlas'; got {s['segmentation']!r}")
-    if not isinstance(s["weights"], str) or not s["weights"]:
-        raise InputError(f"jers option 'weights' must be the name of shipped weights; got {s['weights']!r}")
-    return s
+    """The method's settings: its declared options (`options.OPTIONS['jers']`), checked."""
+    return validate_options("jers", options.extra)
 
 
 class JERSMethod:

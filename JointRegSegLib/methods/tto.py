@@ -77,27 +77,15 @@ from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
 from ..nets import RegistrationUNet, student_unet, teacher_unet
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
-from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import fit_affine
 from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
 from .common import prepare_pair, result_from_network_field
+from .options import validate_options
 
 NETWORKS = {"teacher": teacher_unet, "student": student_unet}
 WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
 DEFAULT_ITERATIONS = 100
 DEFAULT_TIME_BUDGET = 60.0
-DEFAULTS: dict[str, Any] = {
-    "tto": True,
-    "network": "student",
-    "spacing": None,
-    "lr": 1e-3,
-    "lambda_smooth": 0.3,
-    "alpha_div": 0.03,
-    "mi_bins": 32,
-    "mi_stride": 2,
-    "affine": "nmi",
-    "affine_iterations": list(AFFINE_ITERATIONS),
-}
 DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
 GRID_MULTIPLE = 16
 
@@ -177,40 +165,9 @@ def tto_loss(
     return loss, terms
 
 
-def _number(key: str, value: Any) -> float:
-    """``value`` as a float, or an InputError naming the option."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"tto option '{key}' must be a number; got {value!r}") from None
-
-
 def _settings(options: Options) -> dict[str, Any]:
-    """The method's settings: DEFAULTS overridden by ``options.extra``, checked."""
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown tto option(s) {unknown}; the tto options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    if not isinstance(s["tto"], bool):
-        raise InputError(f"tto option 'tto' must be true or false; got {s['tto']!r}")
-    if s["network"] not in NETWORKS:
-        raise InputError(f"tto option 'network' must be 'student' or 'teacher'; got {s['network']!r}")
-    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
-        raise InputError(f"tto option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
-    for key in ("spacing", "lr"):
-        if s[key] is None:
-            continue
-        if not _number(key, s[key]) > 0:
-            raise InputError(f"tto option '{key}' must be positive; got {s[key]!r}")
-        s[key] = float(s[key])
-    for key in ("lambda_smooth", "alpha_div"):
-        if not _number(key, s[key]) >= 0:
-            raise InputError(f"tto option '{key}' must be zero or positive; got {s[key]!r}")
-        s[key] = float(s[key])
-    for key, low in (("mi_bins", 2), ("mi_stride", 1)):
-        if _number(key, s[key]) < low or int(s[key]) != float(s[key]):
-            raise InputError(f"tto option '{key}' must be an integer >= {low}; got {s[key]!r}")
-        s[key] = int(s[key])
+    """The method's settings: its declared options (`options.OPTIONS['tto']`) checked, and the run's budget."""
+    s = validate_options("tto", options.extra)
     iterations = DEFAULT_ITERATIONS if options.iterations is None else options.iterations
     budget = DEFAULT_TIME_BUDGET if options.time_budget is None else options.time_budget
     if int(iterations) < 0 or not float(budget) >= 0:
