@@ -67,11 +67,9 @@ def test_progress_is_monotonic_and_time_left_converges(finished_run):
     fractions = [e["fraction"] for e in progress]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert len(progress) >= FAST["iterations"]
-    left = [e["seconds_left"] for e in progress if e["seconds_left"] is not None]
-    assert left[-1] == 0.0
-    tail = left[len(left) // 2:]
-    elapsed_total = progress[-1]["elapsed"]
-    assert max(tail) <= max(2.0, elapsed_total), "time left in the second half exceeds the whole run time"
+    assert progress[-1]["seconds_left"] == 0.0
+    # Once half the work is done the estimate never exceeds the time already spent, however busy the machine.
+    assert all(e["seconds_left"] <= e["elapsed"] + 0.1 for e in progress if e["fraction"] >= 0.5 and e["seconds_left"] is not None)
 
 
 def test_simpleitk_reproduces_warped_image_and_dice_improves(finished_run, sample_pair):

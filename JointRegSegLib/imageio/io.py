@@ -54,7 +54,7 @@ def _corrupt(path: Path, name: str, detail: str = "") -> InputError:
     )
 
 
-def _kind_of(mode: int) -> str | None:
+def file_kind(mode: int) -> str | None:
     """What a non-regular file is, in words (None for a regular file)."""
     for test, kind in (
         (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device (such as /dev/null)"), (stat.S_ISBLK, "a block device"),
@@ -84,7 +84,7 @@ def check_readable_file(path: Path, name: str) -> None:
             errno.ENAMETOOLONG: "has a name too long for the file system. Check the path",
         }
         raise InputError(f"{name} '{path}' {reasons.get(error.errno, 'cannot be opened: ' + str(error.strerror))}.") from None
-    kind = _kind_of(info.st_mode)
+    kind = file_kind(info.st_mode)
     if kind is not None:
         raise InputError(f"{name} '{path}' is {kind}, not an image file. Give the path of the image file.")
     if info.st_size == 0:

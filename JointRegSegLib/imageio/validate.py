@@ -153,3 +153,34 @@ def check_same_grid(a: Volume | Geometry, b: Volume | Geometry, names: tuple[str
 
 def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def content_box(volume: Volume, threshold: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """LPS bounding box (low, high corners, mm) of the voxels brighter than ``threshold`` of the image's
+    0.5-99.5 percentile range, voxel extents included (the whole grid when nothing is brighter)."""
+    array = volume.array
+    step = max(1, array.size // 500_000)
+    low, high = np.percentile(array.ravel()[::step], [0.5, 99.5])
+    bright = array > low + threshold * (high - low) if high > low else array > low
+    if not bright.any():
+        bright = np.ones(array.shape, dtype=bool)
+    first = [int(np.argmax(bright.any(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
+    last = [array.shape[axis] - 1 - int(np.argmax(bright.any(axis=tuple(a for a in range(3) if a != axis))[::-1])) for axis in range(3)]
+    corners = np.array([[(f - 0.5, l + 0.5)[bit] for f, l, bit in zip(first, last, bits)] for bits in np.ndindex(2, 2, 2)])
+    points = volume.geometry.index_to_physical(corners)
+    return points.min(axis=0), points.max(axis=0)
+
+
+def check_overlap(fixed: Volume, moving: Volume, minimum: float = 0.1) -> None:
+    """The two images' contents share space: their bounding boxes (`content_box`) overlap by at least
+    ``minimum`` of the smaller box's volume, else the moving image, resampled onto the fixed grid, is empty."""
+    (fl, fh), (ml, mh) = content_box(fixed), content_box(moving)
+    shared = float(np.prod(np.clip(np.minimum(fh, mh) - np.maximum(fl, ml), 0.0, None)))
+    smaller = min(float(np.prod(fh - fl)), float(np.prod(mh - ml)))
+    if shared < minimum * smaller:
+        raise InputError(
+            f"the fixed and moving images hardly overlap in space ({100 * shared / smaller:.0f}% of the smaller image's "
+            f"content lies inside the other's; content centres {_fmt((fl + fh) / 2)} and {_fmt((ml + mh) / 2)} mm). Check "
+            "their origins and orientations (a header with a far-away origin or a flipped axis), or centre them first "
+            "(e.g. in 3D Slicer)."
+        )

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from ..atlas import TISSUE_CODES
 from ..device import resolve_device
+from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
@@ -58,6 +59,7 @@ from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
 SPACING = 3.0
+MIN_EXTENT_MM = GRID_SHAPE[0] * SPACING / 3  # a third of the network's field of view along every axis
 CLASSES = len(TISSUE_CODES)
 
 
@@ -123,6 +125,16 @@ def _settings(options: Options) -> dict[str, Any]:
     return validate_options("jers", options.extra)
 
 
+def check_head(raw: Volume) -> None:
+    """The raw image spans a head (`MIN_EXTENT_MM` along every axis), not a slab or a few slices."""
+    extent = np.asarray(raw.geometry.shape) * np.asarray(raw.geometry.spacing)
+    if extent.min() < MIN_EXTENT_MM:
+        raise InputError(
+            f"jers needs a whole head, but the moving image spans only {extent.min():.0f} mm along one axis (at least "
+            f"{MIN_EXTENT_MM:.0f} mm; its network sees {GRID_SHAPE[0] * SPACING:.0f} mm). Give the full 3D head scan."
+        )
+
+
 class JERSMethod:
     """The jers method (see the module docstring)."""
 
@@ -145,6 +157,7 @@ class JERSMethod:
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Extract, register ``inputs.moving`` (raw head) to ``inputs.fixed`` (atlas) and segment it."""
         s = _settings(options)
+        check_head(inputs.moving)
         report = progress or (lambda fraction, stage: None)
         device = resolve_device(options.device)
         timings: dict[str, float] = {}
