@@ -20,7 +20,7 @@ from .methods import method_names
 from .methods.options import describe, parse_options, specs
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
-from .worker.job import Job, job_from_dict
+from .worker.job import COMMAND_LINE, Job, job_from_dict
 
 DEMO_OUT = Path("jointregseg_demo")
 
@@ -108,7 +108,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
             "overwrite": args.overwrite,
             **inputs,
         },
-        source="the command line",
+        source=COMMAND_LINE,
     )
 
 
@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends in one ``error:`` line (a traceback only with --debug)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a malformed command line (one error line already printed)
+        return int(done.code or 0)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import shutil
 import stat
 import zlib
 from pathlib import Path
@@ -34,6 +35,7 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _COMPRESSED_ON_WRITE = (".nrrd", ".mha")
 _READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, zlib.error, ImageFileError)
 _CHUNK = 1 << 22
+_LOW_SPACE = 1 << 20  # bytes free below which a write that failed without a reason counts as a full disk
 
 
 def extension_of(path: str | Path) -> str:
@@ -186,8 +188,11 @@ def _geometry_to_ras_affine(geometry: Geometry) -> np.ndarray:
 
 def _read_raw(path: Path, name: str) -> tuple[np.ndarray, Geometry | None]:
     """Array in ``[i, j, k(, ...)]`` order (any dimensionality) and, for a 3D grid, its checked geometry."""
+    try:
+        extension = extension_of(path)
+    except InputError as error:
+        raise InputError(f"{name} {error}") from None
     check_readable_file(path, name)
-    extension = extension_of(path)
     try:
         if extension in NIBABEL_EXTENSIONS:
             image = nib.MGHImage.from_filename(str(path))
@@ -301,7 +306,12 @@ def write_volume(volume: Volume, path: str | Path) -> None:
 def write_error(path: Path, error: BaseException | None = None) -> OutputError:
     """The error for a file that could not be written, with the system's reason where there is one."""
     reason = getattr(error, "strerror", None) or ("the file came out incomplete" if error is None else "the write failed")
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error):
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error)
+    if no_space or free is not None and free < _LOW_SPACE and not isinstance(error, OSError):  # ITK does not say why
         reason = "no space left on the disk"
     return OutputError(f"could not write '{path}': {reason}. Free some space or choose another output folder; nothing was kept.")
 

@@ -31,9 +31,9 @@ def install_cancel_handler(events: EventWriter) -> None:
     main thread is inside a long torch or SimpleITK call, where a Python signal handler would wait, and
     no KeyboardInterrupt traceback ever reaches the user.
     """
+    for sig in EXIT_CANCELLED:  # threads started before this call (e.g. by a BLAS library) may still receive them
+        signal.signal(sig, lambda number, _frame: _cancel(events, signal.Signals(number)))
     if not hasattr(signal, "pthread_sigmask"):
-        for sig in EXIT_CANCELLED:
-            signal.signal(sig, lambda number, _frame: _cancel(events, signal.Signals(number)))
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, set(EXIT_CANCELLED))
 

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..methods.options import MAX_ITERATIONS
 
 INPUT_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg")
+COMMAND_LINE = "the command line"
 
 
 @dataclass
@@ -77,7 +78,8 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
         _check_type(data, key, kind, source)
         value = data.get(key)
         if value is not None and not (math.isfinite(value) and low <= value <= high and (key != "time_budget" or value > 0)):
-            raise InputError(f"{source}: '{key}' must be {meaning}; got {value}.")
+            label = f"--{key.replace('_', '-')}" if source == COMMAND_LINE else f"{source}: '{key}'"
+            raise InputError(f"{label} must be {meaning}; got {value}.")
     paths = {key: Path(data[key]).expanduser() for key in (*INPUT_KEYS, "output") if data.get(key)}
     return Job(**{**data, **paths})
 

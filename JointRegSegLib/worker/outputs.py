@@ -23,6 +23,22 @@ from .events import to_json
 PACKAGES = ("jointregseg", "torch", "monai", "SimpleITK", "numpy", "scipy", "nibabel")
 
 
+FILES = {
+    "warped": "warped.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "pmm": "pmm.nii.gz",
+    "fixed_seg": "fixed_seg.nii.gz",
+    "moving_seg": "moving_seg.nii.gz",
+    "warped_seg": "warped_seg.nii.gz",
+    "brain_mask": "brain_mask.nii.gz",
+    "extracted": "extracted.nii.gz",
+    "affine": "affine.tfm",
+    "metrics": "metrics.json",
+}
+"""The file each kind of output is written to (README "Outputs")."""
+
+
 def write_result(folder: Path, result: Result, maps: Maps | None, metrics: dict[str, Any]) -> dict[str, str]:
     """Write images, field, maps (when there are any) and metrics; return {kind: file name}.
 
@@ -30,31 +46,29 @@ def write_result(folder: Path, result: Result, maps: Maps | None, metrics: dict[
     """
     files: dict[str, str] = {}
 
-    def volume(kind: str, vol: Any, name: str) -> None:
+    def volume(kind: str, vol: Any) -> None:
         if vol is not None:
-            write_volume(vol, folder / name)
-            files[kind] = name
+            write_volume(vol, folder / FILES[kind])
+            files[kind] = FILES[kind]
 
-    volume("warped", result.warped, "warped.nii.gz")
+    volume("warped", result.warped)
+    field = folder / FILES["displacement"]
     try:
-        write_displacement_field(result.displacement, folder / "displacement.nii.gz")
+        write_displacement_field(result.displacement, field)
     except (RuntimeError, OSError) as error:
-        raise write_error(folder / "displacement.nii.gz", error) from error
-    check_written(folder / "displacement.nii.gz")
-    files["displacement"] = "displacement.nii.gz"
+        raise write_error(field, error) from error
+    check_written(field)
+    files["displacement"] = FILES["displacement"]
     if maps is not None:
-        volume("jacobian", maps.jacobian, "jacobian.nii.gz")
-        volume("pmm", maps.pmm, "pmm.nii.gz")
-    volume("fixed_seg", result.fixed_seg, "fixed_seg.nii.gz")
-    volume("moving_seg", result.moving_seg, "moving_seg.nii.gz")
-    volume("warped_seg", result.warped_seg, "warped_seg.nii.gz")
-    volume("brain_mask", result.brain_mask, "brain_mask.nii.gz")
-    volume("extracted", result.extracted, "extracted.nii.gz")
+        volume("jacobian", maps.jacobian)
+        volume("pmm", maps.pmm)
+    for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask", "extracted"):
+        volume(kind, getattr(result, kind))
     if result.affine is not None:
-        write_affine(result.affine, folder / "affine.tfm")
-        files["affine"] = "affine.tfm"
-    write_json(folder / "metrics.json", metrics)
-    files["metrics"] = "metrics.json"
+        write_affine(result.affine, folder / FILES["affine"])
+        files["affine"] = FILES["affine"]
+    write_json(folder / FILES["metrics"], metrics)
+    files["metrics"] = FILES["metrics"]
     return files
 
 

@@ -35,7 +35,7 @@ from ..report import save_individual_pictures
 from .events import EventWriter
 from .failures import describe_failure
 from .job import Job
-from .outputs import device_description, versions, write_json, write_result
+from .outputs import FILES, device_description, versions, write_json, write_result
 from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run).
@@ -111,7 +111,7 @@ def _labels_on(path: Path | None, image: Volume, which: str) -> Volume | None:
     if path is None:
         return None
     labels = read_labels(path, f"{which} label map")
-    check_same_grid(image, labels, (f"{which} image", f"{which} label map"))
+    check_same_grid(labels, image, (f"{which} label map", f"{which} image"))
     return labels
 
 
@@ -130,7 +130,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     validate_options(job.method, job.options)
     device = resolve_device(job.device)
     resolve_inputs(job, method.info)
-    staging = Staging(job.output, job.inputs(), job.overwrite)
+    staging = Staging(job.output, job.inputs(), job.overwrite, (*FILES.values(), MANIFEST, PROVENANCE))
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")

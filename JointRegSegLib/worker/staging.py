@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
@@ -158,7 +159,10 @@ def _listing(entries: list[str], most: int = 3) -> str:
 class Staging:
     """A staging folder for ``output`` (checked against the rule in the module docstring) that `commit` moves into place."""
 
-    def __init__(self, output: Path, inputs: dict[str, Path] | None = None, overwrite: bool = False) -> None:
+    def __init__(
+        self, output: Path, inputs: dict[str, Path] | None = None, overwrite: bool = False, reserved: tuple[str, ...] = ()
+    ) -> None:
+        """``inputs`` by what they are (for the message); ``reserved``: names the run will write (checked at once)."""
         self.output = resolve_output(output)
         check_inputs_outside(self.output, inputs or {})
         self.overwrite = overwrite
@@ -174,6 +178,7 @@ class Staging:
                         "changed. Choose a new output folder, or give --overwrite to replace only JointRegSeg's own files "
                         "there (the others are kept)."
                     )
+                check_free(self.output, reserved)
                 self.path = self.output / f"{PARTIAL}{secrets.token_hex(4)}"
             else:
                 self.path = self.output.parent / f".{self.output.name}.partial-{secrets.token_hex(4)}"
@@ -210,13 +215,8 @@ class Staging:
 
     def _update_existing(self) -> None:
         out, new = self.output, _files_below(self.path)
+        check_free(out, new)
         old = {name for name in own_files(out) if (out / name).exists()}
-        taken = [name for name in new if (name not in old and os.path.lexists(out / name)) or _blocked(out, name)]
-        if taken:
-            raise OutputError(
-                f"{out} holds {_listing(taken)}, not written by JointRegSeg, where this run writes its results; move "
-                "them away or choose another output folder. Nothing was changed."
-            )
         journal = self.path / JOURNAL
         try:
             journal.write_text(json.dumps(sorted(old | set(new))))
@@ -256,6 +256,17 @@ class Staging:
         self._lock.release()
         if self._janitor.stdin and not self._janitor.stdin.closed:
             self._janitor.stdin.close()
+
+
+def check_free(folder: Path, names: Iterable[str]) -> None:
+    """None of ``names`` (relative paths) is taken in ``folder`` by something JointRegSeg did not write."""
+    ours = own_files(folder)
+    taken = [name for name in names if (name not in ours and os.path.lexists(folder / name)) or _blocked(folder, name)]
+    if taken:
+        raise OutputError(
+            f"{folder} holds {_listing(taken)}, not written by JointRegSeg, where this run writes its results; move them "
+            "away or choose another output folder. Nothing was changed."
+        )
 
 
 def _blocked(folder: Path, name: str) -> bool:
