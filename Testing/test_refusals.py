@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -89,6 +90,8 @@ def refused(capsys, root: Path, args: list[str], *words: str, code: int = 2) -> 
     assert "Traceback" not in err
     for word in words:
         assert word.lower() in errors[0].lower(), (word, errors[0])
+    quoted = re.findall(r"'([^']+)'", errors[0])
+    assert not [path for path in quoted if "/" in path and quoted.count(path) > 1], "a path named twice"
     assert tree(root) == before, "files changed, appeared or vanished"
     return errors[0]
 
@@ -823,6 +826,19 @@ def test_failing_evaluation_and_pictures_keep_the_registration(tmp_path, pair, c
     failed = json.loads((out / "metrics.json").read_text())["failed_steps"]
     assert "ran out of memory" in failed["evaluation"] and "renderer failed" in failed["pictures"]
     assert "warning: the evaluation step failed" in captured.out and "Traceback" not in captured.err
+
+
+def test_two_valued_image_is_registered_with_warnings(tmp_path, pair, capsys):
+    """A mask given as the fixed image: registered, but the log says so and why NCC is undefined (null)."""
+    volume = read_image(pair["fixed"])
+    mask = image(tmp_path / "mask.nii.gz", (volume.array > np.percentile(volume.array, 60)).astype(np.uint8), volume.geometry.spacing,
+                 volume.geometry.origin, volume.geometry.direction)
+    out = tmp_path / "out"
+    code = main(register(pair, out, *FAST, fixed=mask))
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "fixed image has only two intensity values" in err and "ncc is undefined" in err
+    assert json.loads((out / "metrics.json").read_text())["ncc"] is None
 
 
 def test_result_checks_refuse_nan_and_empty_results(sample_pair):

@@ -188,11 +188,11 @@ def _geometry_to_ras_affine(geometry: Geometry) -> np.ndarray:
 
 def _read_raw(path: Path, name: str) -> tuple[np.ndarray, Geometry | None]:
     """Array in ``[i, j, k(, ...)]`` order (any dimensionality) and, for a 3D grid, its checked geometry."""
+    check_readable_file(path, name)
     try:
         extension = extension_of(path)
     except InputError as error:
         raise InputError(f"{name} {error}") from None
-    check_readable_file(path, name)
     try:
         if extension in NIBABEL_EXTENSIONS:
             image = nib.MGHImage.from_filename(str(path))

@@ -19,7 +19,6 @@ from ..errors import InputError
 from .events import EventWriter
 from .failures import describe_failure
 from .job import parse_job
-from .staging import ACTIVE
 
 EXIT_CANCELLED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -29,10 +28,13 @@ def install_cancel_handler(events: EventWriter) -> None:
 
     Waiting in a thread (with the signals blocked elsewhere) answers within milliseconds even while the
     main thread is inside a long torch or SimpleITK call, where a Python signal handler would wait, and
-    no KeyboardInterrupt traceback ever reaches the user.
+    no KeyboardInterrupt traceback ever reaches the user. Call it before numpy, torch or ITK start
+    threads of their own (they inherit the blocked signals); should one still receive a signal, the
+    Python handler hands the cancel to a new thread (the interrupted main thread may hold the event
+    stream's lock).
     """
-    for sig in EXIT_CANCELLED:  # threads started before this call (e.g. by a BLAS library) may still receive them
-        signal.signal(sig, lambda number, _frame: _cancel(events, signal.Signals(number)))
+    for sig in EXIT_CANCELLED:
+        signal.signal(sig, lambda number, _frame: threading.Thread(target=_cancel, args=(events, signal.Signals(number))).start())
     if not hasattr(signal, "pthread_sigmask"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, set(EXIT_CANCELLED))
@@ -43,11 +45,17 @@ def install_cancel_handler(events: EventWriter) -> None:
     threading.Thread(target=wait, name="cancel", daemon=True).start()
 
 
+_CANCELLING = threading.Lock()
+
+
 def _cancel(events: EventWriter, sig: signal.Signals) -> None:
-    written = [str(staging.output) for staging in list(ACTIVE) if staging.committed]
+    if not _CANCELLING.acquire(blocking=False):
+        return
+    from .staging import ACTIVE, FINISHED
+
     for staging in list(ACTIVE):
         staging.discard()
-    outcome = f"the results were already written to {written[0]}" if written else "no output was written"
+    outcome = f"the results were already written to {FINISHED[-1]}" if FINISHED else "no output was written"
     events.emit("error", message=f"cancelled by the user ({sig.name}); {outcome}.", kind="cancelled")
     os._exit(EXIT_CANCELLED[sig])
 

@@ -47,11 +47,6 @@ PARTIAL = ".jointregseg-partial-"
 _JANITOR = (
     "import os, shutil, sys, time\n"
     "sys.stdin.buffer.read()\n"
-    "for _ in range(50):\n"
-    "    shutil.rmtree(sys.argv[1], ignore_errors=True)\n"
-    "    if not os.path.exists(sys.argv[1]):\n"
-    "        break\n"
-    "    time.sleep(0.1)\n"
     "try:\n"
     "    import fcntl\n"
     "    fd = os.open(sys.argv[2], os.O_RDWR)\n"
@@ -61,10 +56,19 @@ _JANITOR = (
     "        os.unlink(sys.argv[2])\n"
     "except Exception:\n"
     "    pass\n"
+    "for _ in range(50):\n"
+    "    shutil.rmtree(sys.argv[1], ignore_errors=True)\n"
+    "    if not os.path.exists(sys.argv[1]):\n"
+    "        break\n"
+    "    time.sleep(0.1)\n"
 )
+"""Run beside each worker: when the worker's end of the pipe closes (the worker died, even by SIGKILL)
+it removes the lock file (only if no other run holds it) and the staging folder."""
 
 ACTIVE: list["Staging"] = []
 """Staging folders of runs in progress in this process (the cancel handler discards them)."""
+FINISHED: list[Path] = []
+"""Output folders this process has committed (what a late cancel reports as written)."""
 
 
 def resolve_output(output: Path) -> Path:
@@ -131,6 +135,7 @@ def foreign_entries(folder: Path) -> list[str]:
     Staging folders of earlier runs (``.jointregseg-partial-*``) count as ours.
     """
     ours = own_files(folder)
+    our_folders = {parent.as_posix() for name in ours for parent in PurePosixPath(name).parents}
     found = []
     for root, dirs, files in os.walk(folder):
         base = Path(root).relative_to(folder)
@@ -142,7 +147,7 @@ def foreign_entries(folder: Path) -> list[str]:
                 dirs.remove(name)
                 found.append(relative)
         found += [(base / name).as_posix() for name in files if (base / name).as_posix() not in ours]
-        if not dirs and not files and base != Path("."):
+        if not dirs and not files and base != Path(".") and base.as_posix() not in our_folders:
             found.append(base.as_posix() + "/")
     return sorted(found)
 
@@ -201,15 +206,22 @@ class Staging:
     def commit(self) -> Path:
         """Move the finished files into place (see the module docstring) and return the output folder."""
         with self._mutex:
-            if not self.output.exists():
-                try:
-                    os.rename(self.path, self.output)
-                except OSError:
-                    if not self.output.exists():
-                        raise
-            if self.path.exists():
-                self._update_existing()
+            try:
+                if not self.output.exists():
+                    try:
+                        os.rename(self.path, self.output)
+                    except OSError:
+                        if not self.output.exists():  # else it appeared meanwhile: update it like any existing folder
+                            raise
+                if self.path.exists():
+                    self._update_existing()
+            except OSError as error:
+                raise OutputError(
+                    f"could not finish writing {self.output}: {error.strerror}. It has no result.json until a run "
+                    "finishes there; run again."
+                ) from error
             self.committed = True
+            FINISHED.append(self.output)
             self._release()
         return self.output
 
