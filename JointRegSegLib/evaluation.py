@@ -1,8 +1,11 @@
 """Quality maps and numbers of one registration result, shared by the worker and the benchmark.
 
 All evaluation happens on the fixed image's grid: the Jacobian-determinant map of the written
-physical field, the patch-wise NMI map (PMM, seed 004 appendix C) inside the fixed image's
-foreground, image similarity before and after, and Dice/HD95 per label when label maps are given.
+physical field (by default of its deformable part: the whole mapping's divided by the affine
+part's, so a global scaling does not tint the map; folding and SDlogJ are of the whole mapping),
+the patch-wise NMI map (PMM, seed 004 appendix C) inside the fixed image's foreground, image
+similarity before and after (NMI as in the PMM, in [0, 1]), and Dice/HD95 per label when label
+maps are given.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from .imageio.network_grid import resample
 from .labels import EVALUATION_LABELS, TISSUE_LABELS, label_info, tissue_of
 from .methods.base import Inputs, Result
 from .metrics import (
+    arithmetic_normalised_mutual_information,
+    deformable_jacobian,
     dice_per_label,
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
     mutual_information,
     ncc,
-    normalised_mutual_information,
     pmm_map,
     pmm_mean,
     sdlogj,
@@ -40,7 +44,9 @@ MIN_COVERAGE = 0.05
 class Maps:
     """Voxel-wise quality maps on the fixed grid."""
 
-    jacobian: Volume
+    jacobian: Volume  # the det J map written and shown: the deformable part, or the whole mapping
+    jacobian_part: str  # which: "deformable part" or "whole mapping"
+    whole_jacobian: Volume  # det J of the whole mapping (folding, SDlogJ)
     pmm: Volume
     mask: np.ndarray
 
@@ -87,11 +93,17 @@ def undefined_metrics(metrics: dict[str, Any]) -> dict[str, str]:
     return {key: why for key, why in UNDEFINED.items() if key in metrics and not np.isfinite(metrics[key])}
 
 
-def quality_maps(fixed: Volume, warped: Volume, displacement: Volume) -> Maps:
-    """Jacobian-determinant map of the field and PMM of (fixed, warped) inside the fixed foreground."""
+def quality_maps(
+    fixed: Volume, warped: Volume, displacement: Volume, affine: np.ndarray | None = None, whole_jacobian: bool = False
+) -> Maps:
+    """Jacobian-determinant maps of the field (see the module docstring) and PMM of (fixed, warped)
+    inside the fixed foreground; ``whole_jacobian`` shows the whole mapping's det J instead."""
     mask = foreground_mask(fixed)
     pmm = pmm_map(normalise_intensity(fixed.array), normalise_intensity(warped.array), mask)
-    return Maps(jacobian=jacobian_determinant(displacement), pmm=fixed.with_array(pmm.astype(np.float32)), mask=mask)
+    whole = jacobian_determinant(displacement)
+    deformable = whole if whole_jacobian or affine is None else deformable_jacobian(whole, affine)
+    part = "whole mapping" if whole_jacobian or affine is None else "deformable part"
+    return Maps(deformable, part, whole, fixed.with_array(pmm.astype(np.float32)), mask)
 
 
 def evaluate(inputs: Inputs, result: Result, maps: Maps) -> dict[str, Any]:
@@ -105,14 +117,17 @@ def evaluate(inputs: Inputs, result: Result, maps: Maps) -> dict[str, Any]:
         "ncc_initial": ncc(fixed, initial, mask),
         "mi": mutual_information(fixed, warped, mask=mask),
         "mi_initial": mutual_information(fixed, initial, mask=mask),
-        "nmi": normalised_mutual_information(fixed, warped, mask=mask),
+        "nmi": arithmetic_normalised_mutual_information(fixed, warped, mask=mask),
+        "nmi_initial": arithmetic_normalised_mutual_information(fixed, initial, mask=mask),
         "pmm_mean": pmm_mean(maps.pmm.array, mask),
         "pmm_mean_initial": pmm_mean(pmm_map(fixed, initial, mask), mask),
-        "folding_percent": folding_percent(maps.jacobian.array),
-        "sdlogj": sdlogj(maps.jacobian.array),
-        "jacobian_min": float(maps.jacobian.array.min()),
-        "jacobian_max": float(maps.jacobian.array.max()),
+        "folding_percent": folding_percent(maps.whole_jacobian.array),
+        "sdlogj": sdlogj(maps.whole_jacobian.array),
+        "jacobian_min": float(maps.whole_jacobian.array.min()),
+        "jacobian_max": float(maps.whole_jacobian.array.max()),
     }
+    if result.affine is not None:
+        metrics["affine_volume_ratio"] = float(np.linalg.det(np.asarray(result.affine)[:3, :3]))
     if inputs.fixed_seg is not None and result.warped_seg is not None and inputs.moving_seg is not None:
         moving_seg_initial = resample(inputs.moving_seg, inputs.fixed.geometry, interpolation="nearest").array
         metrics.update(label_metrics(inputs.fixed_seg, result.warped_seg.array, moving_seg_initial))
@@ -167,6 +182,7 @@ def label_metrics(fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.nda
         "hd95_mean": _mean([hd95[label] for label in chosen if np.isfinite(hd95.get(label, np.nan))]),
         "dice_label_set": "evaluation-30" if evaluation else "shared",
         "dice_label_count": len(chosen),
+        "dice_labels": chosen,
         "labels": per_label,
     }
 

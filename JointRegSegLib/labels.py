@@ -7,6 +7,8 @@ Codes, names and colours follow FreeSurfer's ``FreeSurferColorLUT.txt`` for the 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +96,38 @@ def label_info(code: int) -> Label:
     rgb = ((code * 97) % 200 + 40, (code * 57) % 200 + 40, (code * 31) % 200 + 40)
     return Label(code, name, rgb)
 
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[\s_]+", "-", name.strip()).lower()
+
+
+_CODE_OF_NAME: dict[str, int] = {_normalised(label.name): code for code, label in LUT.items() if code != 0}
+_NUMBERED = re.compile(r"^(?:label|segment)?-?(\d+)$")
+
+
+def codes_for_names(names: Iterable[str]) -> dict[str, int]:
+    """A label code for each segment name, the same for the same name whatever the order or the source.
+
+    FreeSurfer names (any case, spaces or underscores for dashes) get their FreeSurfer code; names
+    such as 'Label-17', 'Label_17', 'Segment_17' or '17' get 17; any other name gets a code above
+    every code in use, in alphabetical order of those names, so two segmentations exported
+    together agree whenever their segment names do.
+    """
+    unique = sorted(set(names))
+    codes: dict[str, int] = {}
+    for name in unique:
+        key = _normalised(name)
+        numbered = _NUMBERED.match(key)
+        if key in _CODE_OF_NAME:
+            codes[name] = _CODE_OF_NAME[key]
+        elif numbered and int(numbered.group(1)) > 0:
+            codes[name] = int(numbered.group(1))
+    next_code = max([*codes.values(), *LUT]) + 1
+    for name in unique:
+        if name not in codes:
+            codes[name], next_code = next_code, next_code + 1
+    return codes
 
 # Tissue classes in FreeSurfer's codes for FSL FAST segmentations (what jers segments).
 TISSUE_CSF, TISSUE_GREY, TISSUE_WHITE = 701, 702, 703

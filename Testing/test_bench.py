@@ -52,8 +52,10 @@ THREADS = 2
 
 
 def _grid(geometry: Geometry, spacing: float, direction: np.ndarray) -> Geometry:
-    """A grid with ``spacing`` and ``direction`` about the same physical centre and extent."""
-    extent = (np.asarray(geometry.shape) - 1) * np.asarray(geometry.spacing)
+    """A grid with ``spacing`` and ``direction`` about the same physical centre, covering the same box."""
+    corners = geometry.index_to_physical(np.array(np.meshgrid(*[(0, n - 1) for n in geometry.shape])).reshape(3, -1).T)
+    along = corners @ direction  # each corner's coordinates along the new grid's axes
+    extent = along.max(axis=0) - along.min(axis=0)
     shape = tuple(int(n) for n in np.floor(extent / spacing) + 1)
     centre = geometry.index_to_physical((np.asarray(geometry.shape) - 1) / 2.0)
     origin = centre - direction @ (spacing * (np.asarray(shape) - 1) / 2.0)

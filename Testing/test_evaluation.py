@@ -60,3 +60,22 @@ def test_tissue_segmentation_is_scored_against_the_labels_mapped_to_tissue():
     tissue = tissue_of(truth)
     assert set(np.unique(tissue).tolist()) == {0, 701, 702, 703} and (tissue[6, 6, 6], tissue[15, 15, 15]) == (702, 701)
     assert abs(value - _monai_mean_dice(tissue, predicted, [701, 702, 703])) < 1e-6 and 0.8 < value < 1.0
+
+
+def test_jacobian_map_of_a_pure_affine_shows_no_deformation():
+    """A mapping that is only its affine part: the map shown is 1 everywhere (the deformable part),
+    the whole mapping's det J (folding, SDlogJ) is the affine's volume ratio."""
+    from JointRegSegLib.evaluation import quality_maps
+
+    geometry = Geometry((20, 22, 24), (1.5, 1.2, 1.0), (-10.0, 4.0, 2.0), np.eye(3))
+    x = geometry.index_to_physical(np.moveaxis(np.indices(geometry.shape, dtype=np.float64), 0, -1))
+    affine = np.diag([1.3, 0.9, 1.1, 1.0])
+    affine[:3, 3] = (2.0, -1.0, 0.5)
+    field = Volume((x @ affine[:3, :3].T + affine[:3, 3] - x).astype(np.float32), geometry)
+    image = Volume(np.random.default_rng(0).random(geometry.shape).astype(np.float32), geometry)
+    maps = quality_maps(image, image, field, affine)
+    assert maps.jacobian_part == "deformable part"
+    np.testing.assert_allclose(maps.jacobian.array, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(maps.whole_jacobian.array, np.linalg.det(affine[:3, :3]), rtol=1e-5)
+    whole = quality_maps(image, image, field, affine, whole_jacobian=True)
+    assert whole.jacobian_part == "whole mapping" and np.allclose(whole.jacobian.array, 1.3 * 0.9 * 1.1, rtol=1e-5)

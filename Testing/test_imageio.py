@@ -460,7 +460,9 @@ def test_shared_data_pair_and_freesurfer_subject() -> None:
     assert fixed.array.shape == (160, 192, 224)
     labels = read_labels(root / "pair" / "fixed_seg.nii.gz", "fixed label map")
     check_same_grid(labels, fixed, ("fixed label map", "fixed image"))
-    assert network_geometry(fixed.geometry).shape == (160, 192, 224)
+    # The pair is in FreeSurfer's conformed LIA orientation, so the RAS+ network grid swaps j and k.
+    np.testing.assert_allclose(fixed.geometry.direction, [[1, 0, 0], [0, 0, -1], [0, -1, 0]], atol=1e-6)
+    assert network_geometry(fixed.geometry).shape == (160, 224, 192)
     norm = read_image(root / "fs_subject" / "norm.mgz")
     assert norm.array.shape == (256, 256, 256)
     # FreeSurfer's conformed space is LIA: i -> Left, j -> Inferior, k -> Anterior, written here in LPS.

@@ -153,3 +153,30 @@ def test_save_individual_pictures_and_slices_png(tmp_path):
         assert path.name == f"{name}.png"
         _assert_valid_png(path)
     _assert_valid_png(save_slices_png(case["fixed"], tmp_path / "fixed_slices.png"))
+
+
+
+def _most_common_colour(path: Path) -> np.ndarray:
+    """The most frequent colour of the picture's left third (its axial view), white page excluded."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    pixels = rgb[:, : rgb.shape[1] // 3].reshape(-1, 3)
+    pixels = pixels[pixels.min(axis=1) < 240]
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    return colours[np.argmax(counts)].astype(float)
+
+
+def test_pmm_pictures_of_two_runs_share_one_colour_scale(tmp_path):
+    """The same PMM value gets the same colour in two runs whose PMM ranges differ (0-0.2 and 0.1-0.5):
+    the axial view cuts through a slab where both runs hold 0.18."""
+    geometry = Geometry((24, 24, 24), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    black = Volume(np.zeros(geometry.shape, np.float32), geometry)
+    colours = []
+    for number, (low, high) in enumerate(((0.0, 0.2), (0.1, 0.5))):
+        values = np.linspace(low, high, black.array.size, dtype=np.float32).reshape(geometry.shape)
+        values[:, :, 10:14] = 0.18
+        paths = save_individual_pictures(tmp_path / f"run{number}", black, black, black, None, black.with_array(values), index=(12, 12, 12))
+        colours.append(_most_common_colour(paths["pmm"]))
+    np.testing.assert_allclose(colours[0], colours[1], atol=3)
+    assert colours[0].max() - colours[0].min() > 20, "the slab should be drawn in a colour, not grey"

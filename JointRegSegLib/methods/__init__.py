@@ -1,42 +1,26 @@
 """The registry of methods. Each method lives in its own module and is imported only when used.
 
-Importing this package imports neither torch nor numpy (the option schema in `options` and the
-names below are read by panels at start-up); the protocol types load on first use.
+Importing this package loads only the catalogue (no torch, numpy, SimpleITK or nibabel), so the
+Slicer module can list the methods before anything is installed.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from .catalogue import CATALOGUE, MethodInfo, method_info, method_names
 
-_MODULES: dict[str, str] = {
-    "tto": "JointRegSegLib.methods.tto",
-    "segreg": "JointRegSegLib.methods.segreg",
-    "uresnet": "JointRegSegLib.methods.uresnet",
-    "jers": "JointRegSegLib.methods.jers",
-    "hof": "JointRegSegLib.methods.hof",
-}
-_PROTOCOL = ("Inputs", "Method", "MethodInfo", "Options", "ProgressCallback", "Result")
+if TYPE_CHECKING:
+    from .base import Method
 
 
-def method_names() -> list[str]:
-    """Names of the methods this installation provides."""
-    return sorted(_MODULES)
-
-
-def get_method(name: str) -> Any:
-    """The method called ``name`` (a module exposing ``METHOD``), or an InputError listing the choices."""
-    if name not in _MODULES:
+def get_method(name: str) -> Method:
+    """The method called ``name`` (its module's ``METHOD``), or an InputError listing the choices."""
+    if name not in CATALOGUE:
         raise InputError(f"unknown method '{name}'; choose one of: {', '.join(method_names())}.")
-    return import_module(_MODULES[name]).METHOD
+    return import_module(f"{__name__}.{name}").METHOD
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PROTOCOL:
-        return getattr(import_module(".base", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [*_PROTOCOL, "get_method", "method_names"]
+__all__ = ["CATALOGUE", "MethodInfo", "get_method", "method_info", "method_names"]

@@ -12,26 +12,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..imageio.geometry import Volume
+from .catalogue import MethodInfo
 
 ProgressCallback = Callable[[float, str], None]
 """``progress(fraction in [0, 1], stage)``; may raise to cancel the run."""
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What a method needs and gives (shown to users in the CLI help and the Slicer module)."""
-
-    name: str
-    title: str
-    description: str
-    paper: str
-    needs_segmentations: bool = False
-    needs_atlas: bool = False
-    gives_segmentation: bool = False
-    gives_brain_mask: bool = False
-    gives_affine: bool = False
-    supports_tto: bool = False
-    trainable: bool = True
 
 
 @dataclass

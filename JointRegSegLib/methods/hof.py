@@ -38,7 +38,8 @@ from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
 from .affine_stage import fit_affine
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
 from .options import validate_options
 
@@ -65,19 +66,7 @@ def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device:
 class HOFMethod:
     """The hof method (see the module docstring)."""
 
-    info = MethodInfo(
-        name="hof",
-        title="Hierarchical bi-level joint registration and few-shot segmentation (HOF)",
-        description=(
-            "A shared encoder with a registration decoder and a segmentation decoder, trained together as a "
-            "leader-follower (bi-level) problem from a few labelled and many unlabelled brain MRI. Needs only the "
-            "two images; gives the deformation, the warped image and a segmentation of each image (28 brain "
-            "structures, FreeSurfer codes)."
-        ),
-        paper="seed 000: Hierarchical Optimization Framework (HOF) for joint registration and few-shot segmentation",
-        gives_segmentation=True,
-        gives_affine=True,
-    )
+    info = method_info("hof")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed`` and segment both (see the module docstring)."""

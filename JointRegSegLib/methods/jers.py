@@ -54,7 +54,8 @@ from ..spatial.affine import normalised_affine_to_index
 from ..spatial.physical import warp_volume
 from ..labels import TISSUE_LABELS
 from ..weights import load_into
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
@@ -138,21 +139,7 @@ def check_head(raw: Volume) -> None:
 class JERSMethod:
     """The jers method (see the module docstring)."""
 
-    info = MethodInfo(
-        name="jers",
-        title="Joint extraction, registration and segmentation (one-shot, atlas)",
-        description=(
-            "Strips the skull from a raw head scan, aligns the brain affinely to a labelled atlas and segments "
-            "it in the scan's own space, all with networks trained from one atlas. Moving: the raw scan; fixed: "
-            "the atlas (default: the shipped MNI152 atlas with CSF / grey / white matter labels). Gives the "
-            "brain mask, the extracted image, the affine and a tissue segmentation."
-        ),
-        paper="seed 003: one-shot joint extraction, registration and segmentation of neuroimaging data (JERS)",
-        needs_atlas=True,
-        gives_segmentation=True,
-        gives_brain_mask=True,
-        gives_affine=True,
-    )
+    info = method_info("jers")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Extract, register ``inputs.moving`` (raw head) to ``inputs.fixed`` (atlas) and segment it."""

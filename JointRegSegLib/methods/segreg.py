@@ -124,7 +124,8 @@ from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..synth.render import gaussian_blur
 from .affine_stage import fit_affine
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .common import NetworkPair, prepare_pair, result_from_network_field
 from .options import SEGREG_DEFAULT_WEIGHTS, SEGREG_MASK_LOSSES, SEGREG_VARIANTS, validate_options
 from .regions import RegionPlan, plan_regions
@@ -895,19 +896,7 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
 class SegRegMethod:
     """The `Method` protocol for SegReg."""
 
-    info = MethodInfo(
-        name="segreg",
-        title="SegReg: segmentation-driven registration",
-        description=(
-            "Registers each segmented region separately and composes the region fields, so the deformation "
-            "may slide at region borders. Needs label maps of both images (FreeSurfer codes, or matching "
-            "codes). Variants: iterative (no training) or learned (shared U-Net)."
-        ),
-        paper="Chen et al., Ideal Registration? Segmentation is All You Need (seed 001)",
-        needs_segmentations=True,
-        gives_affine=True,
-        trainable=True,
-    )
+    info = method_info("segreg")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
         settings = Settings.from_options(options)

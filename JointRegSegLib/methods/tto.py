@@ -78,7 +78,8 @@ from ..nets import RegistrationUNet, student_unet, teacher_unet
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
 from .affine_stage import fit_affine
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
 from .options import validate_options
 
@@ -208,18 +209,7 @@ class _Progress:
 class TTOMethod:
     """The tto method (see the module docstring)."""
 
-    info = MethodInfo(
-        name="tto",
-        title="Generalised registration with test-time optimisation",
-        description=(
-            "A U-Net pretrained on synthetic images only (any contrast) predicts a deformation after an "
-            "affine stage, then adapts itself to the pair for up to 100 steps or one minute. Needs only "
-            "the two images; gives the affine and the deformable transform."
-        ),
-        paper="seed 004: deep registration generalising across applications with test-time optimisation",
-        gives_affine=True,
-        supports_tto=True,
-    )
+    info = method_info("tto")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed`` (see the module docstring)."""

@@ -61,7 +61,8 @@ from ..spatial import warp
 from ..spatial.physical import warp_volume
 from ..spatial.warp import sample_at_indices
 from ..weights import load_into
-from .base import Inputs, MethodInfo, Options, ProgressCallback, Result
+from .base import Inputs, Options, ProgressCallback, Result
+from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
 from .options import validate_options
 
@@ -283,18 +284,7 @@ def run_network(
 class UReSNetMethod:
     """The uresnet method (see the module docstring)."""
 
-    info = MethodInfo(
-        name="uresnet",
-        title="U-ReSNet: joint affine + deformable registration and segmentation",
-        description=(
-            "One very light network (about 26 000 parameters) predicts, in a second, an affine and a deformable "
-            "transform and segments the moving image (white matter, cortex, ventricles and 12 more structures). "
-            "Needs only the two images; option segment_fixed=true also segments the fixed image."
-        ),
-        paper="seed 002: U-ReSNet, linear and deformable registration coupled with segmentation",
-        gives_segmentation=True,
-        gives_affine=True,
-    )
+    info = method_info("uresnet")
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed`` and segment it (see the module docstring)."""

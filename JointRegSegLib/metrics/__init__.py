@@ -1,6 +1,6 @@
 """Evaluation metrics on the fixed image's grid: overlap, similarity, Jacobian and the PMM."""
 
-from .jacobian import folding_percent, jacobian_determinant, sdlogj
+from .jacobian import deformable_jacobian, folding_percent, jacobian_determinant, sdlogj
 from .overlap import dice_per_label, hd95_per_label, mean_dice
 from .pmm import pmm_map, pmm_mean
 from .similarity import (
@@ -8,11 +8,11 @@ from .similarity import (
     joint_histogram,
     mutual_information,
     ncc,
-    normalised_mutual_information,
 )
 
 __all__ = [
     "arithmetic_normalised_mutual_information",
+    "deformable_jacobian",
     "dice_per_label",
     "folding_percent",
     "hd95_per_label",
@@ -21,7 +21,6 @@ __all__ = [
     "mean_dice",
     "mutual_information",
     "ncc",
-    "normalised_mutual_information",
     "pmm_map",
     "pmm_mean",
     "sdlogj",

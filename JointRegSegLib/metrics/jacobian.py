@@ -61,6 +61,21 @@ def jacobian_determinant(field: Volume) -> Volume:
     return Volume(det, geometry)
 
 
+
+def deformable_jacobian(jacobian: Volume, affine: np.ndarray | None) -> Volume:
+    """det J of the deformable part alone: the whole mapping's det J divided by the affine part's.
+
+    For a mapping phi = A o psi or psi o A with A affine (linear part L), det J_phi = det L * det J_psi,
+    det L being constant; so a pure affine mapping gives 1 everywhere. ``affine`` is the 4x4 (LPS mm)
+    matrix of the method's affine part; without one the mapping is all deformable.
+    """
+    if affine is None:
+        return jacobian
+    scale = float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))
+    if not np.isfinite(scale) or scale == 0.0:
+        raise InputError(f"the affine part is singular (det {scale}); its Jacobian cannot be separated")
+    return jacobian.with_array(jacobian.array / scale)
+
 def _masked_values(jac: np.ndarray | Volume, mask: np.ndarray | Volume | None) -> np.ndarray:
     values = as_array(jac, "Jacobian determinant")
     if mask is None:

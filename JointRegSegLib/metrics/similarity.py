@@ -1,4 +1,4 @@
-"""Global intensity similarity: NCC, mutual information and two normalised mutual informations.
+"""Global intensity similarity: NCC, mutual information and normalised mutual information.
 
 All functions take two images of the same shape (numpy arrays or `Volume`s on the same grid,
 e.g. the fixed image and the warped moving image) and an optional boolean mask restricting the
@@ -8,15 +8,11 @@ Histogram rule (MI and NMI): each image is binned into ``bins`` equal-width bins
 [min, max] inside the mask (the last bin is closed), exactly like ``np.histogram2d`` with
 ``range=[[a.min(), a.max()], [b.min(), b.max()]]``. Entropies are in nats.
 
-Two normalisations of MI are provided, with different ranges:
-
-- `normalised_mutual_information`: Studholme's NMI = (H(A) + H(B)) / H(A, B), in [1, 2]
-  (2 for an image against itself); the registration-literature and scikit-image definition.
-- `arithmetic_normalised_mutual_information`: 2 I(A; B) / (H(A) + H(B)), in [0, 1]
-  (1 for an image against itself); scikit-learn's default NMI. This is the one the patch-wise
-  MI map (`pmm`) uses, because seed 004 reports PMM values that "will not reach a value of 1"
-  for multi-modal pairs, i.e. a normalisation whose maximum is 1.
-The two are monotonically related: arithmetic = 2 - 2 / Studholme.
+NMI is 2 I(A; B) / (H(A) + H(B)), in [0, 1] (1 for an image against itself; scikit-learn's
+default NMI), the one normalisation used everywhere in JointRegSeg: the global ``nmi`` of
+metrics.json and each patch of the PMM map (seed 004 reports PMM values that "will not reach a
+value of 1" for multi-modal pairs, i.e. a normalisation whose maximum is 1). Studholme's
+(H(A) + H(B)) / H(A, B), in [1, 2], is the same quantity rescaled: 2 - 2 / Studholme.
 Undefined cases (every voxel in one bin for both images) give NaN.
 """
 
@@ -138,14 +134,6 @@ def mutual_information(
     """I(A; B) = H(A) + H(B) - H(A, B) in nats, from the joint histogram (module docstring)."""
     h_a, h_b, h_ab = entropies(joint_histogram(a, b, bins, mask))
     return float(h_a + h_b - h_ab)
-
-
-def normalised_mutual_information(
-    a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
-) -> float:
-    """Studholme's NMI (H(A) + H(B)) / H(A, B), in [1, 2]; NaN when both images are constant."""
-    h_a, h_b, h_ab = entropies(joint_histogram(a, b, bins, mask))
-    return float((h_a + h_b) / h_ab) if h_ab > 0 else float("nan")
 
 
 def arithmetic_normalised_mutual_information(

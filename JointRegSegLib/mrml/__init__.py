@@ -5,9 +5,9 @@ Works with the Slicer application's scene (``slicer.mrmlScene``) and with slicer
 """
 
 from .colors import JACOBIAN_WINDOW, add_jacobian_table, add_label_table, add_pmm_table
-from .load import FIXED_ROLE, KIND_ATTRIBUTE, MOVING_ROLE, LoadedResult, load_result, read_manifest
+from .load import FIXED_ROLE, KIND_ATTRIBUTE, MOVING_ROLE, LoadedResult, load_result, move_into_folder, read_manifest, read_volume, remove_node
 from .table import add_metrics_table, table_as_dict
-from .views import show_in_slice_views
+from .views import show_in_slice_views, show_table
 
 __all__ = [
     "FIXED_ROLE",
@@ -20,7 +20,11 @@ __all__ = [
     "add_metrics_table",
     "add_pmm_table",
     "load_result",
+    "move_into_folder",
     "read_manifest",
+    "read_volume",
+    "remove_node",
     "show_in_slice_views",
+    "show_table",
     "table_as_dict",
 ]

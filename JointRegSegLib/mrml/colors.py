@@ -1,5 +1,5 @@
 """Slicer colour tables for the Jacobian, the PMM and label maps, built from the one definition in
-`JointRegSegLib.report.colormaps` and `JointRegSegLib.labels`.
+`JointRegSegLib.colour_scales` and `JointRegSegLib.labels`.
 
 How Slicer colours a scalar volume (measured on slicer-core 5.11, `Testing/test_mrml.py` checks it):
 the display window ``[low, high]`` is mapped to a byte ``b = floor((v - low) / (high - low) * 255)``
@@ -18,7 +18,7 @@ import numpy as np
 import slicer
 
 from ..labels import label_info
-from ..report.colormaps import JACOBIAN_RANGE, jacobian_control_points, pmm_control_points
+from ..colour_scales import JACOBIAN_RANGE, jacobian_control_points, pmm_control_points
 
 TABLE_SIZE = 256
 JACOBIAN_STEP = JACOBIAN_RANGE[1] / (TABLE_SIZE - 2)
@@ -98,8 +98,9 @@ def add_label_table(
     size = max([0, *codes]) + 1
     node.SetNumberOfColors(size)
     node.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-    for code in range(1, size):
-        node.SetColorDefined(code, False)
+    if hasattr(node, "SetColorDefined"):  # Slicer >= 5.10; 5.8 names new entries "(none)", its mark of "undefined"
+        for code in range(1, size):
+            node.SetColorDefined(code, False)
     for code in codes:
         if code == 0:
             continue

@@ -18,7 +18,7 @@ import slicer
 from vtk.util.numpy_support import vtk_to_numpy
 
 from ..errors import InputError
-from ..report.figures import robust_window
+from ..colour_scales import PMM_RANGE
 from .colors import JACOBIAN_WINDOW, add_jacobian_table, add_label_table, add_pmm_table
 from .table import add_metrics_table
 
@@ -36,10 +36,15 @@ SEGMENTATION_KINDS: dict[str, str] = {
 MOVING_GRID_KINDS = frozenset({"moving_seg", "brain_mask"})
 """Label maps that lie on the moving image's grid (the others lie on the fixed image's)."""
 JACOBIAN_MEANING = (
-    "Jacobian determinant det J of the mapping fixed -> moving: 1 = volume kept, < 1 = compression (blue), "
-    "> 1 = expansion (red), <= 0 = folding (green: the transform is not invertible there)."
+    "Jacobian determinant det J of the deformable part of the mapping fixed -> moving (the whole mapping's divided "
+    "by its affine part's, unless the run asked for the whole mapping): < 1 (blue) = the moving image was locally "
+    "stretched to fit, 1 (white) = no local change of volume, > 1 (red) = locally shrunk to fit, <= 0 (green) = "
+    "folding (the transform is not invertible there)."
 )
-PMM_MEANING = "Patch-wise normalised mutual information of fixed and warped: higher = better local alignment."
+PMM_MEANING = (
+    "Patch-wise normalised mutual information of fixed and warped (0 to 1, shown over 0 to 0.5 for every run): "
+    "higher = better local alignment."
+)
 
 
 @dataclass
@@ -135,21 +140,21 @@ def load_result(
             result.affine = affine.GetID()
 
         if "warped" in paths:
-            warped = tag(_read_volume(scene, paths["warped"], f"{prefix} warped"), "warped")
+            warped = tag(read_volume(scene, paths["warped"], f"{prefix} warped"), "warped")
             result.warped = warped.GetID()
         if "extracted" in paths:
-            extracted = tag(_read_volume(scene, paths["extracted"], f"{prefix} extracted brain"), "extracted")
+            extracted = tag(read_volume(scene, paths["extracted"], f"{prefix} extracted brain"), "extracted")
             extracted.SetDescription("The moving image with everything outside the brain mask set to 0 (moving image's grid).")
             result.extracted = extracted.GetID()
         if "jacobian" in paths:
             colours = tag(add_jacobian_table(scene, f"{prefix} Jacobian colours"), "jacobian_colors")
-            jacobian = tag(_read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
-            _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J (green: folding)", JACOBIAN_MEANING)
+            jacobian = tag(read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
+            _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J  <1 stretched, >1 shrunk, green: folding", JACOBIAN_MEANING)
             result.jacobian, result.color_tables["jacobian"] = jacobian.GetID(), colours.GetID()
         if "pmm" in paths:
             colours = tag(add_pmm_table(scene, f"{prefix} PMM colours"), "pmm_colors")
-            pmm = tag(_read_volume(scene, paths["pmm"], f"{prefix} PMM"), "pmm")
-            _show_map(pmm, colours, robust_window(_voxels(pmm)), "PMM (higher: better)", PMM_MEANING)
+            pmm = tag(read_volume(scene, paths["pmm"], f"{prefix} PMM"), "pmm")
+            _show_map(pmm, colours, PMM_RANGE, "PMM patch NMI (higher: better)", PMM_MEANING)
             result.pmm, result.color_tables["pmm"] = pmm.GetID(), colours.GetID()
 
         on_fixed = fixed_node if fixed_node is not None else scene.GetNodeByID(result.warped) if result.warped else None
@@ -172,7 +177,7 @@ def load_result(
         return result
     except BaseException:
         for node in added:
-            _remove_with_helpers(scene, node)
+            remove_node(scene, node)
         raise
 
 
@@ -199,16 +204,16 @@ def _read_transform(
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node):
-        _remove_with_helpers(scene, node)
+        remove_node(scene, node)
         raise InputError(f"Slicer could not read the transform {path}; run the registration again.")
     node.SetDescription("Whole mapping (affine and deformable) from the fixed image to the moving image (ITK convention).")
     return node
 
 
-def _read_volume(
+def read_volume(
     scene: slicer.vtkMRMLScene, path: Path, name: str, labels: bool = False
 ) -> slicer.vtkMRMLScalarVolumeNode:
-    """A scalar (or label map) volume read by a volume archetype storage node, with a display node."""
+    """Add a scalar (or label map) volume read by a volume archetype storage node, with a display node."""
     node = slicer.vtkMRMLLabelMapVolumeNode() if labels else slicer.vtkMRMLScalarVolumeNode()
     node.SetName(scene.GenerateUniqueName(name))
     scene.AddNode(node)
@@ -217,7 +222,7 @@ def _read_volume(
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node):
-        _remove_with_helpers(scene, node)
+        remove_node(scene, node)
         raise InputError(f"Slicer could not read {path}; run the registration again.")
     display = slicer.vtkMRMLLabelMapVolumeDisplayNode() if labels else slicer.vtkMRMLScalarVolumeDisplayNode()
     scene.AddNode(display)
@@ -264,7 +269,7 @@ def _read_segmentation(
     kind: str,
 ) -> tuple[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLColorTableNode]:
     """A segmentation node from a label map file: one segment per label, named and coloured from the LUT."""
-    labelmap = _read_volume(scene, path, f"{name} label map", labels=True)
+    labelmap = read_volume(scene, path, f"{name} label map", labels=True)
     try:
         codes = [int(c) for c in np.unique(_voxels(labelmap)) if c != 0]
         names = {1: "Brain mask"} if kind == "brain_mask" else None
@@ -278,16 +283,16 @@ def _read_segmentation(
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         segmentation.SetLabelmapConversionColorTableNodeID(colours.GetID())
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
-            _remove_with_helpers(scene, segmentation)
-            _remove_with_helpers(scene, colours)
+            remove_node(scene, segmentation)
+            remove_node(scene, colours)
             raise InputError(f"Slicer could not turn the label map {path} into a segmentation; run the registration again.")
         return segmentation, colours
     finally:
-        _remove_with_helpers(scene, labelmap)
+        remove_node(scene, labelmap)
 
 
-def _remove_with_helpers(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode) -> None:
-    """Remove a node this module added, with its own display and storage nodes."""
+def remove_node(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode) -> None:
+    """Remove a node this package added, with its own display and storage nodes."""
     if node.GetScene() is None:
         return
     helpers = []
@@ -321,3 +326,15 @@ def _place_in_hierarchy(
         else:
             hierarchy.CreateItem(folder, node)
     return folder
+
+
+def move_into_folder(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, folder_item: int) -> None:
+    """Put ``node`` into a subject-hierarchy folder (e.g. the one `load_result` made), if the scene has a hierarchy."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None or not folder_item:
+        return
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, folder_item)
+    else:
+        hierarchy.CreateItem(folder_item, node)

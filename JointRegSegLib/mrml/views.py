@@ -33,3 +33,9 @@ def show_in_slice_views(
                     display.Modified()
     if app_logic is not None:
         app_logic.FitSliceToAll()
+
+
+def show_table(app_logic: slicer.vtkMRMLApplicationLogic, table_id: str) -> None:
+    """Make ``table_id`` the table that table views show."""
+    app_logic.GetSelectionNode().SetActiveTableID(table_id)
+    app_logic.PropagateTableSelection()

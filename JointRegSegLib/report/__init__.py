@@ -1,17 +1,15 @@
 """Pictures of registration results as PNG: orthogonal views, checkerboard, Jacobian and PMM maps, contours."""
 
-from .colormaps import (
+from ..colour_scales import (
     JACOBIAN_FOLDING_RGB,
     JACOBIAN_FOLDING_STEP,
     JACOBIAN_RANGE,
-    JacobianNorm,
-    jacobian_colormap,
     jacobian_control_points,
-    jacobian_rgba,
-    pmm_colormap,
     pmm_control_points,
+    robust_window,
 )
-from .figures import robust_window, save_individual_pictures, save_registration_figure, save_slices_png
+from .colormaps import JacobianNorm, jacobian_colormap, jacobian_rgba, pmm_colormap
+from .figures import save_individual_pictures, save_registration_figure, save_segmentation_picture, save_slices_png
 from .slices import (
     canonical_index,
     checkerboard,
@@ -41,6 +39,7 @@ __all__ = [
     "robust_window",
     "save_individual_pictures",
     "save_registration_figure",
+    "save_segmentation_picture",
     "save_slices_png",
     "to_lps_canonical",
 ]

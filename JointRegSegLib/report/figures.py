@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,22 +22,26 @@ from matplotlib.patches import Patch
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
 
-from .colormaps import (
+from ..colour_scales import (
     JACOBIAN_FOLDING_RGB,
+    JACOBIAN_FOLDING_TEXT,
+    JACOBIAN_LEGEND,
     JACOBIAN_RANGE,
-    JacobianNorm,
-    jacobian_colormap,
+    PMM_RANGE,
     jacobian_control_points,
-    pmm_colormap,
+    robust_window,
 )
+from ..labels import label_info
+from .colormaps import JacobianNorm, jacobian_colormap, pmm_colormap
 from .slices import Index3, checkerboard, default_index, orthogonal_aspects, orthogonal_slices
 
-ROBUST_PERCENTILES: tuple[float, float] = (1.0, 99.0)
 VIEW_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
 # (left, right, top, bottom) patient directions at the edges of each view (see slices.py).
 _EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
 _ROW_INCHES = 2.0
-_SIDE_COLUMN = 1.2  # width ratio of the column holding colour bars and legends
+_SIDE_COLUMN = 1.6  # width ratio of the column holding colour bars and legends
+MAP_ALPHA = 0.65  # opacity of a Jacobian or PMM map over the grey fixed image
+LEGEND_LABELS = 12  # outlines: the largest structures named in the legend
 
 
 @dataclass
@@ -54,18 +57,8 @@ class _Row:
     bar_norm: Normalize | None = None
     extend: str = "neither"
     legend: tuple[tuple[tuple[float, ...], str], ...] = ()
-
-
-def robust_window(array: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
-    """``(vmin, vmax)`` at the given percentiles of the finite values; a unit window if they coincide."""
-    values = np.asarray(array, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = (float(v) for v in np.percentile(values, percentiles))
-    if high <= low:
-        return low - 0.5, low + 0.5
-    return low, high
+    underlay: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # grey anatomy under a map
+    alpha: float = 1.0
 
 
 def _array_of(image: Volume | np.ndarray, name: str) -> np.ndarray:
@@ -93,16 +86,12 @@ def _normalised(array: np.ndarray) -> np.ndarray:
 
 def _jacobian_legend() -> tuple[tuple[tuple[float, ...], str], ...]:
     ramp = {p[0]: p[1:] for p in jacobian_control_points()}
-    return (
-        (ramp[0.5], "det J < 1: compression"),
-        (ramp[1.0], "det J = 1: volume kept"),
-        (ramp[1.5], "det J > 1: expansion"),
-        (JACOBIAN_FOLDING_RGB, "det J <= 0: folding"),
-    )
+    return tuple((ramp[value], text) for value, text in JACOBIAN_LEGEND) + ((JACOBIAN_FOLDING_RGB, JACOBIAN_FOLDING_TEXT),)
 
 
 def _label_color(label: int) -> tuple[float, ...]:
-    return matplotlib.colormaps["tab20"](int(label) % 20)
+    """The label's FreeSurfer colour (as in Slicer's segmentations); white matter's is near white."""
+    return tuple(c / 255.0 for c in label_info(int(label)).rgb)
 
 
 def _draw_contours(ax, labels_2d: np.ndarray) -> None:
@@ -132,8 +121,11 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
         for c, (view, aspect) in enumerate(zip(row.views, aspects)):
             ax = figure.add_subplot(grid[r, c])
             ax.set_facecolor("black")
+            if row.underlay is not None:
+                low, high = robust_window(row.underlay[c])
+                ax.imshow(row.underlay[c], cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="nearest", origin="upper")
             image = ax.imshow(
-                view, cmap=row.cmap, norm=row.norm, aspect=aspect, interpolation="nearest", origin="upper"
+                view, cmap=row.cmap, norm=row.norm, aspect=aspect, interpolation="nearest", origin="upper", alpha=row.alpha
             )
             if row.contours is not None:
                 _draw_contours(ax, row.contours[c])
@@ -152,7 +144,7 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
             if row.colorbar:
                 cax = side.inset_axes([0.0, 0.08, 0.1, 0.84])
                 mappable = image if row.bar_norm is None else ScalarMappable(row.bar_norm, row.cmap)
-                bar = figure.colorbar(mappable, cax=cax, extend=row.extend)
+                bar = figure.colorbar(mappable, cax=cax, extend=row.extend, alpha=1.0)
                 bar.set_label(row.colorbar, fontsize=7)
                 bar.ax.tick_params(labelsize=6)
             if row.legend:
@@ -161,7 +153,7 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
                     handles=handles,
                     loc="center left",
                     bbox_to_anchor=(0.3, 0.5),
-                    fontsize=6,
+                    fontsize=7,
                     frameon=False,
                     handlelength=1.0,
                 )
@@ -191,30 +183,47 @@ def _checkerboard_row(fixed: np.ndarray, warped: np.ndarray, index: Index3, geom
     return _Row("checkerboard fixed / warped", orthogonal_slices(board, index, geometry), "gray", Normalize(0.0, 1.0))
 
 
-def _jacobian_row(jacobian: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+def _within(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``values`` as float, NaN (drawn transparent) outside ``mask``."""
+    values = values.astype(np.float64)
+    return values if mask is None else np.where(mask, values, np.nan)
+
+
+def _jacobian_row(
+    jacobian: np.ndarray, index: Index3, geometry: Geometry | None, fixed: np.ndarray, part: str, mask: np.ndarray | None
+) -> _Row:
     return _Row(
-        "Jacobian determinant",
-        orthogonal_slices(jacobian.astype(np.float64), index, geometry),
+        f"Jacobian ({part.split()[0]})\nover fixed",
+        orthogonal_slices(_within(jacobian, mask), index, geometry),
         jacobian_colormap(),
         JacobianNorm(),
-        colorbar="det J",
+        colorbar=f"det J ({part})",
         # JacobianNorm is not monotonic at 0, so the bar uses the plain linear norm; its lower
         # extension (below 0) then shows the folding ("under") colour.
         bar_norm=Normalize(*JACOBIAN_RANGE),
         extend="both",
         legend=_jacobian_legend(),
+        underlay=orthogonal_slices(fixed, index, geometry),
+        alpha=MAP_ALPHA,
     )
 
 
-def _pmm_row(pmm: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
-    low, high = robust_window(pmm)
-    views = orthogonal_slices(pmm.astype(np.float64), index, geometry)
-    return _Row("PMM (patch-wise NMI)", views, pmm_colormap(), Normalize(low, high), colorbar="PMM (higher = better)")
+def _pmm_row(pmm: np.ndarray, index: Index3, geometry: Geometry | None, fixed: np.ndarray) -> _Row:
+    views = orthogonal_slices(pmm.astype(np.float64), index, geometry)  # NaN outside its domain: transparent
+    return _Row(
+        "PMM over fixed", views, pmm_colormap(), Normalize(*PMM_RANGE), colorbar="patch NMI (higher = better aligned)",
+        extend="max", underlay=orthogonal_slices(fixed, index, geometry), alpha=MAP_ALPHA,
+    )
 
 
 def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+    """Outlines of every label over the grey image; the largest structures named in the legend."""
     row = _grey_row(label, image, index, geometry)
-    row.contours = orthogonal_slices(np.rint(seg).astype(np.int64), index, geometry)
+    labels = np.rint(seg).astype(np.int64)
+    row.contours = orthogonal_slices(labels, index, geometry)
+    codes, counts = np.unique(labels[labels > 0], return_counts=True)
+    largest = sorted(codes[np.argsort(counts)[::-1][:LEGEND_LABELS]].tolist())
+    row.legend = tuple((_label_color(code), label_info(code).name) for code in largest)
     return row
 
 
@@ -230,6 +239,8 @@ def save_registration_figure(
     title: str = "",
     index: Index3 | None = None,
     dpi: int = 110,
+    jacobian_part: str = "deformable part",
+    mask: np.ndarray | None = None,
 ) -> Path:
     """Write one PNG: rows fixed, moving, warped, checkerboard, then (when given) Jacobian, PMM,
     fixed segmentation contours over the warped image and warped segmentation contours over the
@@ -252,9 +263,9 @@ def save_registration_figure(
         _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
     ]
     if "jacobian" in arrays:
-        rows.append(_jacobian_row(arrays["jacobian"], index, geometry))
+        rows.append(_jacobian_row(arrays["jacobian"], index, geometry, arrays["fixed"], jacobian_part, mask))
     if "pmm" in arrays:
-        rows.append(_pmm_row(arrays["pmm"], index, geometry))
+        rows.append(_pmm_row(arrays["pmm"], index, geometry, arrays["fixed"]))
     if "fixed_seg" in arrays:
         rows.append(_contour_row("warped + fixed seg", arrays["warped"], arrays["fixed_seg"], index, geometry))
     if "warped_seg" in arrays:
@@ -293,9 +304,15 @@ def save_individual_pictures(
     pmm: Volume | None,
     index: Index3 | None = None,
     dpi: int = 110,
+    jacobian_part: str = "deformable part",
+    segmentations: dict[str, tuple[Volume, Volume, str]] | None = None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write fixed.png, moving.png, warped.png, checkerboard.png, jacobian.png and pmm.png (the last
-    two only when given) into ``out_dir``, all through the same point; returns name -> path."""
+    two only when given; the maps over the fixed image, the Jacobian inside ``mask`` where given) into
+    ``out_dir``, all through the same point,
+    and ``<name>.png`` for each of ``segmentations`` (``name: (image, label map, title)``, outlines on
+    that image's own grid); returns name -> path."""
     arrays = {name: _array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
     arrays.update({name: _array_of(v, name) for name, v in (("jacobian", jacobian), ("pmm", pmm)) if v is not None})
     _check_same_grid(arrays)
@@ -310,7 +327,21 @@ def save_individual_pictures(
         "checkerboard": _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
     }
     if "jacobian" in arrays:
-        rows["jacobian"] = _jacobian_row(arrays["jacobian"], index, geometry)
+        rows["jacobian"] = _jacobian_row(arrays["jacobian"], index, geometry, arrays["fixed"], jacobian_part, mask)
     if "pmm" in arrays:
-        rows["pmm"] = _pmm_row(arrays["pmm"], index, geometry)
-    return {name: _render([row], aspects, out_dir / f"{name}.png", "", dpi) for name, row in rows.items()}
+        rows["pmm"] = _pmm_row(arrays["pmm"], index, geometry, arrays["fixed"])
+    written = {name: _render([row], aspects, out_dir / f"{name}.png", "", dpi) for name, row in rows.items()}
+    for name, (image, seg, title) in (segmentations or {}).items():
+        written[name] = save_segmentation_picture(out_dir / f"{name}.png", image, seg, title, dpi=dpi)
+    return written
+
+
+def save_segmentation_picture(path: str | Path, image: Volume, seg: Volume, title: str, dpi: int = 110) -> Path:
+    """One row of three views: the outlines of ``seg``'s labels over ``image`` (both on one grid, which
+    may differ from the fixed image's), through the segmentation's centre of mass, main structures named."""
+    arrays = {"image": _array_of(image, "image"), "segmentation": _array_of(seg, "segmentation")}
+    _check_same_grid(arrays)
+    geometry = image.geometry if isinstance(image, Volume) else None
+    index = default_index(arrays["segmentation"])
+    row = _contour_row(title, arrays["image"], arrays["segmentation"], index, geometry)
+    return _render([row], orthogonal_aspects(geometry), path, "", dpi)

@@ -29,7 +29,8 @@ from ..imageio.io import read_image, read_labels
 from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
-from ..methods.base import Inputs, MethodInfo, Options, Result
+from ..methods.base import Inputs, Options, Result
+from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..report import save_individual_pictures
 from .events import EventWriter
@@ -161,7 +162,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         events.progress(STAGES["write"][0], "writing results")
         files: dict[str, str] = {}
         if job.pictures:
-            files.update(_kept_on_failure("pictures", failed, events, partial(_pictures, staging.path, inputs, result, maps)) or {})
+            pictures = partial(_pictures, staging.path, inputs, result, maps, method.info.name)
+            files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
         if extra_outputs is not None:
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
             files.update(_kept_on_failure("overview", failed, events, extra) or {})
@@ -184,13 +186,17 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
 
 
 def _evaluate(inputs: Inputs, result: Result) -> tuple[Maps, dict[str, Any]]:
-    maps = quality_maps(inputs.fixed, result.warped, result.displacement)
+    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
     return maps, evaluate(inputs, result, maps)
 
 
-def _pictures(folder: Path, inputs: Inputs, result: Result, maps: Maps | None) -> dict[str, str]:
-    jacobian, pmm = (maps.jacobian, maps.pmm) if maps is not None else (None, None)
-    pictures = save_individual_pictures(folder / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, jacobian, pmm)
+def _pictures(folder: Path, inputs: Inputs, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+    pictures = save_individual_pictures(
+        folder / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped,
+        maps.jacobian if maps is not None else None, maps.pmm if maps is not None else None,
+        jacobian_part=maps.jacobian_part if maps is not None else "whole mapping",
+        segmentations=segmentation_pictures(inputs, result, method), mask=maps.mask if maps is not None else None,
+    )
     return {f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()}
 
 
@@ -212,6 +218,18 @@ def _kept_on_failure(step: str, failed: dict[str, str], events: EventWriter, wor
     failed[step] = reason
     events.log(f"the {step} step failed ({reason}); the transform and the warped image are written.", "warning")
     return None
+
+
+def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[str, tuple[Volume, Volume, str]]:
+    """Outline pictures: the warped label map over the fixed image, and the method's own segmentations
+    (and brain mask) over the image each lies on."""
+    candidates = {
+        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed"),
+        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed"),
+        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving"),
+        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
+    }
+    return {name: entry for name, entry in candidates.items() if entry[1] is not None}
 
 
 def _on_fixed_grid(inputs: Inputs) -> Volume:

@@ -1,10 +1,13 @@
-"""A background process streaming JSON events, polled without blocking, cancelled with its whole tree.
+"""A background process streaming JSON events, read without blocking, stopped with its whole tree.
 
 The process starts in a process group of its own (a new session on POSIX, a new process group on
-Windows), so `cancel` reaches every process it started: SIGTERM to the group first (the worker
-removes its partial output and exits), SIGKILL to the group after a grace period. Two reader
-threads move stdout and stderr lines into a queue; `poll` hands them over from any thread (the
-Slicer module calls it from a QTimer on the GUI thread, so the GUI never waits on a pipe).
+Windows), so a stop reaches every process it started. On POSIX `cancel` sends SIGTERM to the group
+(the worker removes its partial output and exits) and a watchdog thread sends SIGKILL to the group
+after a grace period, whether or not anybody still polls. On Windows a process without a console
+cannot be asked to stop (``taskkill`` without ``/F`` only posts a window message), so the tree is
+ended at once with ``taskkill /T /F``; the worker's janitor removes its partial output then.
+Two reader threads move stdout and stderr lines into a queue that `poll` empties, so the caller
+(a Qt timer on Slicer's GUI thread, the web server's loop, a test) never waits on a pipe.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 GRACE_SECONDS = 5.0
 
@@ -27,13 +29,13 @@ GRACE_SECONDS = 5.0
 class Output:
     """What `BackgroundProcess.poll` collected since the previous call."""
 
-    events: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)
+    lines: List[str] = field(default_factory=list)
     finished: bool = False
-    exit_code: int | None = None
+    exit_code: Optional[int] = None
 
 
-def parse_event(line: str) -> dict[str, Any] | None:
+def parse_event(line: str) -> Optional[Dict[str, Any]]:
     """The JSON object on a line of the worker's stdout, or None for any other text."""
     text = line.strip()
     if not text.startswith("{"):
@@ -48,9 +50,9 @@ def parse_event(line: str) -> dict[str, Any] | None:
 class BackgroundProcess:
     """Run ``args`` in its own process group; collect its output through `poll`."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> None:
         self.args = list(args)
-        options: dict[str, Any] = {}
+        options: Dict[str, Any] = {}
         if os.name == "nt":
             options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
@@ -68,10 +70,9 @@ class BackgroundProcess:
             bufsize=1,
             **options,
         )
-        self._queue: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self._queue: "queue.Queue[Tuple[str, Optional[str]]]" = queue.Queue()
         self._open_streams = 2
-        self._cancel_started: float | None = None
-        self._killed = False
+        self._watchdog: Optional[threading.Timer] = None
         self._finished_reported = False
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
             threading.Thread(target=self._read, args=(name, stream), daemon=True, name=f"jointregseg-{name}").start()
@@ -79,6 +80,15 @@ class BackgroundProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """True until `poll` has reported the end (process exited and its output read)."""
+        return not self._finished_reported
+
+    @property
+    def cancelling(self) -> bool:
+        return self._watchdog is not None
 
     def _read(self, name: str, stream: IO[str]) -> None:
         for line in stream:
@@ -102,27 +112,33 @@ class BackgroundProcess:
                 output.events.append(event)
             elif line.strip():
                 output.lines.append(line)
-        if self._cancel_started is not None and not self._killed and time.monotonic() - self._cancel_started > GRACE_SECONDS:
-            # The whole group, even when its leader already exited: a grandchild may ignore SIGTERM.
-            kill_process_group(self.process.pid, force=True)
-            self._killed = True
         if self._open_streams == 0 and self.process.poll() is not None and not self._finished_reported:
             self._finished_reported = True
             output.finished = True
             output.exit_code = self.process.returncode
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         return output
 
-    @property
-    def running(self) -> bool:
-        return not self._finished_reported
+    def cancel(self, grace: float = GRACE_SECONDS) -> None:
+        """Ask the whole tree to stop now; it is killed after ``grace`` seconds if any of it is still there."""
+        if self._watchdog is not None or self._finished_reported:
+            return
+        self._watchdog = threading.Timer(grace, kill_process_group, args=(self.process.pid, True))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        kill_process_group(self.process.pid, force=False)
 
-    def cancel(self) -> None:
-        """Ask the whole process tree to stop (SIGTERM); `poll` escalates to SIGKILL after a grace period."""
-        if self.process.poll() is None and self._cancel_started is None:
-            self._cancel_started = time.monotonic()
-            kill_process_group(self.process.pid, force=False)
+    def stop(self, timeout: float = GRACE_SECONDS + 5.0) -> None:
+        """Stop the tree and wait until the process has exited (for clean-up on close and exit)."""
+        self.cancel(grace=min(GRACE_SECONDS, timeout / 2))
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_group(self.process.pid, force=True)
+            self.process.wait(timeout=timeout)
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> Output:
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> Output:
         """Block until the process finished (scripts and tests); returns everything not yet polled."""
         collected = Output()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -139,32 +155,17 @@ class BackgroundProcess:
 
 
 def kill_process_group(pid: int, force: bool) -> None:
-    """Stop the process group (POSIX) or process tree (Windows) led by ``pid``."""
+    """Stop the process group (POSIX: SIGTERM, or SIGKILL with ``force``) or process tree (Windows) led by ``pid``.
+
+    On POSIX the whole group is signalled even when its leader already exited: a grandchild may
+    still run (and may ignore SIGTERM).
+    """
     if os.name == "nt":
-        command = ["taskkill", "/PID", str(pid), "/T"] + (["/F"] if force else [])
-        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["taskkill", "/PID", str(pid), "/T", "/F"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
+        )
         return
     try:
         os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def python_environment(library_root: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """An environment in which ``python -m JointRegSegLib...`` finds the library at ``library_root``."""
-    env = dict(os.environ if base is None else base)
-    paths = [library_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != library_root]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("PYTHONIOENCODING", "utf-8")
-    return env
-
-
-def worker_command(python: str, job_file: str) -> list[str]:
-    """The command line that runs one job with the worker."""
-    return [python, "-m", "JointRegSegLib.worker", str(job_file)]
-
-
-def default_python() -> str:
-    """This interpreter (outside Slicer; the module passes Slicer's PythonSlicer instead)."""
-    return sys.executable

@@ -1,0 +1,44 @@
+"""What a user asks for (nodes, method, device, options) and why it cannot run yet, in the user's words."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..methods.catalogue import MethodInfo
+
+
+@dataclass
+class RunRequest:
+    """One press of Apply (or Compare): the input nodes and the settings. Nodes may be None."""
+
+    fixed: Any = None
+    moving: Any = None
+    fixed_segmentation: Any = None
+    moving_segmentation: Any = None
+    atlas: Any = None
+    atlas_segmentation: Any = None
+    device: str = "cpu"
+    iterations: Optional[int] = None
+    time_budget: Optional[float] = None
+    seed: int = 0
+    output_folder: str = ""
+    output_name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def problem(request: RunRequest, info: MethodInfo) -> Optional[str]:
+    """Why ``request`` cannot run with the method ``info`` describes (None when it can)."""
+    if info.needs_atlas:  # the moving volume goes to the atlas (the shipped one unless one is chosen)
+        if request.moving is None:
+            return "Select the volume to register to the atlas (moving volume)."
+        if (request.atlas is None) != (request.atlas_segmentation is None):
+            return "Select both an atlas volume and its segmentation, or neither to use the shipped MNI152 atlas."
+        return None
+    if request.fixed is None or request.moving is None:
+        return "Select a fixed and a moving volume."
+    if request.fixed is request.moving or request.fixed.GetID() == request.moving.GetID():
+        return "The fixed and moving volumes must be different volumes."
+    if info.needs_segmentations and (request.fixed_segmentation is None or request.moving_segmentation is None):
+        return f"{info.name} needs a segmentation (or label map) of both the fixed and the moving volume."
+    return None
