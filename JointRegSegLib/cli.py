@@ -39,7 +39,8 @@ class ProgressBar(EventWriter):
             left = fields["seconds_left"]
             self.bar.set_postfix_str("?" if left is None else f"{left:.0f} s left", refresh=True)
         elif event == "log":
-            self.bar.write(f"[{fields['level']}] {fields['message']}")
+            with tqdm.external_write_mode(file=self.stream):
+                self.stream.write(f"[{fields['level']}] {fields['message']}\n")
         elif event == "result":
             self.bar.close()
 
