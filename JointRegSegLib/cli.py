@@ -203,6 +203,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    from .batch.command import run
+
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the usage is one ``--help`` away)."""
 
@@ -238,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark our methods and peer tools (ANTsPy, elastix, SimpleITK) on the same pairs")
     bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from .batch.command import add_arguments as batch_arguments
+
+    batch = sub.add_parser("batch", help="register a cohort (a pair list or a folder of images) on Dask, resumably, with one summary")
+    batch_arguments(batch)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

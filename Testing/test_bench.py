@@ -40,7 +40,7 @@ from JointRegSegLib.bench.runner import (
     run_peer,
     stage_pair,
 )
-from JointRegSegLib.bench.command import _names
+from JointRegSegLib.bench.command import split_names
 from JointRegSegLib.bench.table import RESULT_COLUMNS, markdown, time_ratios
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio import Geometry, Volume, read_image, read_labels, resample, to_sitk, write_volume
@@ -238,7 +238,7 @@ def test_peers_use_the_thread_count_given(bench):
 
 
 def test_method_specs_split_on_top_level_commas_and_carry_their_options():
-    names = _names("tto, segreg[variant=learned;levels=[4,2]],segreg")
+    names = split_names("tto, segreg[variant=learned;levels=[4,2]],segreg")
     assert names == ["tto", "segreg[variant=learned;levels=[4,2]]", "segreg"]
     assert method_spec(names[1]) == ("segreg", {"variant": "learned", "levels": [4, 2]})
     assert method_spec("tto") == ("tto", {})

@@ -268,10 +268,11 @@ def test_field_file_round_trip_and_simpleitk_resample(tmp_path, suffix):
     read = read_displacement_field(path)
     np.testing.assert_array_equal(read.array, field.array)
     assert read.geometry.same_as(field.geometry, atol=1e-4)
-    if suffix == ".nii.gz":  # NIfTI vector intent (1007), vectors stored as written (LPS), as in ANTs' warps
+    if suffix == ".nii.gz":  # NIfTI displacement vectors (intent 1006, as Slicer writes them): RAS components
         nifti = nib.load(path)
-        assert int(nifti.header["intent_code"]) == 1007
-        np.testing.assert_array_equal(np.asarray(nifti.dataobj).reshape(field.array.shape), field.array)
+        assert int(nifti.header["intent_code"]) == 1006
+        stored = np.asarray(nifti.dataobj).reshape(field.array.shape)
+        np.testing.assert_array_equal(stored, field.array * np.float32([-1.0, -1.0, 1.0]))
 
     # SimpleITK reads the file itself as a displacement field, independently of our reader.
     itk_field = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64)

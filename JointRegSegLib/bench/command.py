@@ -13,7 +13,7 @@ from .peers import PEERS, PRESETS
 DEFAULT_PEERS = ",".join(PEERS)
 
 
-def _names(text: str) -> list[str]:
+def split_names(text: str) -> list[str]:
     """Comma-separated names; commas inside brackets (a method's options) do not separate."""
     names, depth, current = [], 0, ""
     for char in text + ",":
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> Path:
     from .runner import BenchSettings, run_benchmark
 
     settings = BenchSettings(
-        methods=_names(args.methods),
-        peers=_names(args.peers),
+        methods=split_names(args.methods),
+        peers=split_names(args.peers),
         device=args.device,
         threads=args.threads,
         repeats=args.repeats,

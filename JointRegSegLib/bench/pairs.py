@@ -5,7 +5,8 @@ Pair-list CSV (a header row, then one pair per row; only ``fixed`` and ``moving`
     name,fixed,fixed_seg,moving,moving_seg,fixed_mask,moving_mask,true_field
     pair,fixed_img.nii.gz,fixed_seg.nii.gz,moving_img.nii.gz,moving_seg.nii.gz,,,
 
-Paths may use ``~`` and ``$VARIABLES``; relative paths are relative to the CSV file's folder.
+``id`` may stand for ``name`` (the cohort runner's word). Paths may use ``~`` and
+``$VARIABLES``; relative paths are relative to the CSV file's folder.
 Label maps give Dice and HD95; ``true_field`` (a displacement field on the fixed grid, our
 convention) gives the end-point error; ``fixed_mask`` is the region the end-point error is
 averaged over (default: the fixed label map's foreground, else the fixed image's foreground).
@@ -37,6 +38,7 @@ from ..spatial.physical import voxel_to_physical_field, warp_volume
 from ..synth.deform import AffineRanges, DeformationOptions, random_deformation
 
 COLUMNS = ("name", "fixed", "fixed_seg", "moving", "moving_seg", "fixed_mask", "moving_mask", "true_field")
+ALIASES = {"id": "name"}
 READY_LISTS = ("shared", "sample", "synthetic")
 SHARED_PAIR_FILES = {
     "fixed": "fixed_img.nii.gz",
@@ -72,17 +74,21 @@ def _resolve(value: str, folder: Path) -> Path | None:
     return path if path.is_absolute() else (folder / path).resolve()
 
 
-def read_pair_list(path: str | Path) -> list[PairSpec]:
-    """Pairs from a pair-list CSV (see the module docstring); every named file must exist."""
+def read_pair_list(path: str | Path, check_files: bool = True) -> list[PairSpec]:
+    """Pairs from a pair-list CSV (see the module docstring); with ``check_files`` every named file must exist."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"pair list '{path}' not found; give a CSV file or one of: {', '.join(READY_LISTS)}.")
     with path.open(newline="") as stream:
         reader = csv.DictReader(stream)
-        unknown = sorted(set(reader.fieldnames or ()) - set(COLUMNS))
+        header = [ALIASES.get(column.strip(), column.strip()) for column in reader.fieldnames or ()]
+        if len(set(header)) < len(header):
+            raise InputError(f"pair list '{path}' names a column twice (note: 'id' and 'name' are the same column).")
+        reader.fieldnames = header
+        unknown = sorted(set(header) - set(COLUMNS))
         if unknown:
-            raise InputError(f"pair list '{path}' has unknown column(s) {unknown}; the columns are {', '.join(COLUMNS)}.")
-        if not {"fixed", "moving"} <= set(reader.fieldnames or ()):
+            raise InputError(f"pair list '{path}' has unknown column(s) {unknown}; the columns are {', '.join(COLUMNS)} ('id' for 'name').")
+        if not {"fixed", "moving"} <= set(header):
             raise InputError(f"pair list '{path}' needs at least the columns 'fixed' and 'moving'.")
         pairs = []
         for number, row in enumerate(reader, start=1):
@@ -93,12 +99,13 @@ def read_pair_list(path: str | Path) -> list[PairSpec]:
             pairs.append(PairSpec(name=name, **values))
     if not pairs:
         raise InputError(f"pair list '{path}' has no pairs (only a header?).")
-    check_pairs(pairs)
+    check_pairs(pairs, check_files)
     return pairs
 
 
-def check_pairs(pairs: list[PairSpec]) -> None:
-    """Raise `InputError` for a missing file or a repeated pair name (names become folder names)."""
+def check_pairs(pairs: list[PairSpec], check_files: bool = True) -> None:
+    """Raise `InputError` for a repeated or unusable pair name (names become folder names) and, with
+    ``check_files``, for a missing file."""
     names = [pair.name for pair in pairs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -106,7 +113,7 @@ def check_pairs(pairs: list[PairSpec]) -> None:
     for pair in pairs:
         if not pair.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise InputError(f"pair name '{pair.name}' may use only letters, digits, '-', '_' and '.'.")
-        for column, file in pair.files().items():
+        for column, file in pair.files().items() if check_files else ():
             if not file.is_file():
                 raise InputError(f"pair '{pair.name}': the {column} file '{file}' does not exist.")
 

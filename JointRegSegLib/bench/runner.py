@@ -16,7 +16,7 @@
   ``process_s`` is the whole child process's wall time (interpreter start, imports, reading; the
   worker also evaluates and writes its outputs).
 - Memory: ``peak_rss_mb``, the child process's peak resident set size (``ru_maxrss`` from
-  ``os.wait4`` in a small launcher, see `spawn`; the largest over the repeats). The worker's
+  ``os.wait4`` in a small launcher, see `processes.spawn`; the largest over the repeats). The worker's
   figure includes its evaluation.
 - Threads: every child gets the same count through OMP_NUM_THREADS, MKL_NUM_THREADS,
   OPENBLAS_NUM_THREADS and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS (torch, ITK, SimpleITK, ANTs and
@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -58,8 +57,8 @@ from ..worker.outputs import versions, write_json, write_result
 from . import peers as peers_module
 from .pairs import PairSpec, write_pair_list
 from .peers import FIELD_FILE, PEERS, PRESETS, REPORT_FILE, TOOL_MODULES
+from .processes import THREAD_VARIABLES, child_environment, last_error, spawn
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 BEFORE = "before registration"
 METRICS = (
     "dice_mean",
@@ -159,86 +158,6 @@ class ToolRun:
         return float(np.median(self.times_s)) if self.times_s else float("nan")
 
 
-@dataclass
-class Spawned:
-    """A finished child process: exit code, wall time and peak resident memory."""
-
-    returncode: int
-    wall_s: float
-    peak_rss_mb: float
-
-
-def child_environment(threads: int) -> dict[str, str]:
-    """The environment of every child: this one with the thread variables set to ``threads``."""
-    env = dict(os.environ)
-    env.update({name: str(int(threads)) for name in THREAD_VARIABLES})
-    return env
-
-
-# Each tool is started by a small launcher that reports the tool's exit code and peak resident
-# memory (ru_maxrss from os.wait4). On Linux, exec copies the peak resident size of the process
-# image it replaces into the new program's ru_maxrss, so a tool started straight from this process
-# (torch, images and maps loaded) would report our peak, not its own; started by the launcher (a
-# bare Python) it inherits only the launcher's few megabytes. The launcher and the tool form their
-# own process group, which is what a timeout or Ctrl-C stops.
-_LAUNCHER = """
-import json, os, signal, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-if hasattr(os, "wait4"):
-    _, status, usage = os.wait4(child.pid, 0)
-    code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss
-else:
-    code, peak = child.wait(), None
-with open(sys.argv[1], "w") as stream:
-    json.dump([code, peak], stream)
-"""
-
-
-def spawn(command: list[str], env: dict[str, str], log: Path, timeout_s: float | None = None) -> Spawned:
-    """Run ``command`` in ``log``'s folder with stdout and stderr into ``log``; stop it (SIGTERM, then
-    SIGKILL) past ``timeout_s``. The folder is the working directory because some tools write files
-    there (transformix writes ``deformationField.nii``)."""
-    report = log.with_name(log.name + ".exit.json")
-    report.unlink(missing_ok=True)
-    with log.open("w") as stream:
-        start = time.perf_counter()
-        launcher = subprocess.Popen(
-            [sys.executable, "-S", "-c", _LAUNCHER, str(report), *command],
-            stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True,
-        )
-        try:
-            launcher.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _stop_group(launcher)
-            stream.write(f"\nstopped after {timeout_s:g} s (timeout)\n")
-        except BaseException:
-            _stop_group(launcher)
-            raise
-        wall = time.perf_counter() - start
-    if not report.is_file():
-        return Spawned(launcher.returncode or -1, wall, float("nan"))
-    code, peak = json.loads(report.read_text())
-    # Linux reports kilobytes, macOS bytes.
-    peak_mb = float("nan") if peak is None else peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
-    return Spawned(int(code), wall, peak_mb)
-
-
-def _stop_group(launcher: subprocess.Popen) -> None:
-    """SIGTERM to the tool's process group (the worker cancels cleanly), SIGKILL after 10 s."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(launcher.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            launcher.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @lru_cache(maxsize=None)
 def peer_module_available(python: str, module: str) -> bool:
     """Whether the Python ``python`` finds the tool module of ``module`` (``ants``, ``itk``, ``SimpleITK``)."""
@@ -336,19 +255,6 @@ def _result_from_field(inputs: Inputs, field_volume: Volume) -> Result:
     return Result(displacement=field_volume, warped=warped, warped_seg=warped_seg)
 
 
-def _last_error(log: Path) -> str:
-    """The worker's last ``error`` event, else the last non-empty line of a log."""
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    for line in reversed(lines):
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "error":
-            return str(event.get("message", ""))
-    return lines[-1][:300] if lines else "no output"
-
-
 def run_method(
     name: str, pair: PairSpec, staged: dict[str, Path], truth: Volume | None, region: np.ndarray, settings: BenchSettings, folder: Path
 ) -> ToolRun:
@@ -375,7 +281,7 @@ def run_method(
         log = folder / f"worker{repeat}.log"
         done = spawn([sys.executable, "-m", "JointRegSegLib.worker", str(job_file)], env, log, settings.timeout_s)
         if done.returncode != 0:
-            return ToolRun(pair.name, name, "ours", "failed", note=f"worker exit {done.returncode}: {_last_error(log)}", folder=folder)
+            return ToolRun(pair.name, name, "ours", "failed", note=f"worker exit {done.returncode}: {last_error(log)}", folder=folder)
         metrics = json.loads((output / "metrics.json").read_text())
         run.times_s.append(float(metrics["time_register_s"]))
         run.process_s.append(done.wall_s)
@@ -419,7 +325,7 @@ def run_peer(
         command = [settings.peer_python, "-c", _RUN_FILE, peers_module.__file__, str(job_file)]
         done = spawn(command, env, log, settings.timeout_s)
         if done.returncode != 0:
-            return ToolRun(pair.name, name, "peer", "failed", note=f"exit {done.returncode}: {_last_error(log)}", folder=folder)
+            return ToolRun(pair.name, name, "peer", "failed", note=f"exit {done.returncode}: {last_error(log)}", folder=folder)
         report = json.loads((output / REPORT_FILE).read_text())
         run.times_s.append(float(report["register_s"]))
         run.process_s.append(done.wall_s)

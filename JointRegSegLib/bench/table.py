@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .runner import METRICS, THREAD_VARIABLES, BenchSettings, ToolRun
+from .processes import THREAD_VARIABLES
+from .runner import METRICS, BenchSettings, ToolRun
 
 RESULT_COLUMNS = (
     "pair",

@@ -40,6 +40,11 @@ class Geometry:
         return m
 
     @property
+    def index_to_ras_matrix(self) -> np.ndarray:
+        """4x4 homogeneous matrix taking a voxel index to RAS mm (NIfTI's and Slicer's world frame)."""
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.index_to_physical_matrix
+
+    @property
     def physical_to_index_matrix(self) -> np.ndarray:
         """4x4 homogeneous matrix taking an LPS point (mm) to a continuous voxel index."""
         return np.linalg.inv(self.index_to_physical_matrix)

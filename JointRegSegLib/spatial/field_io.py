@@ -1,14 +1,17 @@
 """Reading and writing physical displacement fields (ITK / ANTs / 3D Slicer grid-transform files).
 
-The file is a float32 3-component vector image on the fixed grid holding LPS mm displacements.
-SimpleITK writes NIfTI files with intent code 1007 (vector) and the vectors unchanged (LPS), which
-is the layout of ANTs' warp files and what ITK and 3D Slicer read as a displacement field.
+A field is a float32 3-component vector image on the fixed grid holding LPS mm displacements.
+NIfTI files are written as NIfTI's displacement-vector images (intent code 1006, NIFTI_INTENT_DISPVECT)
+with the vectors in NIfTI's RAS frame, the form 3D Slicer writes and expects (it warns that a
+transform "may be incorrect" for any other intent code); ITK, SimpleITK, ANTs and Slicer turn them
+back into LPS on reading. NRRD and MetaImage files hold the LPS vectors as they are.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -36,8 +39,15 @@ def write_displacement_field(field: Volume, path: str | Path) -> None:
     _check_suffix(path)
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist; create it first")
-    image = to_sitk(field.with_array(np.asarray(field.array, dtype=np.float32)))
-    sitk.WriteImage(image, str(path), useCompression=True)
+    vectors = np.asarray(field.array, dtype=np.float32)
+    if str(path).lower().endswith((".nii", ".nii.gz")):
+        ras = vectors * np.float32([-1.0, -1.0, 1.0])  # LPS -> RAS components
+        image = nib.Nifti1Image(ras[:, :, :, None, :], field.geometry.index_to_ras_matrix)
+        image.header.set_intent(1006)
+        image.header.set_xyzt_units("mm")
+        nib.save(image, str(path))
+        return
+    sitk.WriteImage(to_sitk(field.with_array(vectors)), str(path), useCompression=True)
 
 
 def read_displacement_field(path: str | Path) -> Volume:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from .events import EventWriter
-from .failures import describe_failure
+from .failures import EXIT_BAD_INPUT, describe_failure
 from .job import parse_job
 
-EXIT_CANCELLED = {signal.SIGTERM: 143, signal.SIGINT: 130}
+EXIT_CANCELLED = 143
+EXIT_INTERRUPTED = 130
+_EXIT_ON = {signal.SIGTERM: EXIT_CANCELLED, signal.SIGINT: EXIT_INTERRUPTED}
 
 
 def install_cancel_handler(events: EventWriter) -> None:
@@ -33,14 +35,14 @@ def install_cancel_handler(events: EventWriter) -> None:
     Python handler hands the cancel to a new thread (the interrupted main thread may hold the event
     stream's lock).
     """
-    for sig in EXIT_CANCELLED:
+    for sig in _EXIT_ON:
         signal.signal(sig, lambda number, _frame: threading.Thread(target=_cancel, args=(events, signal.Signals(number))).start())
     if not hasattr(signal, "pthread_sigmask"):
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(EXIT_CANCELLED))
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(_EXIT_ON))
 
     def wait() -> None:
-        _cancel(events, signal.Signals(signal.sigwait(set(EXIT_CANCELLED))))
+        _cancel(events, signal.Signals(signal.sigwait(set(_EXIT_ON))))
 
     threading.Thread(target=wait, name="cancel", daemon=True).start()
 
@@ -57,7 +59,7 @@ def _cancel(events: EventWriter, sig: signal.Signals) -> None:
         staging.discard()
     outcome = f"the results were already written to {FINISHED[-1]}" if FINISHED else "no output was written"
     events.emit("error", message=f"cancelled by the user ({sig.name}); {outcome}.", kind="cancelled")
-    os._exit(EXIT_CANCELLED[sig])
+    os._exit(_EXIT_ON[sig])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,3 +91,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERRUPTED", "main"]  # the exit codes batch reads

@@ -19,6 +19,7 @@ from ..methods.base import Result
 from ..spatial.affine import to_sitk_affine
 from ..spatial.field_io import write_displacement_field
 from .events import to_json
+from .staging import MANIFEST
 
 PACKAGES = ("jointregseg", "torch", "monai", "SimpleITK", "numpy", "scipy", "nibabel")
 
@@ -108,3 +109,6 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+__all__ = ["FILES", "MANIFEST", "device_description", "versions", "write_json", "write_result"]  # MANIFEST: read by batch.resume

@@ -33,9 +33,10 @@ from ..methods.base import Inputs, Options, Result
 from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..report import save_individual_pictures
+from ..weights import sha256_of
 from .events import EventWriter
 from .failures import describe_failure
-from .job import Job
+from .job import INPUT_KEYS, Job
 from .outputs import FILES, device_description, versions, write_json, write_result
 from .staging import MANIFEST, PROVENANCE, Staging
 
@@ -240,11 +241,12 @@ def _on_fixed_grid(inputs: Inputs) -> Volume:
 def provenance(
     job: Job, method: str, result: Result, device: torch.device, timings: dict[str, float], failed: dict[str, str]
 ) -> dict[str, Any]:
-    """What produced this output: method, options, seed, weights checksums, versions, device, timings."""
+    """What produced this output: method, options, input and weights checksums, seed, versions, device, timings."""
     return {
         "jointregseg": __version__,
         "method": method,
         "job": job.to_dict(),
+        "inputs_sha256": {key: sha256_of(path) for key in INPUT_KEYS if (path := getattr(job, key)) is not None},
         "seed": job.seed,
         "weights_sha256": result.weights,
         "device": device_description(device),

@@ -41,6 +41,7 @@ from .lock import FolderLock, lock_path
 
 PROVENANCE = "provenance.json"
 MANIFEST = "result.json"
+"""The list of a run's files ({kind: path in the folder}): what an output folder holds of ours."""
 JOURNAL = ".jointregseg-commit.json"
 PARTIAL = ".jointregseg-partial-"
 
