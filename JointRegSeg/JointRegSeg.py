@@ -292,7 +292,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompareButton(self) -> None:
         request = self.logic.request(self._parameterNode)
-        usable = [info.name for info in self.logic.controller.methods() if self.logic.controller.check(request, info.name) is None]
+        usable = self.logic.controller.comparable(request)
         self.ui.logTextEdit.clear()
         with slicer.util.tryWithErrorDisplay(_("Failed to start the comparison."), waitCursor=True):
             if self.ensureDependencies():

@@ -203,6 +203,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_web(args: argparse.Namespace) -> None:
+    try:
+        from .web.server import serve
+    except ImportError as error:
+        raise InputError(f"the web page needs the [web] extra ({error.name} is missing): pip install -e \".[web]\"") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} lets every machine that reaches it use the page and read its files.", file=sys.stderr)
+    serve(args.data, args.host, args.port)
+
+
 def cmd_batch(args: argparse.Namespace) -> None:
     from .batch.command import run
 
@@ -251,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="register a cohort (a pair list or a folder of images) on Dask, resumably, with one summary")
     batch_arguments(batch)
     batch.set_defaults(func=cmd_batch)
+    web = sub.add_parser("web", help="the browser page on 3D Slicer's views (teaching, review; needs the [web] extra)")
+    web.add_argument("--data", type=Path, help="folder of images the page may offer (besides the bundled sample pair and uploads)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    web.set_defaults(func=cmd_web)
     return parser
 
 

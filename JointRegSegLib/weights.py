@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import WeightsError
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded: finding Resources/ needs no torch (the web page)
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -106,6 +107,8 @@ def load_weights(name: str, folder: Path | None = None) -> tuple[dict[str, torch
             f"weights file {path} does not match its recorded checksum (expected {entry['sha256'][:12]}..., "
             f"found {checksum[:12]}...): it is corrupt or was modified. Restore it from the repository or retrain."
         )
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable files

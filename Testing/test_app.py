@@ -304,6 +304,10 @@ def test_requests_checked_in_the_users_words(app):
     assert controller.check(RunRequest(nodes["fixed"], nodes["fixed"]), "tto").startswith("The fixed and moving volumes must be different")
     assert controller.check(RunRequest(moving=nodes["moving"]), "jers") is None
     assert "both an atlas" in controller.check(RunRequest(moving=nodes["moving"], atlas=nodes["fixed"]), "jers")
+    pair_only = RunRequest(nodes["fixed"], nodes["moving"])
+    assert controller.comparable(pair_only) == ["hof", "tto", "uresnet"], "jers registers to its atlas; segreg needs segmentations"
+    with_labels = RunRequest(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"])
+    assert controller.comparable(with_labels) == ["hof", "segreg", "tto", "uresnet"]
     with pytest.raises(InputError, match="segmentation"):
         controller.start(RunRequest(nodes["fixed"], nodes["moving"]), ["tto", "segreg"])
     assert controller.state.state == RunState.IDLE and controller.runs == []

@@ -134,6 +134,11 @@ class Controller:
             return f"Unknown method '{method}'."
         return problem(request, method_info(method))
 
+    def comparable(self, request: RunRequest) -> list[str]:
+        """The methods "compare all" runs: those that register the moving volume onto the fixed volume and can
+        run with ``request`` (an atlas method registers to its atlas instead, so its numbers would not compare)."""
+        return [info.name for info in self.methods() if not info.needs_atlas and self.check(request, info.name) is None]
+
     def refresh_dependencies(self) -> Dependencies:
         """Re-read what is installed; ask the worker's Python which devices torch can use (answer via `poll`)."""
         self.dependencies = dependencies(self.requirements)
