@@ -16,8 +16,9 @@ from typing import Any, NoReturn, Sequence
 
 from tqdm import tqdm
 
+from .errors import InputError
 from .methods import method_names
-from .methods.options import describe, parse_options, specs
+from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
 from .worker.job import COMMAND_LINE, Job, job_from_dict
@@ -65,10 +66,9 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
         )
     parser.add_argument("--method", default="tto", choices=method_names(), help="the method (default tto); its options are listed below")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--iterations", type=int, help="iteration cap for optimisation (tto: test-time optimisation steps)")
-    parser.add_argument("--time-budget", type=float, help="seconds allowed for optimisation (tto: test-time optimisation)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed, 0 to 4294967295 (same seed, same result on CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch, 1 to 1024 (default: torch's choice, usually the core count)")
+    for name, spec in SETTINGS.items():
+        kind = float if spec.type == FLOAT else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.help}; {spec.accepted()}")
     segreg = {spec.name: spec for spec in specs("segreg")}
     parser.add_argument("--variant", choices=segreg["variant"].choices, help="segreg: " + segreg["variant"].help)
     parser.add_argument("--mask-loss", choices=segreg["mask_loss"].choices, help="segreg: " + segreg["mask_loss"].help)

@@ -158,6 +158,32 @@ OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
 }
 
 
+SETTINGS: dict[str, OptionSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("seed", INT, 0, "random seed (same seed, same result on the CPU)", minimum=0, maximum=2**32 - 1),
+        _spec("threads", INT, None, "CPU threads for torch (auto: torch's choice, usually the core count)", minimum=1, maximum=1024),
+        _spec("iterations", INT, None, "test-time optimisation iterations (auto: the method's default)", minimum=0, maximum=MAX_ITERATIONS),
+        _spec("time_budget", FLOAT, None, "seconds the test-time optimisation may take (auto: no limit)", minimum=0, maximum=10**7, above=True),
+    )
+}
+"""The run settings every method shares (the job's fields, the command line's flags, the panels' fields)."""
+
+
+def validate_setting(name: str, value: Any, label: str) -> Any:
+    """The run setting ``name`` (`SETTINGS`) checked and converted; None stands for the default.
+
+    Raises `InputError` naming ``label`` (the flag, field or panel entry the user typed it in) and the accepted values.
+    """
+    spec = SETTINGS[name]
+    if value is None:
+        return spec.default
+    try:
+        return _convert(spec, value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{label} must be {spec.accepted()}; got {_shown(value)}.") from None
+
+
 def method_option_names() -> list[str]:
     """The methods whose options are declared here."""
     return sorted(OPTIONS)

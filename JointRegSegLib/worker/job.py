@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..methods.options import MAX_ITERATIONS
+from ..methods.options import FLOAT, SETTINGS, validate_setting
 
 INPUT_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg")
 COMMAND_LINE = "the command line"
@@ -60,6 +59,7 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
     """A checked `Job` from its fields (a job file's JSON, or the command line's arguments)."""
     if not isinstance(data, dict):
         raise InputError(f"{source} must be a JSON object with at least 'method' and 'output'.")
+    data = dict(data)
     known = set(Job.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
@@ -74,23 +74,12 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
     _check_type(data, "options", dict, source)
     _check_type(data, "pictures", bool, source)
     _check_type(data, "overwrite", bool, source)
-    for key, kind, low, high, meaning in RANGES:
-        _check_type(data, key, kind, source)
-        value = data.get(key)
-        if value is not None and not (math.isfinite(value) and low <= value <= high and (key != "time_budget" or value > 0)):
-            label = f"--{key.replace('_', '-')}" if source == COMMAND_LINE else f"{source}: '{key}'"
-            raise InputError(f"{label} must be {meaning}; got {value}.")
+    for key, spec in SETTINGS.items():
+        _check_type(data, key, (int, float) if spec.type == FLOAT else int, source)
+        label = f"--{key.replace('_', '-')}" if source == COMMAND_LINE else f"{source}: '{key}'"
+        data[key] = validate_setting(key, data.get(key), label)
     paths = {key: Path(data[key]).expanduser() for key in (*INPUT_KEYS, "output") if data.get(key)}
     return Job(**{**data, **paths})
-
-
-RANGES: tuple[tuple[str, type | tuple[type, ...], float, float, str], ...] = (
-    ("seed", int, 0, 2**32 - 1, "a whole number from 0 to 4294967295"),
-    ("threads", int, 1, 1024, "a whole number of CPU threads from 1 to 1024"),
-    ("iterations", int, 0, MAX_ITERATIONS, f"a whole number from 0 to {MAX_ITERATIONS}"),
-    ("time_budget", (int, float), 0, 10**7, "a positive number of seconds (at most 10000000)"),
-)
-"""Run settings shared by every method: (field, type, lowest, highest, the accepted values in words)."""
 
 
 def _check_type(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> None:
