@@ -29,14 +29,16 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import InputError
 from .imageio.geometry import Geometry, Volume
-from .imageio.io import read_image, read_labels
-from .imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from .weights import resources_dir
+
+if TYPE_CHECKING:  # SimpleITK and the readers are imported where used: TISSUE_CODES needs numpy alone
+    import SimpleITK as sitk
 
 IMAGE_NAME = "mni152_t1_2mm.nii.gz"
 LABELS_NAME = "mni152_tissue_2mm.nii.gz"
@@ -69,6 +71,8 @@ def atlas_paths() -> tuple[Path, Path]:
 
 def load_atlas() -> tuple[Volume, Volume]:
     """The shipped atlas image and tissue label map."""
+    from .imageio.io import read_image, read_labels
+
     image, labels = atlas_paths()
     return read_image(image, "atlas image"), read_labels(labels, "atlas labels")
 
@@ -86,6 +90,10 @@ def _target_grid(image: sitk.Image) -> Geometry:
 
 def _downsample(image: sitk.Image, grid: Geometry) -> np.ndarray:
     """Gaussian anti-aliasing then linear resampling onto ``grid`` (array in ``[i, j, k]`` order)."""
+    import SimpleITK as sitk
+
+    from .imageio.sitk_bridge import from_sitk, reference_image
+
     smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), SMOOTHING_SIGMA_MM)
     resampled = sitk.Resample(smooth, reference_image(grid), sitk.Transform(), sitk.sitkLinear, 0.0)
     return from_sitk(resampled).array
@@ -93,6 +101,10 @@ def _downsample(image: sitk.Image, grid: Geometry) -> np.ndarray:
 
 def build_atlas(source: Path, output: Path) -> dict[str, object]:
     """Write the 2 mm atlas image and tissue labels derived from the MNI152 files in ``source`` (see the module docstring)."""
+    import SimpleITK as sitk
+
+    from .imageio.sitk_bridge import to_sitk
+
     paths = {name: source / file for name, file in (("t1", SOURCE_T1), ("gm", SOURCE_GM), ("wm", SOURCE_WM))}
     for path in paths.values():
         if not path.exists():

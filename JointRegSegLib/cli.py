@@ -7,7 +7,6 @@ process, with a tqdm progress bar instead of the JSON event stream.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import traceback
@@ -175,19 +174,9 @@ def _demo_figure(folder: Path, inputs: Any, result: Any, maps: Any, metrics: dic
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .methods import get_method
+    from .training.command import run
 
-    config = parse_options(args.option)
-    config.update({k: v for k, v in {"stage": args.stage, "iterations": args.iterations, "seed": args.seed, "device": args.device}.items() if v is not None})
-    bar = tqdm(total=1000, desc=f"train {args.method}", file=sys.stderr)
-
-    def progress(fraction: float, stage: str) -> None:
-        bar.n = int(round(1000 * fraction))
-        bar.set_postfix_str(stage, refresh=True)
-
-    summary = get_method(args.method).train(config, progress)
-    bar.close()
-    print(json.dumps(summary, indent=2, default=str))
+    run(args)
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
@@ -240,13 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     _register_args(demo, with_inputs=False)
     demo.add_argument("--out", type=Path, default=DEMO_OUT, help=f"output folder (default {DEMO_OUT})")
     demo.set_defaults(func=cmd_demo)
-    train = sub.add_parser("train", help="train a method's networks (weights go to Resources/weights)")
-    train.add_argument("method", help=f"one of: {', '.join(method_names())}")
-    train.add_argument("--stage", help="training stage (tto: teacher or student)")
-    train.add_argument("--iterations", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device")
-    train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="training setting (JSON value), repeatable")
+    from .training.command import add_arguments as train_arguments
+
+    train = sub.add_parser("train", help="train the networks (weights go to Resources/weights): one, or all in sequence")
+    train_arguments(train)
     train.set_defaults(func=cmd_train)
     sample = sub.add_parser("sample-data", help="rebuild Resources/SampleData from the shared data folder")
     sample.add_argument("--data", type=Path, default=Path("../shared/data"))

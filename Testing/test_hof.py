@@ -14,16 +14,9 @@ from conftest import run_worker
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.labels import EVALUATION_LABELS
 from JointRegSegLib.nets.hof import HOFNet
+from JointRegSegLib.methods.hof import HOF_LABELS, classes_to_codes, codes_to_classes
 from JointRegSegLib.training.gra import hypergradient
-from JointRegSegLib.training.hof import (
-    HOF_LABELS,
-    aaa,
-    bilevel_losses,
-    classes_to_codes,
-    codes_to_classes,
-    one_hot,
-    smoothness,
-)
+from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, smoothness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

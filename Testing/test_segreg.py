@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -236,7 +234,7 @@ def test_extension_of_a_constant_field_is_that_constant():
 
 
 def _tiny_weights(folder: Path) -> None:
-    from JointRegSegLib.training.segreg import build_network
+    from JointRegSegLib.methods.segreg import build_network
 
     architecture = {"encoder": [4, 4, 4, 4], "decoder": [4, 4, 4, 4], "final": [4]}
     torch.manual_seed(1)
@@ -263,29 +261,28 @@ def test_learned_variant_runs_end_to_end_with_random_weights(tmp_path, monkeypat
         get_method("segreg").register(inputs, Options(extra={"variant": "learned", "mask_loss": "edt"}), lambda f, s: None)
 
 
-def test_training_writes_loadable_weights_with_provenance(tmp_path):
-    from JointRegSegLib.training.segreg import load_network, train
+def test_training_writes_loadable_weights_with_provenance(tmp_path, monkeypatch):
+    """The trainer on a bank of 20 tiny two-hemisphere maps: weights the learned variant loads, with its provenance."""
+    from JointRegSegLib.methods.segreg import load_network
+    from JointRegSegLib.training import bank, train
 
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    labels = np.zeros((40, 40, 40), np.int16)
-    labels[8:20, 8:32, 8:32], labels[20:32, 8:32, 8:32], labels[14:26, 14:26, 14:26] = 2, 41, 17
-    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(maps / "map.nii.gz"))
+    monkeypatch.setenv("JRS_TRAINING_DIR", str(tmp_path / "training"))
+    labels = np.zeros((32, 32, 32), np.int16)
+    labels[4:16, 6:26, 6:26], labels[16:28, 6:26, 6:26], labels[12:20, 12:20, 12:20] = 2, 41, 17
+    bank.entry(f"synthseg_brain_{bank.grid_key(2.0, (32, 32, 32))}", lambda: {"maps": np.stack([labels] * 20)})
     out = tmp_path / "weights"
-    summary = train(
-        {"labelmaps": str(maps), "shape": [32, 32, 32], "spacing": 1.0, "iterations": 3, "output": str(out),
-         "architecture": {"encoder": [4, 4, 4, 4], "decoder": [4, 4, 4, 4], "final": [4]}},
-        lambda f, s: None,
-    )
-    assert summary["steps"] == 3 and Path(summary["weights"]).is_file()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["segreg-dice"]["provenance"]["training"]["steps"] == 3
-    os.environ["JRS_WEIGHTS_DIR"] = str(out)
-    try:
-        net, provenance, checksum = load_network("segreg-dice", torch.device("cpu"))
-    finally:
-        del os.environ["JRS_WEIGHTS_DIR"]
-    assert checksum == summary["sha256"] and provenance["factor"] == 2
+    summary = train("segreg", {
+        "shape": [32, 32, 32], "iterations": 3, "output": str(out), "threads": 1, "validate_every": 1e9,
+        "architecture": {"encoder": [4, 4, 4, 4], "decoder": [4, 4, 4, 4], "final": [4]},
+    })
+    assert summary["iterations"] == 3 and Path(summary["weights"]).is_file()
+    provenance = json.loads((out / "manifest.json").read_text())["segreg-dice"]["provenance"]
+    assert provenance["architecture"]["encoder"] == [4, 4, 4, 4] and provenance["factor"] == 2
+    assert provenance["validation"]["score"] == pytest.approx(summary["best_score"], abs=1e-4)
+    monkeypatch.setenv("JRS_WEIGHTS_DIR", str(out))
+    net, provenance, checksum = load_network("segreg-dice", torch.device("cpu"))
+    assert checksum == json.loads((out / "manifest.json").read_text())["segreg-dice"]["sha256"]
+    assert provenance["integration_steps"] == 7
 
 
 # ----------------------------------------------------------------------------- worker: options, progress, cancel

@@ -1,4 +1,4 @@
-"""The tto method end to end on small synthetic pairs, and its training loop.
+"""The tto method end to end on small synthetic pairs (its training loop: test_training.py, test_overfit.py).
 
 The networks are randomly initialised and recorded in a weights folder made for the test (so no
 shipped weights are needed); ground truths are analytic (known shifts and deformations).
@@ -6,7 +6,6 @@ shipped weights are needed); ground truths are analytic (known shifts and deform
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from JointRegSegLib.methods.base import Inputs, Options
 from JointRegSegLib.methods.tto import build_network, network_grid_shape
 from JointRegSegLib.metrics import ncc
 from JointRegSegLib.spatial import warp
-from JointRegSegLib.weights import load_weights, read_manifest, record_weights
+from JointRegSegLib.weights import load_weights, record_weights
 
 SHAPE = (32, 32, 32)
 SPACING = 1.5
@@ -155,31 +154,3 @@ def test_bad_options_raise_input_errors(weights, deformed_pair):
     with pytest.raises(InputError, match="spacing"):
         method.register(deformed_pair, Options(extra={"spacing": 0}), None)
 
-
-def test_training_writes_verified_weights_and_resumes(tmp_path):
-    method = get_method("tto")
-    config = {
-        "iterations": 2, "shape": [32, 32, 32], "output": str(tmp_path), "sources": {"noise": 1.0},
-        "save_every": 2, "seed": 5,
-    }
-    fractions: list[float] = []
-    teacher = method.train({**config, "stage": "teacher"}, lambda f, s: fractions.append(f))
-    assert teacher["iterations"] == 2 and fractions == [0.5, 1.0]
-    state, checksum = load_weights("tto_teacher", folder=tmp_path)
-    assert checksum == teacher["sha256"]
-    build_network("teacher").load_state_dict(state)
-    provenance = read_manifest(tmp_path)["tto_teacher"]["provenance"]
-    assert provenance["iterations"] == 2 and provenance["seed"] == 5 and provenance["shape"] == [32, 32, 32]
-    assert (tmp_path / "tto_training.png").stat().st_size > 0
-
-    resumed = method.train({**config, "stage": "teacher", "iterations": 3}, None)
-    assert resumed["iterations"] == 3
-    with open(tmp_path / "tto_teacher_loss.csv") as handle:
-        assert [int(float(row["iteration"])) for row in csv.DictReader(handle)] == [1, 2, 3]
-    assert load_weights("tto_teacher", folder=tmp_path)[1] == resumed["sha256"] != teacher["sha256"]
-
-    student = method.train({**config, "stage": "student"}, None)
-    assert student["iterations"] == 2
-    provenance = read_manifest(tmp_path)["tto_student"]["provenance"]
-    assert provenance["teacher_sha256"] == resumed["sha256"]
-    build_network("student").load_state_dict(load_weights("tto_student", folder=tmp_path)[0])

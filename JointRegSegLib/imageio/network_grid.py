@@ -6,15 +6,13 @@ import itertools
 import math
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..errors import InputError
 from .geometry import Geometry, Volume
-from .sitk_bridge import from_sitk, reference_image, to_sitk
 
 # Canonical RAS+ orientation written as an ITK (LPS) direction matrix: i -> R (-L), j -> A (-P), k -> S.
 RAS_DIRECTION = np.diag([-1.0, -1.0, 1.0])
-_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+INTERPOLATIONS = ("linear", "nearest", "bspline")
 # Extent a grid may exceed a whole number of voxels by through rounding and still count as that number.
 _EXTENT_TOL_VOXELS = 1e-4
 
@@ -54,12 +52,17 @@ def network_geometry(
 
 
 def _resample_scalar(volume: Volume, geometry: Geometry, interpolation: str, default: float) -> np.ndarray:
+    import SimpleITK as sitk  # here, so the network-grid geometry needs numpy alone (training on a GPU machine)
+
+    from .sitk_bridge import from_sitk, reference_image, to_sitk
+
+    interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
     array = volume.array
     if interpolation != "nearest" and not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     image = to_sitk(volume.with_array(array))
     resampled = sitk.Resample(
-        image, reference_image(geometry), sitk.Transform(), _INTERPOLATORS[interpolation], float(default)
+        image, reference_image(geometry), sitk.Transform(), interpolators[interpolation], float(default)
     )
     return from_sitk(resampled).array
 
@@ -70,8 +73,8 @@ def resample(volume: Volume, geometry: Geometry, interpolation: str = "linear", 
     ``interpolation`` is "linear", "nearest" (label maps; keeps the voxel type) or "bspline" (cubic).
     A vector volume ``(I, J, K, C)`` is resampled component by component.
     """
-    if interpolation not in _INTERPOLATORS:
-        raise InputError(f"unknown interpolation '{interpolation}'; use one of {', '.join(_INTERPOLATORS)}.")
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(f"unknown interpolation '{interpolation}'; use one of {', '.join(INTERPOLATIONS)}.")
     if volume.array.ndim == 4:
         components = [
             _resample_scalar(volume.with_array(volume.array[..., c]), geometry, interpolation, default)

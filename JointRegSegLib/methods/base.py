@@ -1,7 +1,8 @@
 """The method protocol every registration method implements (DESIGN.md, "The method protocol").
 
 The worker, the command line, the benchmark and the Slicer module only ever talk to a method
-through `MethodInfo`, `Method.register` and `Method.train`, so none of them special-cases a method.
+through `MethodInfo` and `Method.register`, so none of them special-cases a method. Training builds
+on the methods (`JointRegSegLib.training`, one trainer per network); a method never imports it.
 """
 
 from __future__ import annotations
@@ -69,8 +70,4 @@ class Method(Protocol):
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed``."""
-        ...
-
-    def train(self, config: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
-        """Train the method's networks; write weights under Resources/ and return a summary."""
         ...

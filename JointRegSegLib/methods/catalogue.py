@@ -90,8 +90,8 @@ CATALOGUE: dict[str, MethodInfo] = {
             name="uresnet",
             title="U-ReSNet: joint affine + deformable registration and segmentation",
             description=(
-                "One very light network (about 26 000 parameters) predicts, in a second, an affine and a deformable "
-                "transform and segments the moving image (white matter, cortex, ventricles and 12 more structures). "
+                "One light network (about 270 000 parameters) predicts, in a second, an affine and a deformable "
+                "transform and segments the moving image (cerebral white matter, cortex and lateral ventricles). "
                 "Needs only the two images; option segment_fixed=true also segments the fixed image."
             ),
             paper="Estienne et al., U-ReSNet: Ultimate Coupling of Registration and Segmentation with Deep Nets",

@@ -14,7 +14,7 @@ with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.regi
    physical field with the warped image (`common.result_from_network_field`);
 4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
    its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
-   mapped to FreeSurfer codes (`training.hof.HOF_LABELS`, 28 of the 30 evaluation structures) and
+   mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures) and
    resampled (nearest) onto each image's own grid.
 
 Option ``weights`` picks the shipped weights: ``hof`` (the full method) or a Table 3 ablation
@@ -32,9 +32,12 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ..errors import InputError
 from ..imageio.geometry import Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
+from ..labels import EVALUATION_LABELS
+from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
 from .affine_stage import fit_affine
@@ -43,6 +46,10 @@ from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
 from .options import validate_options
 
+# Segmentation classes: background plus the 28 of the 30 evaluation structures that the SynthSeg
+# training maps contain (the choroid plexus, 31 and 63, is absent from them); other codes are background.
+HOF_LABELS: tuple[int, ...] = tuple(code for code in EVALUATION_LABELS if code not in (31, 63))
+N_CLASSES = len(HOF_LABELS) + 1
 _STAGES = {"preparing": (0.0, 0.1), "affine": (0.1, 0.5), "inference": (0.5, 0.7), "segmentation": (0.7, 0.85),
            "resampling": (0.85, 1.0)}
 
@@ -52,10 +59,35 @@ def _settings(options: Options) -> dict[str, Any]:
     return validate_options("hof", options.extra)
 
 
+def build_net(integration_steps: int = 5) -> HOFNet:
+    """The HOF network the method runs and the training trains (`nets.hof`)."""
+    return HOFNet(N_CLASSES, integration_steps=integration_steps)
+
+
+def class_lookup(max_code: int) -> np.ndarray:
+    """Array mapping a FreeSurfer code (0..max_code) to its HOF class (0 = background)."""
+    lut = np.zeros(max(max_code, max(HOF_LABELS)) + 1, dtype=np.int64)
+    for index, code in enumerate(HOF_LABELS, start=1):
+        lut[code] = index
+    return lut
+
+
+def codes_to_classes(codes: np.ndarray) -> np.ndarray:
+    """FreeSurfer label map -> HOF class map (codes outside `HOF_LABELS` become 0)."""
+    codes = np.asarray(codes).astype(np.int64)
+    if codes.min() < 0:
+        raise InputError("label maps must hold non-negative FreeSurfer codes")
+    return class_lookup(int(codes.max()))[codes]
+
+
+def classes_to_codes(classes: np.ndarray) -> np.ndarray:
+    """HOF class map -> FreeSurfer codes (`labels.py` codes; 0 stays background)."""
+    table = np.asarray((0, *HOF_LABELS), dtype=np.int16)
+    return table[np.asarray(classes, dtype=np.int64)]
+
+
 def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device) -> Volume:
     """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid."""
-    from ..training.hof import classes_to_codes
-
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
@@ -70,8 +102,6 @@ class HOFMethod:
 
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Register ``inputs.moving`` onto ``inputs.fixed`` and segment both (see the module docstring)."""
-        from ..training.hof import build_net
-
         s = _settings(options)
         device = resolve_device(options.device)
         torch.manual_seed(int(options.seed))
@@ -133,13 +163,7 @@ class HOFMethod:
         }
         return result
 
-    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """One stage of one HOF run (`training.hof.train`: pretrain, registration, segmentation, refine)."""
-        from ..training.hof import train
-
-        return train(config, progress)
-
 
 METHOD = HOFMethod()
 
-__all__ = ["METHOD", "HOFMethod", "segment_volume"]
+__all__ = ["HOF_LABELS", "METHOD", "N_CLASSES", "HOFMethod", "build_net", "classes_to_codes", "codes_to_classes", "segment_volume"]

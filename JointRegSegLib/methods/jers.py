@@ -202,12 +202,6 @@ class JERSMethod:
             brain_mask=brain_mask, extracted=extracted, weights={s["weights"]: checksum}, details=details,
         )
 
-    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Train the joint model on synthetic raw heads and the atlas (`training.jers.train`)."""
-        from ..training.jers import train
-
-        return train(config, progress)
-
 
 METHOD = JERSMethod()
 

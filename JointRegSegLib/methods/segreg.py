@@ -117,12 +117,14 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 from ..imageio.geometry import Volume
 from ..imageio.network_grid import corner_points, network_geometry
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
+from ..nets import RegistrationUNet
 from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..synth.render import gaussian_blur
+from ..weights import fit_state, load_weights, read_manifest
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
@@ -813,6 +815,38 @@ def register_iterative(
 
 # ----------------------------------------------------------------------------- learned variant
 
+# The region network (VoxelMorph-like, 4 down / 4 up with skips, kept slim for CPU inference); its
+# architecture, pooling factor and integration steps are stored in the weights' manifest entry.
+ARCHITECTURE = {"encoder": [8, 16, 16, 16], "decoder": [16, 16, 16, 8], "final": []}
+FACTOR = 2
+INTEGRATION_STEPS = 7
+MARGIN = 3  # network voxels around both region masks: the crop rule of training and inference
+
+
+def build_network(architecture: dict[str, Any]) -> RegistrationUNet:
+    """The region network of the given architecture (encoder, decoder, final channel lists)."""
+    return RegistrationUNet(
+        in_channels=2,
+        encoder=architecture["encoder"],
+        decoder=architecture["decoder"],
+        final=architecture["final"],
+    )
+
+
+def load_network(name: str, device: torch.device) -> tuple[RegistrationUNet, dict[str, Any], str]:
+    """The shipped network called ``name``, its provenance (architecture, factor, ...) and checksum."""
+    state, checksum = load_weights(name)
+    provenance = read_manifest().get(name, {}).get("provenance", {})
+    missing = [k for k in ("architecture", "factor", "integration_steps") if k not in provenance]
+    if missing:
+        raise WeightsError(
+            f"the manifest entry of weights '{name}' lacks {', '.join(missing)}: retrain them with "
+            "`jointregseg train segreg` (see README.md)."
+        )
+    net = build_network(provenance["architecture"])
+    fit_state(net, state, name)
+    return net.to(device).eval(), provenance, checksum
+
 
 def default_spacing(inputs: Inputs) -> float:
     """The fine grid's default spacing: the fixed image's smallest voxel size, but not below 1 mm."""
@@ -832,8 +866,6 @@ def learned_factor(network_spacing: float, spacing: float) -> int:
 
 def register_learned(inputs: Inputs, settings: Settings, options: Options, progress: ProgressCallback) -> Result:
     """One shared U-Net predicts every region's velocity (batched by crop size), then compose."""
-    from ..training.segreg import MARGIN, load_network
-
     device = torch.device(options.device)
     net, config, checksum = load_network(settings.weights_name, device)
     if settings.spacing is None:  # the fine grid the weights were trained for, at the factor they record
@@ -911,11 +943,6 @@ class SegRegMethod:
         result.details["register_s"] = time.monotonic() - started
         progress(1.0, "done")
         return result
-
-    def train(self, config: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
-        from ..training.segreg import train
-
-        return train(config, progress)
 
 
 METHOD = SegRegMethod()

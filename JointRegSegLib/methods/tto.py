@@ -326,12 +326,6 @@ class TTOMethod:
         report(1.0, "test-time optimisation")
         return tuned, history
 
-    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Pretrain the teacher on synthetic pairs or distil the student (`training.tto.train`)."""
-        from ..training.tto import train
-
-        return train(config, progress)
-
 
 METHOD = TTOMethod()
 

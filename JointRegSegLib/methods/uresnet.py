@@ -5,7 +5,7 @@ Pipeline of `UReSNetMethod.register`:
 1. both images are resampled onto one network grid around the fixed image (`common.prepare_pair`,
    RAS+, isotropic ``spacing`` mm, default 4, sizes rounded up to a multiple of 4) and normalised
    to [0, 1];
-2. the network (`nets.uresnet.UReSNet`, about 26 k parameters) takes ``cat([moving, fixed])`` and
+2. the network (`nets.uresnet.UReSNet`, about 270 k parameters) takes ``cat([moving, fixed])`` and
    gives the affine ``A``, the deformable sampling coordinates ``Phi`` (sigmoid derivatives
    integrated by cumulative sum, identity at initialisation) and the softmax segmentation of the
    moving image (eq. 2);
@@ -24,13 +24,22 @@ Losses (eq. 4-7, `uresnet_loss`): ``MSE(R, W) + LCC(R, W)`` (LCC = `losses.lncc_
 ``g`` are the coordinate derivatives (``grad Phi - grad Phi_I`` along each axis); soft Dice of the
 moving segmentation against the moving labels plus soft Dice of the warped segmentation against the
 fixed labels (`losses.soft_dice_loss`, background excluded); all weights 1, alpha 0.1 and beta the
-paper's 1e-11.
+paper's 1e-11. Ours: eq. 6 also holds the cross-entropy of the moving segmentation (weight
+``epsilon`` 1; 0 is the paper's loss): overfitting one pair, Dice alone took 400 steps to a mean
+Dice of 0.74, Dice and cross-entropy 0.80 in 300, and with the wider network below 0.92.
 
 Choices where the paper is silent (ours):
 
-- segmentation classes: the paper segments 3 merged structures (cerebral WM, cortex, lateral
-  ventricles); we keep those and add 12 more (`CLASSES`), left and right merged as in the paper.
-  The output label map is split back into FreeSurfer left/right codes by the brain's mid-plane on
+- segmentation classes: the paper's 3 merged structures (cerebral WM, cortex, lateral ventricles;
+  `CLASSES`), left and right merged as in the paper, softmax with a background class (the paper:
+  sigmoids). An earlier version added 12 deep structures: with the paper's 4 channels at full
+  resolution the head could not separate 16 classes (one pair overfitted for 300 steps: mean Dice
+  0.26, every structure under 300 voxels at 0);
+- channels 16, 32, 32 (about 270 000 parameters) instead of the released models' 4, 8, 16 (25 000):
+  the narrow network could not fit even one image's segmentation (mean Dice 0.74 after 400 steps
+  overfitting one pair, where 16, 32, 32 reaches 0.92 in 300), and one training iteration (2 pairs
+  at 44 x 52 x 60) costs 2.1 CPU seconds against 0.8;
+- the output label map is split back into FreeSurfer left/right codes by the brain's mid-plane on
   the network grid (a voxel left of the centre of mass of the predicted brain along the RAS x axis
   gets the left code), so Dice against FreeSurfer labels can be computed; this assumes a roughly
   upright head (no large roll or yaw), like the paper's centre-of-mass aligned OASIS volumes;
@@ -49,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..device import resolve_device
 from ..errors import InputError
@@ -75,23 +85,12 @@ CLASSES: tuple[tuple[str, tuple[int, ...], int, int], ...] = (
     ("cerebral white matter", (2, 41, 77, 251, 252, 253, 254, 255), 2, 41),
     ("cerebral cortex", (3, 42), 3, 42),
     ("lateral ventricle", (4, 43, 5, 44, 31, 63), 4, 43),
-    ("cerebellum white matter", (7, 46), 7, 46),
-    ("cerebellum cortex", (8, 47), 8, 47),
-    ("thalamus", (10, 49), 10, 49),
-    ("caudate", (11, 50), 11, 50),
-    ("putamen", (12, 51), 12, 51),
-    ("pallidum", (13, 52), 13, 52),
-    ("hippocampus", (17, 53), 17, 53),
-    ("amygdala", (18, 54), 18, 54),
-    ("ventral DC", (28, 60), 28, 60),
-    ("brain stem", (16,), 16, 16),
-    ("3rd ventricle", (14,), 14, 14),
-    ("4th ventricle", (15,), 15, 15),
 )
 N_CLASSES = len(CLASSES)
 _MAX_CODE = 1024
 
-LOSS_WEIGHTS: dict[str, float] = {"alpha": 0.1, "beta": 1e-11, "gamma": 1.0, "delta": 1.0, "w1": 1.0, "w2": 1.0}
+LOSS_WEIGHTS: dict[str, float] = {"alpha": 0.1, "beta": 1e-11, "gamma": 1.0, "delta": 1.0, "epsilon": 1.0, "w1": 1.0, "w2": 1.0}
+CHANNELS = (16, 32, 32)
 
 
 def class_lookup() -> torch.Tensor:
@@ -123,8 +122,8 @@ def classes_to_codes(classes: np.ndarray, left: np.ndarray) -> np.ndarray:
 
 
 def build_network() -> UReSNet:
-    """A fresh U-ReSNet with channels 4, 8, 16 and `N_CLASSES` segmentation classes."""
-    return UReSNet(N_CLASSES, channels=(4, 8, 16))
+    """A fresh U-ReSNet with `CHANNELS` and `N_CLASSES` segmentation classes."""
+    return UReSNet(N_CLASSES, channels=CHANNELS)
 
 
 def forward(net: UReSNet, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,9 +159,10 @@ def uresnet_loss(
     if fixed_classes is not None and moving_classes is not None:
         dice_moving = soft_dice_loss(out["seg"], one_hot(moving_classes))
         dice_warped = soft_dice_loss(out["warped_seg"], one_hot(fixed_classes))
-        seg = weights["gamma"] * dice_moving + weights["delta"] * dice_warped  # eq. 6
+        cross_entropy = F.nll_loss(torch.log(out["seg"].clamp_min(1e-8)), moving_classes[:, 0])
+        seg = weights["gamma"] * dice_moving + weights["delta"] * dice_warped + weights.get("epsilon", 0.0) * cross_entropy  # eq. 6
         loss = loss + weights["w2"] * seg  # eq. 7
-        terms.update({"dice_moving": dice_moving.item(), "dice_warped": dice_warped.item()})
+        terms.update({"dice_moving": dice_moving.item(), "dice_warped": dice_warped.item(), "cross_entropy": cross_entropy.item()})
     return loss, terms
 
 
@@ -297,12 +297,6 @@ class UReSNetMethod:
         result.weights = {WEIGHT_NAME: checksum}
         result.details["settings"] = s
         return result
-
-    def train(self, config: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Train U-ReSNet end to end (`training.uresnet.train`)."""
-        from ..training.uresnet import train
-
-        return train(config, progress)
 
 
 METHOD = UReSNetMethod()

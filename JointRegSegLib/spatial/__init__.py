@@ -5,6 +5,9 @@ One convention everywhere: voxel fields ``(B, 3, I, J, K)`` on the network grid,
 on the fixed grid (ITK convention).
 """
 
+from importlib import import_module
+from typing import Any
+
 from .affine import (
     affine_matrix,
     affine_to_displacement,
@@ -14,10 +17,20 @@ from .affine import (
     normalised_affine_to_index,
     to_sitk_affine,
 )
-from .field_io import read_displacement_field, to_sitk_transform, write_displacement_field
 from .fields import compose, integrate_velocity, rescale_field
 from .physical import physical_to_voxel_field, voxel_to_physical_field, warp_volume
 from .warp import check_field, identity_grid, sample_at_indices, warp
+
+_FIELD_IO = ("read_displacement_field", "to_sitk_transform", "write_displacement_field")
+
+
+def __getattr__(name: str) -> Any:
+    """The field file functions (SimpleITK) are imported on first use, so warping and fields need torch alone."""
+    if name not in _FIELD_IO:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(".field_io", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "affine_matrix",

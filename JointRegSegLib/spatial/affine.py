@@ -8,14 +8,17 @@ displacement field: ``warped(p) = moving(A p)``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from .warp import identity_grid
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 Matrix = np.ndarray | torch.Tensor
 
@@ -152,8 +155,10 @@ def index_affine_to_physical(matrix: Matrix, fixed_grid: Geometry, moving_grid: 
     return moving_grid.index_to_physical_matrix @ matrix @ fixed_grid.physical_to_index_matrix
 
 
-def to_sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
+def to_sitk_affine(matrix: np.ndarray) -> "sitk.AffineTransform":
     """A SimpleITK affine transform of an LPS 4x4 matrix (fixed physical point -> moving physical point)."""
+    import SimpleITK as sitk  # here, so the rest of this module needs torch alone (training on a GPU machine)
+
     matrix = _homogeneous(np.asarray(matrix, dtype=np.float64))
     if matrix.shape != (4, 4):
         raise InputError(f"to_sitk_affine converts one 3x4 or 4x4 matrix; got {matrix.shape}")

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -48,6 +47,8 @@ def _label_files(folder: Path) -> list[Path]:
 
 def _read_oriented(path: Path, orientation: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Integer label array (reoriented to ``orientation`` axis codes) and its voxel size (mm)."""
+    import nibabel as nib  # here: training from the bank (`training.bank`) reads no label-map files
+
     image = nib.load(str(path))
     data = np.asarray(image.dataobj)
     if data.ndim != 3:

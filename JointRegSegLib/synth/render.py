@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import InputError
+from ..labels import EXTRACEREBRAL_FIRST_CODE
 from .deform import smooth_noise
 
 
@@ -110,3 +111,47 @@ def render_image(
         gamma = torch.exp(options.gamma_std * torch.randn(batch, generator=generator, device=labels.device))
         image = image.clamp(0.0, 1.0) ** gamma.view(-1, 1, 1, 1, 1)
     return image.clamp(0.0, 1.0)
+
+
+# T1-weighted mean intensity per FreeSurfer code (0-255; WM bright, deep grey between, cortex darker,
+# CSF dark); brain codes not listed get `T1_OTHER_BRAIN`, background 0, extra-cerebral classes (>= 500,
+# skull, scalp, eyes) a random level per image.
+T1_MEANS: dict[int, float] = {
+    2: 205.0, 41: 205.0, 7: 195.0, 46: 195.0, 16: 185.0, 28: 175.0, 60: 175.0, 77: 170.0, 85: 190.0,
+    13: 180.0, 52: 180.0, 10: 168.0, 49: 168.0, 12: 150.0, 51: 150.0, 11: 138.0, 50: 138.0, 26: 138.0, 58: 138.0,
+    3: 122.0, 42: 122.0, 8: 130.0, 47: 130.0, 17: 122.0, 53: 122.0, 18: 125.0, 54: 125.0, 25: 120.0, 57: 120.0,
+    4: 38.0, 43: 38.0, 5: 42.0, 44: 42.0, 14: 38.0, 15: 38.0, 24: 35.0, 72: 38.0, 31: 70.0, 63: 70.0,
+    30: 110.0, 62: 110.0, 80: 110.0,
+}
+T1_OTHER_BRAIN = 120.0
+
+
+def t1_like_means(batch: int, n_codes: int, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """Per-code means ``(batch, n_codes)`` of a T1-weighted contrast: `T1_MEANS` scaled by one random
+    brightness per image (0.85-1.15) and jittered by ``+-jitter`` per structure; background 0;
+    codes >= 500 (SynthSeg's extra-cerebral classes) U(0, 255) per image."""
+    base = torch.full((n_codes,), T1_OTHER_BRAIN)
+    base[0] = 0.0
+    for code, value in T1_MEANS.items():
+        if code < n_codes:
+            base[code] = value
+    device = generator.device
+    base = base.to(device)
+    brightness = 0.85 + 0.3 * torch.rand((batch, 1), generator=generator, device=device)
+    means = base[None] * brightness * (1.0 - jitter + 2.0 * jitter * torch.rand((batch, n_codes), generator=generator, device=device))
+    if n_codes > EXTRACEREBRAL_FIRST_CODE:
+        means[:, EXTRACEREBRAL_FIRST_CODE:] = 255.0 * torch.rand(
+            (batch, n_codes - EXTRACEREBRAL_FIRST_CODE), generator=generator, device=device
+        )
+    return means
+
+
+def percentile_normalise(image: torch.Tensor, low: float = 0.005, high: float = 0.995) -> torch.Tensor:
+    """Per-image percentile normalisation of ``(B, 1, I, J, K)`` to [0, 1]: the torch counterpart of
+    `imageio.intensity.normalise_intensity`, which prepares every image the methods see."""
+    flat = image.flatten(1)
+    if flat.shape[1] > 2**24:  # torch.quantile's limit
+        flat = flat[:, :: math.ceil(flat.shape[1] / 2**24)]
+    lo = torch.quantile(flat, low, dim=1).view(-1, 1, 1, 1, 1)
+    hi = torch.quantile(flat, high, dim=1).view(-1, 1, 1, 1, 1)
+    return ((image - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)

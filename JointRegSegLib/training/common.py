@@ -1,23 +1,20 @@
-"""What every training script shares: where the data is, crash-safe files, loss logs and their curves."""
+"""What every trainer shares: crash-safe files, loss logs and their curves, settings checks, Dice for validation."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
-import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ..device import resolve_device
 from ..errors import InputError
-from ..weights import weights_dir
 
 Config = TypeVar("Config")
 
@@ -106,26 +103,6 @@ def save_figure(figure: Any, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def plot_histories(histories: dict[str, History], path: Path, window: int = 25) -> Path | None:
-    """One panel per log (titled by its key): every column but ``iteration`` raw (faint) and as a
-    ``window``-row running mean, written as a PNG at ``path``; None where every log is empty."""
-    plt = pyplot()
-    histories = {title: rows for title, rows in histories.items() if rows}
-    if not histories:
-        return None
-    figure, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4), squeeze=False)
-    for axis, (title, rows) in zip(axes[0], histories.items()):
-        iterations = np.asarray([row.get("iteration", n) for n, row in enumerate(rows)])
-        for key in (k for k in rows[0] if k != "iteration"):
-            plot_running_mean(axis, iterations, np.asarray([row[key] for row in rows]), key, window)
-        axis.set_title(title)
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("loss (lower is better)")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    return save_figure(figure, path)
-
-
 def device_name(device: torch.device) -> str:
     """The device as provenance records it: GPU model, or CPU type and thread count."""
     if device.type == "cuda":
@@ -149,16 +126,6 @@ def as_shape(value: Any) -> tuple[int, ...]:
     return shape * 3 if len(shape) == 1 else shape
 
 
-def set_integers(config: Any, keys: tuple[str, ...], what: str = "training setting") -> None:
-    """Make the settings ``keys`` of ``config`` ints: ``iterations`` >= 0, the others >= 1;
-    InputError naming ``what`` and the key otherwise."""
-    for key in keys:
-        value = getattr(config, key)
-        if int(value) != value or int(value) < (0 if key == "iterations" else 1):
-            raise InputError(f"{what} '{key}' must be a positive integer; got {value!r}")
-        setattr(config, key, int(value))
-
-
 def set_floats(config: Any, keys: tuple[str, ...], what: str = "training setting", positive: bool = True) -> None:
     """Make the settings ``keys`` of ``config`` floats, > 0 (``positive``) or >= 0; InputError
     naming ``what`` and the key otherwise (NaN included)."""
@@ -169,21 +136,6 @@ def set_floats(config: Any, keys: tuple[str, ...], what: str = "training setting
         setattr(config, key, value)
 
 
-def check_time_limit(time_limit: float | None) -> None:
-    """InputError unless ``time_limit`` is None or a positive number of seconds."""
-    if time_limit is not None and not float(time_limit) > 0:
-        raise InputError(f"'time_limit' must be a positive number of seconds; got {time_limit!r}")
-
-
-class RunFiles(NamedTuple):
-    """Where a training run writes (`run_files`)."""
-
-    folder: Path
-    weights: Path
-    history: Path
-    checkpoint: Path
-
-
 def run_device(config: Any) -> torch.device:
     """Apply a run's ``threads`` setting (where given) and resolve its ``device`` setting."""
     if config.threads is not None:
@@ -191,59 +143,17 @@ def run_device(config: Any) -> torch.device:
     return resolve_device(config.device)
 
 
-def run_files(output: str | None, name: str, checkpoint: str | None = None) -> RunFiles:
-    """The files of a run training the weights ``name``: in ``output`` (default
-    `weights.weights_dir()`; created, with its ``checkpoints/`` folder) ``<name>.pt``,
-    ``<name>_loss.csv`` and ``checkpoints/<checkpoint or name>.pt``."""
-    folder = Path(output) if output else weights_dir()
-    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return RunFiles(folder, folder / f"{name}.pt", folder / f"{name}_loss.csv", folder / "checkpoints" / f"{checkpoint or name}.pt")
+def image_array(image: torch.Tensor) -> np.ndarray:
+    """One image ``(1, I, J, K)`` or ``(1, 1, I, J, K)`` (a tensor on any device) as a numpy array ``(I, J, K)``."""
+    return image.detach().float().cpu().reshape(image.shape[-3:]).numpy()
 
 
-def resume_checkpoint(path: Path, net: torch.nn.Module, map_location: Any = None) -> tuple[dict[str, Any], int, float]:
-    """Load the network of the checkpoint written by `save_progress` into ``net``; returns the
-    checkpoint (for its optimiser entries), its iteration and the wall seconds spent so far."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    net.load_state_dict(checkpoint["model"])
-    return checkpoint, int(checkpoint["iteration"]), float(checkpoint["wall_seconds"])
+def dice_present(truth: torch.Tensor, predicted: torch.Tensor, labels: list[int]) -> float:
+    """Mean Dice (`metrics.dice_per_label`) over the ``labels`` present in ``truth``; a label the prediction
+    misses counts 0 (unlike `metrics.mean_dice`, which skips it). Integer maps of one shape."""
+    from ..metrics.overlap import dice_per_label
 
-
-def save_progress(
-    net: torch.nn.Module,
-    optimisers: dict[str, Any],
-    iteration: int,
-    wall_seconds: float,
-    history: History,
-    files: RunFiles,
-) -> None:
-    """The resumable checkpoint (network, the ``optimisers`` entries, iteration, wall time), the
-    weights (a plain state dict) and the loss log, each written whole or not at all."""
-    atomic_torch_save(
-        {"model": net.state_dict(), **optimisers, "iteration": iteration, "wall_seconds": wall_seconds},
-        files.checkpoint,
-    )
-    atomic_torch_save(net.state_dict(), files.weights)
-    write_history(history, files.history)
-
-
-def run_provenance(config: Any, device: torch.device) -> dict[str, Any]:
-    """The provenance entries every training run records: its command line, its settings (the
-    dataclass ``config``, tuples as lists), the device and the torch version."""
-    return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "device": device_name(device),
-        "torch": torch.__version__,
-    }
-
-
-def settings_from_argv(argv: list[str] | None = None) -> dict[str, Any]:
-    """``KEY=JSON`` arguments (``sys.argv[1:]`` by default) as settings; a value that is not JSON stays a string."""
-    config: dict[str, Any] = {}
-    for item in sys.argv[1:] if argv is None else argv:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
-    return config
+    truth_np, predicted_np = image_array(truth).astype(np.int64), image_array(predicted).astype(np.int64)
+    present = [c for c in labels if (truth_np == c).any()]
+    scores = dice_per_label(truth_np, predicted_np, labels=present)
+    return float(np.mean([scores.get(c, 0.0) for c in present])) if present else float("nan")

@@ -1,0 +1,129 @@
+"""``jointregseg train all``: every network in sequence, with shares of the time, resumable.
+
+`SCHEDULE` lists the networks in the order they are trained (the tto student distils the teacher, so
+it follows it) and each one's share of a round. ``train_all(minutes, round_minutes)`` runs rounds of
+``round_minutes`` until ``minutes`` are spent: in every round each network trains for its share
+(`loop.fit`: it resumes from its checkpoint, validates on its held-apart set, and writes weights
+only when they improve), so a long background run improves every network along the way and a
+stopped one loses at most one validation interval of one network.
+
+On a GPU (``device="cuda"``), `GPU_SETTINGS` apply: batches of 4 and hof's phases shortened, so the
+whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from . import make_trainer
+from .loop import fit
+
+# (network, its fixed settings, share of each round's time)
+SCHEDULE: tuple[tuple[str, dict[str, Any], float], ...] = (
+    ("uresnet", {}, 0.20),
+    ("jers", {}, 0.18),
+    ("hof", {}, 0.27),
+    ("tto", {"stage": "teacher"}, 0.17),
+    ("tto", {"stage": "student"}, 0.10),
+    ("segreg", {}, 0.08),
+)
+GPU_SETTINGS: dict[str, dict[str, Any]] = {
+    "tto": {"batch_size": 4},
+    "segreg": {"batch_size": 4},
+    "uresnet": {"batch_size": 4},
+    "jers": {"batch_size": 4},
+    "hof": {"batch_size": 4, "phases": [300, 150, 300], "lambda3_ramp": 150},
+}
+STARTUP_S = 20.0  # below this many seconds a network's slice is skipped (start-up and validation would fill it)
+
+
+def label(name: str, settings: dict[str, Any]) -> str:
+    """``tto teacher``, ``uresnet``, ...: a schedule entry's name."""
+    return " ".join([name, *[str(v) for v in settings.values()]])
+
+
+def train_all(
+    minutes: float,
+    device: str = "cpu",
+    round_minutes: float | None = None,
+    output: str | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    only: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+    log: Any = sys.stderr,
+) -> list[dict[str, Any]]:
+    """Train every network (`SCHEDULE`, or the entries whose label starts with one of ``only``) for ``minutes``
+    in rounds of ``round_minutes`` (default: one round); returns each slice's summary."""
+    if not minutes > 0:
+        raise InputError(f"--minutes must be positive; got {minutes}")
+    round_minutes = float(round_minutes or minutes)
+    if not round_minutes > 0:
+        raise InputError(f"--round-minutes must be positive; got {round_minutes}")
+    schedule = [e for e in SCHEDULE if not only or any(label(e[0], e[1]).startswith(o) for o in only)]
+    if not schedule:
+        raise InputError(f"no network matches {only}; the networks are {[label(n, s) for n, s, _ in SCHEDULE]}")
+    total_share = sum(share for _, _, share in schedule)
+    deadline = time.monotonic() + 60.0 * minutes
+    summaries = []
+    while time.monotonic() < deadline - STARTUP_S:
+        round_end = min(deadline, time.monotonic() + 60.0 * round_minutes)
+        for index, (name, settings, share) in enumerate(schedule):
+            left_shares = sum(s for _, _, s in schedule[index:])
+            seconds = (round_end - time.monotonic()) * share / left_shares
+            if seconds < STARTUP_S:
+                continue
+            config = {
+                **(GPU_SETTINGS.get(name, {}) if device.startswith("cuda") else {}),
+                **(options or {}), **settings,
+                "time_limit": seconds, "device": device, "seed": seed, "output": output, "threads": threads,
+                "validate_every": max(30.0, min(300.0, seconds / 3.0)),
+            }
+            tick = time.monotonic()
+            print(f"== {label(name, settings)}: {seconds / 60:.1f} minutes ({share / total_share:.0%} of the round)", file=log, flush=True)
+            summary = fit(make_trainer(name, config), log=log)
+            summary["slice_seconds"] = round(time.monotonic() - tick, 1)
+            summaries.append(summary)
+            print(json.dumps({k: summary[k] for k in ("name", "iterations", "best_score", "seconds_per_iteration", "step_share")}), file=log, flush=True)
+    return summaries
+
+
+def archive(folder: Path, path: Path) -> Path:
+    """The weights, manifest, curves and log of a run's ``folder`` (not its checkpoints) as one tar file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for item in sorted(folder.iterdir()):
+            if item.is_file():
+                tar.add(item, arcname=item.name)
+    return path
+
+
+def adopt(folder: Path, target: Path | None = None) -> list[str]:
+    """Copy the weights of another run's ``folder`` (a GPU run's output) into ``target`` (default the shipped
+    weights) where their validation score beats the shipped one's; their curves come along. Returns the names."""
+    import shutil
+
+    from ..weights import read_manifest, record_weights, sha256_of, weights_dir
+
+    target = target or weights_dir()
+    theirs, ours = read_manifest(folder), read_manifest(target)
+    adopted = []
+    for name, entry in theirs.items():
+        score = entry.get("provenance", {}).get("validation", {}).get("score")
+        mine = ours.get(name, {}).get("provenance", {}).get("validation", {}).get("score")
+        if score is None or (mine is not None and mine >= score):
+            continue
+        if sha256_of(folder / entry["file"]) != entry["sha256"]:
+            raise InputError(f"{folder / entry['file']} does not match its checksum in {folder / 'manifest.json'}")
+        for suffix in (".pt", "_loss.csv", "_validation.csv", "_training.png"):
+            if (folder / f"{name}{suffix}").is_file():
+                shutil.copy2(folder / f"{name}{suffix}", target / f"{name}{suffix}")
+        record_weights(name, target / entry["file"], entry["provenance"])
+        adopted.append(name)
+    return adopted

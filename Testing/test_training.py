@@ -1,0 +1,165 @@
+"""The training loop's contract (resume, best weights only, provenance, curves), `train all`, and the import direction.
+
+The loop is exercised with tto's teacher on smooth-noise pairs (SynthMorph's label-free source: no
+shared data needed) and with a one-parameter trainer whose validation scores are scripted, so the
+"weights only when validation improves" rule is checked against known scores.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from JointRegSegLib.errors import InputError
+from JointRegSegLib.methods.tto import build_network
+from JointRegSegLib.training import make_trainer
+from JointRegSegLib.training.all import adopt, train_all
+from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
+from JointRegSegLib.weights import load_weights, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+NOISE = {"sources": {"noise": 1.0}, "shape": [32, 32, 32], "threads": 1}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Scripted(Trainer):
+    """A one-weight network whose validation scores follow ``scores`` (one per validation)."""
+
+    name, method = "scripted", "test"
+
+    def __init__(self, cfg: CommonConfig, scores: list[float]) -> None:
+        self.cfg, self.device, self.scores = cfg, torch.device("cpu"), list(scores)
+        self.net = torch.nn.Linear(1, 1)
+        self.optimiser = torch.optim.SGD(self.net.parameters(), lr=0.1)
+        self.validations = 0
+
+    def optimisers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"sgd": self.optimiser}
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.full((2, 1), float(n))
+
+    def step(self, batch: torch.Tensor, n: int) -> dict[str, float]:
+        loss = (self.net(batch) - 1.0).square().mean()
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+        return {"loss": loss.item()}
+
+    def validate(self) -> dict[str, float]:
+        self.validations += 1
+        return {"score": self.scores.pop(0)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": "scripted", "validation_set": "scripted"}
+
+
+def test_weights_are_written_only_when_validation_improves(tmp_path):
+    cfg = CommonConfig(iterations=4, output=str(tmp_path), validate_every=1e-9, log_every=1)
+    trainer = Scripted(cfg, [0.5, 0.4, 0.7, 0.6, 0.65])  # iteration 0, then after each of 4 iterations
+    summary = fit(trainer, log=open("/dev/null", "w"))
+    assert summary["best_score"] == 0.7 and trainer.validations == 5
+    provenance = read_manifest(tmp_path)["scripted"]["provenance"]
+    assert provenance["validation"]["score"] == 0.7 and provenance["iterations"] == 2
+    assert provenance["seed"] == 0 and provenance["data"] == "scripted" and "cpu" in provenance["device"]
+    with open(tmp_path / "scripted_validation.csv") as handle:
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.4, 0.7, 0.6, 0.65]
+    assert (tmp_path / "scripted_training.png").stat().st_size > 0
+    saved = torch.load(tmp_path / "scripted.pt", weights_only=True)
+    assert set(saved) == {"weight", "bias"}
+
+    resumed = Scripted(CommonConfig(iterations=5, output=str(tmp_path), validate_every=1e9), [0.69])
+    assert fit(resumed, log=open("/dev/null", "w"))["iterations"] == 5
+    assert read_manifest(tmp_path)["scripted"]["provenance"]["iterations"] == 2  # 0.69 < 0.7: weights kept
+
+
+def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
+    first = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.3, 0.8])
+    fit(first, log=open("/dev/null", "w"))
+    (tmp_path / "checkpoints" / "scripted.pt").unlink()  # a fresh run, the weights above still shipped
+    second = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.8, 0.5, 0.6])
+    summary = fit(second, log=open("/dev/null", "w"))
+    assert summary["best_score"] == 0.8  # the shipped weights scored 0.8; 0.5 and 0.6 wrote nothing
+    provenance = read_manifest(tmp_path)["scripted"]["provenance"]
+    assert provenance["iterations"] == 1 and provenance["validation"]["score"] == 0.8
+
+
+def test_tto_teacher_resumes_and_records_provenance(tmp_path):
+    config = {**NOISE, "stage": "teacher", "output": str(tmp_path), "seed": 5, "validate_every": 1e9}
+    first = fit(make_trainer("tto", {**config, "iterations": 2}), log=open("/dev/null", "w"))
+    assert first["iterations"] == 2 and first["step_share"] is not None
+    resumed = fit(make_trainer("tto", {**config, "iterations": 3}), log=open("/dev/null", "w"))
+    assert resumed["iterations"] == 3 and resumed["iterations_this_run"] == 1
+    state, _ = load_weights("tto_teacher", folder=tmp_path)
+    build_network("teacher").load_state_dict(state)
+    provenance = read_manifest(tmp_path)["tto_teacher"]["provenance"]
+    assert provenance["seed"] == 5 and provenance["stage"] == "teacher"
+    assert provenance["validation"]["score"] == pytest.approx(resumed["best_score"], abs=1e-4)
+    with open(tmp_path / "tto_teacher_validation.csv") as handle:
+        assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [0, 2, 3]
+
+
+def test_train_all_runs_the_schedule_and_adopt_takes_better_weights(tmp_path):
+    out, shipped = tmp_path / "run", tmp_path / "shipped"
+    summaries = train_all(0.4, only=["tto teacher"], output=str(out), options={**NOISE, "log_every": 1}, log=open("/dev/null", "w"))
+    assert [s["name"] for s in summaries] == ["tto_teacher"] and summaries[0]["iterations"] >= 1
+    assert (out / "tto_teacher.pt").is_file() and (out / "tto_teacher_training.png").is_file()
+    shipped.mkdir()
+    assert adopt(out, shipped) == ["tto_teacher"]
+    assert load_weights("tto_teacher", folder=shipped)[1] == read_manifest(out)["tto_teacher"]["sha256"]
+    assert adopt(out, shipped) == []  # not better than itself
+    with pytest.raises(InputError, match="no network matches"):
+        train_all(0.4, only=["nothing"], output=str(out), log=open("/dev/null", "w"))
+
+
+def test_cli_train_needs_a_budget_and_names_the_networks(tmp_path):
+    from JointRegSegLib.cli import main
+
+    assert main(["train", "uresnet", "--output", str(tmp_path)]) == 2
+    assert main(["train", "nonsense", "--iterations", "1", "--output", str(tmp_path)]) == 2
+
+
+def test_methods_never_import_training():
+    """Training builds on the methods; a method module imports nothing from `JointRegSegLib.training`."""
+    for path in sorted((REPO / "JointRegSegLib" / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                assert "training" not in module.split("."), f"{path.name} imports {module}"
+
+
+def test_the_training_path_runs_without_simpleitk_or_nibabel(tmp_path):
+    """A GPU machine may have torch and numpy only: every trainer imports, and a tto teacher trains, without them."""
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None; sys.modules['nibabel'] = None\n"
+        "import JointRegSegLib.training.tto, JointRegSegLib.training.uresnet, JointRegSegLib.training.jers\n"
+        "import JointRegSegLib.training.hof, JointRegSegLib.training.segreg, JointRegSegLib.training.all\n"
+        "from JointRegSegLib.training import train\n"
+        f"s = train('tto', {{'stage': 'teacher', 'iterations': 1, 'sources': {{'noise': 1.0}}, 'shape': [32, 32, 32], "
+        f"'threads': 1, 'output': {str(tmp_path)!r}}})\n"
+        "print(s['iterations'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_bank_says_where_training_data_come_from(tmp_path, monkeypatch):
+    from JointRegSegLib.training import bank
+
+    monkeypatch.setenv("JRS_TRAINING_DIR", str(tmp_path / "training"))
+    monkeypatch.setenv("JRS_SHARED_DATA", str(tmp_path / "absent"))
+    with pytest.raises(InputError, match="shared data folder ../shared/data"):
+        bank.synthseg_maps("brain", 4.0, (44, 52, 60))
+    written = bank.entry("example", lambda: {"maps": torch.arange(6).reshape(2, 3).numpy()})
+    again = bank.entry("example", lambda: pytest.fail("a stored entry is read, not rebuilt"))
+    assert json.dumps(again["maps"].tolist()) == json.dumps(written["maps"].tolist())
