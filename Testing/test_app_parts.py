@@ -78,7 +78,7 @@ def test_requests_are_checked_against_the_option_schema():
     tto = CATALOGUE["tto"]
     assert problem(RunRequest(seed=2**40), tto) == "Seed must be a whole number from 0 to 4294967295; got 1099511627776."
     assert problem(RunRequest(iterations=-1), tto) == "Iterations must be a whole number from 0 to 10000000; got -1."
-    assert problem(RunRequest(time_budget=float("nan")), tto) == "Time budget must be a positive number up to 10000000; got nan."
+    assert problem(RunRequest(time_budget=float("nan")), tto) == "Time budget must be a number > 0 and <= 10000000; got nan."
     assert problem(RunRequest(options={"mi_bins": "abc"}), tto) == "tto option 'mi_bins' must be a whole number from 2 to 256; got 'abc'."
     assert problem(RunRequest(options={"variant": "learned"}), tto).startswith("unknown tto option(s) variant;")
     assert problem(RunRequest(options={"mi_bins": "64"}, seed=7), tto) == "Select a fixed and a moving volume."

@@ -67,7 +67,7 @@ def test_values_are_converted_from_text_and_json():
     [
         ("tto", {"mi_bins": 2.5}, "'mi_bins' must be a whole number from 2 to 256; got 2.5"),
         ("tto", {"mi_bins": True}, "'mi_bins'"),
-        ("tto", {"lr": 0}, "'lr' must be a positive number up to 1"),
+        ("tto", {"lr": 0}, "'lr' must be a number > 0 and <= 1"),
         ("tto", {"affine_iterations": [1, 2, -3]}, "'affine_iterations'"),
         ("tto", {"affine_iterations": 5}, "'affine_iterations'"),
         ("tto", {"network": 3}, "'network' must be one of 'student', 'teacher'"),

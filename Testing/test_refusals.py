@@ -493,7 +493,7 @@ CASES: dict[str, tuple[Builder, tuple[str, ...]]] = {
     "negative seed": (_flags("--seed", "-1"), ("--seed",)),
     "threads 0": (_flags("--threads", "0"), ("--threads", "from 1 to 1024")),
     "threads negative": (_flags("--threads", "-4"), ("--threads",)),
-    "time budget NaN": (_flags("--time-budget", "nan"), ("--time-budget", "positive")),
+    "time budget NaN": (_flags("--time-budget", "nan"), ("--time-budget", "a number > 0")),
     "negative iterations": (_flags("--iterations", "-1"), ("--iterations",)),
     "iterations not a number": (_flags("--iterations", "ten"), ("--iterations", "invalid int")),
     "unknown method": (_flags("--method", "magic"), ("invalid choice", "magic")),

@@ -67,8 +67,6 @@ class OptionSpec:
             return f"a list of {count}{item}{among}"
         words = " or ".join(repr(c) for c in self.choices) + " or " if self.choices else ""
         kind = "a whole number" if self.type == INT else "a number"
-        if self.above and self.minimum == 0:
-            return f"{words}{kind.replace('a ', 'a positive ', 1)}" + (f" up to {_text(self.maximum)}" if self.maximum is not None else "")
         return f"{words}{kind}{self._range()}"
 
     def _range(self) -> str:
