@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,18 @@ from JointRegSegLib.losses import gradient_l2
 from JointRegSegLib.methods import get_method
 from JointRegSegLib.methods.base import Inputs, Options
 from JointRegSegLib.methods.regions import coarse_class, codes_from_names, plan_regions
-from JointRegSegLib.methods.segreg import extend_field, label_affine, masked_gradient_l2
+from JointRegSegLib.imageio.network_grid import network_geometry
+from JointRegSegLib.methods.segreg import (
+    Box,
+    Settings,
+    compose_regions,
+    extend_field,
+    field_on_fixed_grid,
+    label_affine,
+    masked_gradient_l2,
+    prepare,
+    unlabelled_to_nearest,
+)
 from JointRegSegLib.spatial import affine_to_displacement, warp
 from JointRegSegLib.metrics import dice_per_label
 from JointRegSegLib.weights import record_weights
@@ -88,6 +100,58 @@ def test_a_globally_smooth_field_cannot_align_both_regions(sliding):
     error_smooth = np.abs(smooth.displacement.array[..., 1] - truth)[near].mean()
     error_segreg = np.abs(result.displacement.array[..., 1] - truth)[near].mean()
     assert error_smooth > 1.5 and error_segreg < 0.75, (error_smooth, error_segreg)
+
+
+def test_border_voxels_take_their_own_regions_field_when_the_grids_do_not_coincide():
+    """An odd number of voxels along the sliding axis puts the fine grid half a voxel off the fixed grid.
+
+    Each fixed voxel must still take its own region's displacement: the warped image beside the
+    border equals the piecewise-translated reference (no voxel sent between the two targets).
+    """
+    inputs, truth = _sliding_pair((33, 32, 32))
+    offset = network_geometry(inputs.fixed.geometry, 1.0, multiple=16)
+    assert not inputs.fixed.geometry.same_as(offset), "the test needs a fine grid off the fixed grid"
+    result = _register(inputs)
+    labels = inputs.fixed_seg.array
+    beside = np.zeros(labels.shape, bool)
+    beside[BORDER - 1 : BORDER + 1] = labels[BORDER - 1 : BORDER + 1] > 0  # one voxel layer each side of the border
+    error = np.abs(result.displacement.array[..., 1] - truth)[beside]
+    assert np.mean(error < 1.0) > 0.95, f"border voxels off their region's translation: median error {np.median(error):.2f}"
+    shift = np.stack([np.zeros(labels.shape), np.nan_to_num(truth), np.zeros(labels.shape)])
+    reference = ndimage.map_coordinates(inputs.moving.array, np.indices(labels.shape) + shift, order=1)
+    bad = np.abs(result.warped.array - reference)[beside] > 0.1
+    assert bad.mean() < 0.05, f"{100 * bad.mean():.1f}% of the border voxels differ from the piecewise-warped reference"
+
+
+def test_composition_on_the_fixed_grid_is_exact_for_piecewise_translations():
+    """Constant fields per region, fine grid half a voxel off the fixed grid: every fixed voxel gets its region's vector."""
+    inputs, truth = _sliding_pair((33, 31, 32))
+    settings = replace(Settings.from_options(Options(extra={"affine": "none"})), spacing=1.0)
+    prepared = prepare(inputs, settings, Options(), 16, lambda f, s: None)
+    grid = prepared.pair.grid
+    to_steps = np.linalg.inv(grid.direction @ np.diag(grid.spacing))  # LPS mm -> fine-grid voxels
+    shape = tuple(prepared.fixed_regions.shape[2:])
+    fields = {}
+    for region, code in enumerate(prepared.plan.codes):
+        shift_mm = np.array([0.0, {(1,): SHIFT, (2,): -SHIFT}.get(code, 0.0), 0.0])
+        steps = torch.tensor(to_steps @ shift_mm, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        fields[region] = (Box((0, 0, 0), shape), steps.expand((1, 3) + shape).clone(), 1)
+    total = compose_regions(prepared, fields, 0.0)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, 0.0)
+    expected = np.nan_to_num(truth)
+    assert np.abs(mapping.array[..., 1] - expected).max() < 1e-4
+    assert np.abs(mapping.array[..., [0, 2]]).max() < 1e-4
+
+
+def test_unlabelled_voxels_near_labels_take_the_nearest_region():
+    """A background gap between two regions (a sulcus) joins the nearer region; far background stays background."""
+    regions = np.zeros((12, 5, 5), np.int64)
+    regions[1:4] = 1
+    regions[7:10] = 2  # background gap at i = 4, 5, 6; far background at i = 0, 10, 11 only 1-2 voxels away
+    out = unlabelled_to_nearest(regions, (2.0, 1.0, 1.0), reach_mm=2.0)
+    assert (out[4] == 1).all() and (out[6] == 2).all() and (out[10] == 2).all() and (out[0] == 1).all()
+    assert (out[5] == regions[5]).all() and (out[11] == 0).all(), "voxels farther than the reach stay background"
+    assert np.array_equal(unlabelled_to_nearest(regions, (2.0, 1.0, 1.0), reach_mm=0.0), regions)
 
 
 def test_same_seed_same_field():

@@ -64,6 +64,11 @@ def result_from_network_field(
     4x4 matrix on network-grid voxel indices (fixed index -> moving index), where there is one.
     """
     field = voxel_to_physical_field(disp.detach()[0].float().cpu(), grid, inputs.fixed.geometry)
+    return result_from_physical_field(inputs, field, grid, affine_index)
+
+
+def result_from_physical_field(inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None) -> Result:
+    """A `Result` of the whole mapping given as a physical field on the fixed grid (see `result_from_network_field`)."""
     warped = warp_volume(inputs.moving, field)
     warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
     affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None

@@ -132,6 +132,7 @@ OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         _spec("field_smoothing", INT, 2, "iterative: 3x3x3 box-smoothing passes of the optimised field", minimum=0, maximum=50),
         _spec("margin_mm", FLOAT, 5.0, "iterative: context kept around each region, in mm", minimum=0, maximum=100),
         _spec("mask_smoothing", FLOAT, 0.0, "Gaussian sigma (voxels) of the composition masks (0: hard masks)", minimum=0, maximum=20),
+        _spec("background_reach_mm", FLOAT, 0.0, "iterative: background voxels this close to a region (mm) follow that region's field (0: off)", minimum=0, maximum=100),
         _spec("affine", CHOICE, "image", "pre-alignment: MI on the images, least squares on the label centroids, or none", choices=SEGREG_AFFINE_MODES),
         _spec("spacing", FLOAT, None, "fine grid spacing in mm (auto: the fixed image's smallest voxel size, at least 1)", minimum=0.25, maximum=16),
         _spec("weights_name", TEXT, None, "learned: which shipped weights (auto: segreg-<mask_loss>)"),

@@ -21,6 +21,10 @@ the CLI's ``--option KEY=VALUE``):
 ``margin_mm``         iterative: context kept around each region (default 5 mm)
 ``mask_smoothing``    Gaussian sigma (voxels of the fine grid) of the composition masks (default 0:
                       the paper's hard masks)
+``background_reach_mm`` composition: background (unlabelled) voxels within this distance of a labelled
+                      voxel take the field of the nearest labelled voxel's region (default 0: the
+                      paper's background field; at most ``REG_DILATION`` voxels of the finest level,
+                      4 mm on a 1 mm grid, where the region fields are regularised)
 ``affine``            the affine pre-alignment: ``image`` (default: `affine_stage.fit_affine`, MI on
                       the images), ``labels`` (least squares on the shared labels' centroids, fast and
                       contrast-free) or ``none``
@@ -85,6 +89,15 @@ Choices where the paper is silent (recorded here, as METHODS.md asks):
   with ``mask_smoothing`` = sigma > 0 the masks are Gaussian-blurred and renormalised to sum 1
   (a light smoothing of the discontinuity, METHODS.md: fewer folds, lower Dice for thin
   structures). A region empty in the fixed map has no weight anywhere and is skipped.
+  With hard masks the sum is taken on the fixed image's own grid (`field_on_fixed_grid`): each
+  fixed voxel takes its own region's field, interpolated from that field alone, so a voxel beside
+  a border never mixes two sliding regions' displacements where the fine grid is off the fixed grid
+  (2 mm sample data, odd sizes, other spacings). The background of a brain label map also holds
+  unlabelled tissue (sulcal CSF, the medial surface at the midline) that the one smooth background
+  field cannot follow: with ``background_reach_mm`` > 0, background voxels within that distance of a
+  labelled voxel take the field of the nearest labelled voxel's region (capped at the band where
+  that field is regularised, so it is defined there). Off by default: on ../shared/data/pair it cuts
+  folding by a fifth but makes the near-brain background less plausible (docs/results/segreg.md).
 - Learned variant: `nets.RegistrationUNet` (VoxelMorph-like: 4 down / 4 up with skips; the
   architecture is stored with the weights) predicts a stationary velocity on each region pair
   (moving first), integrated by scaling and squaring, at the coarser level the weights were
@@ -119,16 +132,17 @@ from scipy import ndimage
 
 from ..errors import InputError, WeightsError
 from ..imageio.geometry import Volume
-from ..imageio.network_grid import corner_points, network_geometry
+from ..imageio.network_grid import corner_points, network_geometry, resample
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..nets import RegistrationUNet
-from ..spatial import affine_to_displacement, compose, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial import affine_to_displacement, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial.physical import grid_indices_of, grid_steps_to_physical
 from ..synth.render import gaussian_blur
 from ..weights import fit_state, load_weights, read_manifest
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import NetworkPair, prepare_pair, result_from_network_field
+from .common import NetworkPair, prepare_pair, result_from_physical_field
 from .options import SEGREG_DEFAULT_WEIGHTS, SEGREG_MASK_LOSSES, SEGREG_VARIANTS, validate_options
 from .regions import RegionPlan, plan_regions
 
@@ -156,6 +170,7 @@ class Settings:
     field_smoothing: int = 2
     margin_mm: float = 5.0
     mask_smoothing: float = 0.0
+    background_reach_mm: float = 0.0
     affine: str = "image"
     spacing: float | None = None
     weights_name: str = "segreg-dice"
@@ -194,6 +209,7 @@ class Settings:
             field_smoothing=values["field_smoothing"],
             margin_mm=values["margin_mm"],
             mask_smoothing=values["mask_smoothing"],
+            background_reach_mm=values["background_reach_mm"],
             affine=values["affine"],
             spacing=values["spacing"],
             weights_name=values["weights_name"] or f"segreg-{mask_loss}",
@@ -458,11 +474,12 @@ def extend_field(total: torch.Tensor, known: torch.Tensor, pool: int = 4, sigma:
 def compose_regions(
     prepared: Prepared, fields: dict[int, tuple[Box, torch.Tensor, int]], sigma: float, extend: bool = False
 ) -> torch.Tensor:
-    """``u = sum_i u_i * S_f^i`` on the fine grid, then the affine stage composed in front (whole mapping).
+    """``u = sum_i u_i * S_f^i`` on the fine grid (the deformable part, before the affine stage).
 
     ``fields[r] = (box, u_r on the box pooled by factor, factor)``. With ``sigma`` > 0 the masks are
     blurred and the sum renormalised by the sum of the blurred masks. With ``extend``, regions
-    without a field get the smooth extension of the others (`extend_field`).
+    without a field get the smooth extension of the others (`extend_field`). `field_on_fixed_grid`
+    turns it into the whole mapping on the fixed image's grid.
     """
     fixed_regions = prepared.fixed_regions
     total = torch.zeros((1, 3) + tuple(fixed_regions.shape[2:]), device=fixed_regions.device)
@@ -484,11 +501,101 @@ def compose_regions(
             for region in fields:
                 known += (fixed_regions == region).float()
             total = extend_field(total, known)
-        return compose(prepared.affine_disp, total)
+        return total
 
 
-def _finish(inputs: Inputs, prepared: Prepared, disp: torch.Tensor, settings: Settings, details: dict[str, Any]) -> Result:
-    result = result_from_network_field(inputs, prepared.pair.grid, disp, affine_index=prepared.affine_index)
+def fixed_grid_regions(inputs: Inputs, prepared: Prepared, points: torch.Tensor) -> np.ndarray:
+    """The region of every fixed-image voxel, from the fixed label map on the fixed image's own grid.
+
+    Codes map to regions through the plan's code groups; voxels whose code the plan dropped (found
+    in one map only, or lost by the resampling) take the region of the nearest fine-grid voxel
+    (``points``: their fine-grid indices).
+    """
+    labels = inputs.fixed_seg
+    if not labels.geometry.same_as(inputs.fixed.geometry):
+        labels = resample(labels, inputs.fixed.geometry, "nearest")
+    codes = labels.array.astype(np.int64)
+    lookup = {code: region for region, group in enumerate(prepared.plan.codes) for code in group}
+    regions = np.full(codes.shape, -1, dtype=np.int64)
+    for code in np.unique(codes).tolist():
+        if code in lookup:
+            regions[codes == code] = lookup[code]
+    dropped = regions < 0
+    if dropped.any():
+        where = torch.from_numpy(dropped)
+        nearest = sample_at_indices(
+            prepared.fixed_regions.float(), points[where].view(1, -1, 1, 1, 3), mode="nearest", padding_mode="border"
+        )
+        regions[dropped] = nearest.view(-1).round().long().cpu().numpy()
+    return regions
+
+
+def background_reach(settings: Settings, factor: int) -> float:
+    """``background_reach_mm``, capped at the band where the fields (at level ``factor``) are regularised."""
+    return min(settings.background_reach_mm, REG_DILATION * factor * float(settings.spacing))
+
+
+def unlabelled_to_nearest(regions: np.ndarray, spacing: tuple[float, ...], reach_mm: float) -> np.ndarray:
+    """Background voxels within ``reach_mm`` of a labelled voxel take the region of the nearest labelled voxel.
+
+    The background of a brain label map also holds unlabelled tissue (sulcal CSF, the medial
+    surface at the midline); one smooth background field cannot follow it between the gyri.
+    """
+    background = regions == 0
+    if reach_mm <= 0 or background.all() or not background.any():
+        return regions
+    foreground = np.nonzero(~background)
+    pad = int(math.ceil(reach_mm / min(spacing))) + 1
+    box = tuple(slice(max(int(w.min()) - pad, 0), int(w.max()) + 1 + pad) for w in foreground)
+    distance, index = ndimage.distance_transform_edt(background[box], sampling=spacing, return_indices=True)
+    near = background[box] & (distance <= reach_mm)
+    out = regions.copy()
+    inner = out[box]
+    inner[near] = regions[box][tuple(i[near] for i in index)]
+    return out
+
+
+def field_on_fixed_grid(
+    inputs: Inputs,
+    prepared: Prepared,
+    fields: dict[int, tuple[Box, torch.Tensor, int]],
+    total: torch.Tensor,
+    sigma: float,
+    reach_mm: float = 0.0,
+) -> Volume:
+    """The whole mapping (affine stage, then the composed region fields) as a physical field on the fixed grid.
+
+    With hard masks (``sigma`` 0) each fixed voxel takes the field of its own region (`fixed_grid_regions`),
+    interpolated from that region's field alone, so where the fine grid's voxels do not coincide with
+    the fixed image's (other spacing, odd padding), a voxel beside a region border never mixes two
+    regions' displacements (two sliding regions would send it between their targets, into a third
+    structure); background voxels within ``reach_mm`` of a labelled voxel take the field of the nearest
+    labelled voxel's region (`unlabelled_to_nearest`). Regions without a field, and the blurred
+    composition of ``sigma`` > 0, sample the composed field ``total`` (fine grid, from `compose_regions`). Then ``c(x) = t(x) + a(x + t(x))``
+    (`spatial.compose` with the affine stage ``a``).
+    """
+    grid, geometry = prepared.pair.grid, inputs.fixed.geometry
+    device = total.device
+    points = grid_indices_of(geometry, grid).to(device)
+    as_batch = points.view(1, -1, 1, 1, 3)
+    whole = sample_at_indices(total, as_batch, padding_mode="border").view(3, -1).T
+    if sigma <= 0:
+        regions = unlabelled_to_nearest(fixed_grid_regions(inputs, prepared, points), geometry.spacing, reach_mm)
+        regions = torch.from_numpy(regions.reshape(-1)).to(device)
+        for region, (box, disp, factor) in fields.items():
+            where = regions == region
+            if not bool(where.any()):
+                continue
+            start = torch.tensor(box.start, dtype=points.dtype, device=device)
+            local = (as_batch[0, :, 0, 0][where] - start).view(1, -1, 1, 1, 3)
+            whole[where] = sample_at_indices(upsample_field(disp, factor), local, padding_mode="border").view(3, -1).T
+    moved = (as_batch[0, :, 0, 0] + whole).view(1, -1, 1, 1, 3)
+    whole = whole + sample_at_indices(prepared.affine_disp, moved, padding_mode="border").view(3, -1).T
+    return grid_steps_to_physical(whole.view(tuple(geometry.shape) + (3,)), grid, geometry)
+
+
+def _finish(inputs: Inputs, prepared: Prepared, mapping: Volume, settings: Settings, details: dict[str, Any]) -> Result:
+    result = result_from_physical_field(inputs, mapping, prepared.pair.grid, affine_index=prepared.affine_index)
     result.details.update(
         {
             "variant": settings.variant,
@@ -806,11 +913,12 @@ def register_iterative(
             v = smooth_field(params[p.region].detach(), settings.field_smoothing)
             disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
             fields[p.region] = (p.box, disp, previous)
-    disp = compose_regions(prepared, fields, settings.mask_smoothing)
+    total = compose_regions(prepared, fields, settings.mask_smoothing)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, previous or 1))
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.97, "writing the field")
     details = {"iterations": done, "stopped_by_time_budget": stopped_early, "loss_history": history}
-    return _finish(inputs, prepared, disp, settings, details)
+    return _finish(inputs, prepared, mapping, settings, details)
 
 
 # ----------------------------------------------------------------------------- learned variant
@@ -914,10 +1022,11 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
                 progress(0.4 + 0.5 * call / max(calls, 1), f"network on region crops ({call}/{calls})")
     prepared.timings["network_s"] = time.monotonic() - tick
     tick = time.monotonic()
-    disp = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
+    total = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
+    mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, factor))
     prepared.timings["compose_s"] = time.monotonic() - tick
     progress(0.95, "writing the field")
-    result = _finish(inputs, prepared, disp, settings, {"empty_regions_extended": skipped, "network_calls": calls})
+    result = _finish(inputs, prepared, mapping, settings, {"empty_regions_extended": skipped, "network_calls": calls})
     result.weights = {settings.weights_name: checksum}
     return result
 

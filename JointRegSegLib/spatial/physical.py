@@ -66,10 +66,20 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     if fixed.same_as(grid):
         u_idx = disp
     else:
-        indices = _mapped_indices(fixed.shape, _index_map(fixed, grid))
+        indices = grid_indices_of(fixed, grid)
         u_idx = sample_at_indices(disp[None], indices[None], mode="bilinear", padding_mode="border")[0]
+    return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
+
+
+def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
+    """The continuous index on ``grid`` of every voxel of ``fixed``, float32 ``(I, J, K, 3)``."""
+    return _mapped_indices(fixed.shape, _index_map(fixed, grid))
+
+
+def grid_steps_to_physical(u_idx: torch.Tensor, grid: Geometry, fixed: Geometry) -> Volume:
+    """The LPS mm field on ``fixed`` of displacements ``u_idx (I, J, K, 3)`` given in voxels of ``grid``, at fixed's voxels."""
     linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32)
-    u_phys = torch.einsum("rc,cijk->ijkr", linear, u_idx)
+    u_phys = u_idx.detach().cpu().float() @ linear.T
     return Volume(np.ascontiguousarray(u_phys.numpy(), dtype=np.float32), fixed)
 
 
