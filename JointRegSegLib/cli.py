@@ -7,17 +7,20 @@ process, with a tqdm progress bar instead of the JSON event stream.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from tqdm import tqdm
 
-from .errors import InputError, WeightsError
+from .errors import InputError
 from .methods import method_names
+from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
-from .worker.job import Job
+from .worker.failures import describe_failure
+from .worker.job import COMMAND_LINE, Job, job_from_dict
 
 DEMO_OUT = Path("jointregseg_demo")
 
@@ -36,7 +39,8 @@ class ProgressBar(EventWriter):
             left = fields["seconds_left"]
             self.bar.set_postfix_str("?" if left is None else f"{left:.0f} s left", refresh=True)
         elif event == "log":
-            self.bar.write(f"[{fields['level']}] {fields['message']}")
+            with tqdm.external_write_mode(file=self.stream):
+                self.stream.write(f"[{fields['level']}] {fields['message']}\n")
         elif event == "result":
             self.bar.close()
 
@@ -54,36 +58,32 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
         parser.add_argument("--moving", type=Path, required=True, help="moving image, warped onto the fixed image")
         parser.add_argument("--fixed-seg", type=Path, help="label map of the fixed image (for Dice/HD95 or methods that need it)")
         parser.add_argument("--moving-seg", type=Path, help="label map of the moving image")
-        parser.add_argument("--out", type=Path, required=True, help="output folder (written whole at the end)")
-    parser.add_argument("--method", default="tto", help=f"one of: {', '.join(method_names())} (default tto)")
+        parser.add_argument(
+            "--out", type=Path, required=True,
+            help="output folder: created whole at the end; an earlier JointRegSeg output there is updated; a folder "
+            "holding other files is refused (see --overwrite)",
+        )
+    parser.add_argument("--method", default="tto", choices=method_names(), help="the method (default tto); its options are listed below")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--iterations", type=int, help="iteration cap for optimisation (tto: test-time optimisation steps)")
-    parser.add_argument(
-        "--time-budget", type=float,
-        help="seconds allowed for optimisation (tto: test-time optimisation and refinement); default none: "
-        "the result then does not depend on how busy the machine is",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result on CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, usually the core count)")
-    parser.add_argument("--variant", choices=("iterative", "learned"), help="segreg: optimise per region (iterative) or the trained network (learned)")
-    parser.add_argument("--mask-loss", choices=("dice", "edt", "edt-dice"), help="segreg: the mask term of its loss (seed 001 eq. 4-5)")
+    for name, spec in SETTINGS.items():
+        kind = float if spec.type == FLOAT else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.help}; {spec.accepted()}")
+    segreg = {spec.name: spec for spec in specs("segreg")}
+    parser.add_argument("--variant", choices=segreg["variant"].choices, help="segreg: " + segreg["variant"].help)
+    parser.add_argument("--mask-loss", choices=segreg["mask_loss"].choices, help="segreg: " + segreg["mask_loss"].help)
     parser.add_argument("--regions", help="segreg: all, coarse, or a number of region groups")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable; see below")
     parser.add_argument("--no-pictures", action="store_true", help="do not write PNG pictures")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write into an output folder that holds other files too: only JointRegSeg's own files there are replaced",
+    )
 
 
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings to a dict, VALUE parsed as JSON where it is JSON (else kept as text)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--option '{pair}' is not KEY=VALUE.")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def options_epilog() -> str:
+    """Every method's options with default, meaning and accepted values (from `methods.options`)."""
+    blocks = [f"{method} options (--option KEY=VALUE):\n" + "\n".join(describe(method)) for method in method_names()]
+    return "\n\n".join(blocks)
 
 
 def method_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,42 +92,55 @@ def method_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in flags.items() if value is not None}
 
 
-def job_from_args(args: argparse.Namespace, inputs: dict[str, Path], out: Path) -> Job:
-    """The worker job an invocation describes."""
-    return Job(
-        method=args.method,
-        output=out,
-        device=args.device,
-        seed=args.seed,
-        iterations=args.iterations,
-        time_budget=args.time_budget,
-        options={**method_flags(args), **parse_options(args.option)},
-        pictures=not args.no_pictures,
-        threads=args.threads,
-        **inputs,
+def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out: Path) -> Job:
+    """The worker job an invocation describes, checked like a job file."""
+    return job_from_dict(
+        {
+            "method": args.method,
+            "output": out,
+            "device": args.device,
+            "seed": args.seed,
+            "iterations": args.iterations,
+            "time_budget": args.time_budget,
+            "options": {**method_flags(args), **parse_options(args.option)},
+            "pictures": not args.no_pictures,
+            "threads": args.threads,
+            "overwrite": args.overwrite,
+            **inputs,
+        },
+        source=COMMAND_LINE,
     )
 
 
-def run_with_progress(job: Job) -> dict[str, Any]:
+def run_with_progress(job: Job, extra_outputs: Any = None) -> dict[str, Any]:
     """Run a job in this process with a progress bar."""
     from .worker.run import run_job
 
     bar = ProgressBar()
     try:
-        return run_job(job, bar)
+        return run_job(job, bar, extra_outputs)
     finally:
         bar.close()
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """The headline numbers of a finished run."""
+    """The headline numbers of a finished run, and any step that failed."""
     m = summary["metrics"]
     lines = [f"results in {summary['output']}"]
     if "dice_mean" in m:
-        lines.append(f"  mean Dice ({m['dice_label_count']} labels): {m['dice_mean_initial']:.3f} before -> {m['dice_mean']:.3f} after")
-    lines.append(f"  NCC {m['ncc_initial']:.3f} -> {m['ncc']:.3f}   PMM mean {m['pmm_mean_initial']:.3f} -> {m['pmm_mean']:.3f}")
-    lines.append(f"  folding {m['folding_percent']:.3f} % of voxels   SDlogJ {m['sdlogj']:.3f}   time {m['time_register_s']:.1f} s")
+        lines.append(f"  mean Dice ({m['dice_label_count']} labels): {_number(m['dice_mean_initial'])} before -> {_number(m['dice_mean'])} after")
+    if "ncc" in m:
+        lines.append(
+            f"  NCC {_number(m['ncc_initial'])} -> {_number(m['ncc'])}   PMM mean {_number(m['pmm_mean_initial'])} -> {_number(m['pmm_mean'])}"
+        )
+        lines.append(f"  folding {m['folding_percent']:.3f} % of voxels   SDlogJ {m['sdlogj']:.3f}   time {m['time_register_s']:.1f} s")
+    for step, reason in summary.get("failed_steps", {}).items():
+        lines.append(f"  warning: the {step} step failed ({reason}); the transform and the warped image were written")
     print("\n".join(lines))
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "undefined"
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -138,31 +151,26 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .sample_data import sample_pair
 
-    pair = sample_pair()
-    summary = run_with_progress(job_from_args(args, pair, args.out))
+    summary = run_with_progress(job_from_args(args, sample_pair(), args.out), _demo_figure)
     print_summary(summary)
-    _demo_figure(summary, pair)
+    if "picture_overview" in summary["files"]:
+        print(f"  pictures in {Path(summary['files']['picture_overview']).parent}")
 
 
-def _demo_figure(summary: dict[str, Any], pair: dict[str, Path]) -> None:
-    """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours)."""
-    from .imageio.io import read_image, read_labels
+def _demo_figure(folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]) -> dict[str, str]:
+    """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours), in the run's output."""
     from .imageio.network_grid import resample
     from .report import save_registration_figure
 
-    files = summary["files"]
-    fixed = read_image(pair["fixed"])
-    moving = resample(read_image(pair["moving"]), fixed.geometry)
-    path = Path(summary["output"]) / "pictures" / "overview.png"
     save_registration_figure(
-        fixed, moving, read_image(files["warped"]), path,
-        jacobian=read_image(files["jacobian"]) if "jacobian" in files else None,
-        pmm=read_image(files["pmm"]) if "pmm" in files else None,
-        fixed_seg=read_labels(pair["fixed_seg"]),
-        warped_seg=read_labels(files["warped_seg"]) if "warped_seg" in files else None,
-        title=f"JointRegSeg demo: {summary['metrics'].get('dice_mean', float('nan')):.3f} mean Dice",
+        inputs.fixed, resample(inputs.moving, inputs.fixed.geometry), result.warped, folder / "pictures" / "overview.png",
+        jacobian=maps.jacobian if maps is not None else None,
+        pmm=maps.pmm if maps is not None else None,
+        fixed_seg=inputs.fixed_seg,
+        warped_seg=result.warped_seg,
+        title=f"JointRegSeg demo: {metrics.get('dice_mean', float('nan')):.3f} mean Dice",
     )
-    print(f"  pictures in {path.parent}")
+    return {"picture_overview": "pictures/overview.png"}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -202,13 +210,22 @@ def cmd_batch(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jointregseg", description=__doc__.split("\n")[0])
+    parser = Parser(prog="jointregseg", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the full Python traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    register = sub.add_parser("register", help="register a moving image onto a fixed image")
+    raw = argparse.RawDescriptionHelpFormatter
+    register = sub.add_parser("register", help="register a moving image onto a fixed image", epilog=options_epilog(), formatter_class=raw)
     _register_args(register)
     register.set_defaults(func=cmd_register)
-    demo = sub.add_parser("demo", help="register the bundled sample pair and write pictures")
+    demo = sub.add_parser("demo", help="register the bundled sample pair and write pictures", epilog=options_epilog(), formatter_class=raw)
     _register_args(demo, with_inputs=False)
     demo.add_argument("--out", type=Path, default=DEMO_OUT, help=f"output folder (default {DEMO_OUT})")
     demo.set_defaults(func=cmd_demo)
@@ -239,15 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure ends in one ``error:`` line (a traceback only with --debug)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a malformed command line (one error line already printed)
+        return int(done.code or 0)
     try:
         args.func(args)
-    except (InputError, WeightsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cancelled; no output was written.", file=sys.stderr)
         return 130
+    except Exception as error:
+        failure = describe_failure(error)
+        if args.debug:
+            traceback.print_exc()
+        hint = " Run again as 'jointregseg --debug ...' to see where it happened." if failure.kind == "internal" and not args.debug else ""
+        print(f"error: {failure.message}{hint}", file=sys.stderr)
+        return failure.exit_code
     return 0
 
 

@@ -28,6 +28,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        if ":" in name and not name.split(":", 1)[1].isdigit():
+            raise InputError(f"unknown device '{name}': write cuda:N with N the GPU's number (cuda:0, cuda:1, ...).")
         if not torch.cuda.is_available():
             raise InputError(f"device '{name}' was requested but torch {torch.__version__} sees no CUDA GPU. {CUDA_HELP}")
         index = int(name.split(":")[1]) if ":" in name else 0

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError
 from .imageio.geometry import Volume
 from .imageio.intensity import normalise_intensity
 from .imageio.network_grid import resample
@@ -36,6 +37,7 @@ from .metrics import (
 )
 
 FOREGROUND_THRESHOLD = 0.05
+MIN_COVERAGE = 0.05
 
 
 @dataclass
@@ -53,6 +55,42 @@ def foreground_mask(image: Volume) -> np.ndarray:
     """The image's foreground: normalised intensity above 5 %, holes filled (the PMM domain mask)."""
     mask = normalise_intensity(image.array) > FOREGROUND_THRESHOLD
     return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+
+
+def check_result(inputs: Inputs, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
+    """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.
+
+    A diverged optimisation (too large a learning rate) or broken weights give NaN or infinite
+    values; images that do not overlap after registration give an empty warped image. Both would
+    otherwise be written and scored as if they were results.
+    """
+    for name, volume in (("displacement field", result.displacement), ("warped image", result.warped)):
+        if not np.isfinite(volume.array).all():
+            raise InputError(
+                f"the registration diverged: its {name} holds NaN or infinite values. Lower the learning rate "
+                "(option lr) or check the method's weights."
+            )
+    mask = foreground_mask(inputs.fixed)
+    covered = float(np.mean(result.warped.array[mask] != 0)) if mask.any() else 1.0
+    if covered < minimum_coverage:
+        raise InputError(
+            f"after registration the moving image covers only {covered:.0%} of the fixed image's foreground: the images "
+            "do not overlap. Check their origins and orientations, or try option affine=none; nothing was written."
+        )
+
+
+UNDEFINED = {
+    "ncc": "the fixed or warped image is constant inside the fixed image's foreground (a mask given as an image?)",
+    "ncc_initial": "the fixed or moving image is constant inside the fixed image's foreground (a mask given as an image?)",
+    "nmi": "an image is constant inside the fixed image's foreground",
+    "pmm_mean": "no 16-voxel patch holds enough of the fixed image's foreground",
+    "pmm_mean_initial": "no 16-voxel patch holds enough of the fixed image's foreground",
+}
+
+
+def undefined_metrics(metrics: dict[str, Any]) -> dict[str, str]:
+    """The similarity numbers that came out undefined (NaN, written as null), each with the reason."""
+    return {key: why for key, why in UNDEFINED.items() if key in metrics and not np.isfinite(metrics[key])}
 
 
 def quality_maps(

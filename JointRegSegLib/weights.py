@@ -113,6 +113,12 @@ def load_weights(name: str, folder: Path | None = None) -> tuple[dict[str, torch
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable files
         raise WeightsError(f"weights file {path} cannot be read ({type(error).__name__}); restore it or retrain.") from error
+    broken = [key for key, value in state.items() if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise WeightsError(
+            f"weights file {path} holds NaN or infinite values ({len(broken)} tensors, e.g. '{broken[0]}'): a training run "
+            "diverged or the file is damaged. Restore it from the repository or retrain."
+        )
     return state, checksum
 
 
@@ -122,9 +128,23 @@ def fit_state(net: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        raise WeightsError(
-            f"weights '{name}' do not fit the {type(net).__name__} network ({error}); retrain them."
-        ) from error
+        raise WeightsError(f"weights '{name}' do not fit the {type(net).__name__} network ({misfit(net, state)}); retrain them.") from error
+
+
+def misfit(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """How a state dict differs from a network's, in one line (torch's own message spans many)."""
+    expected = net.state_dict()
+    shapes = [key for key in state if key in expected and tuple(state[key].shape) != tuple(expected[key].shape)]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    parts = []
+    if shapes:
+        key = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensor(s) of another shape, e.g. '{key}' {list(state[key].shape)} in the file, "
+            f"{list(expected[key].shape)} in the network"
+        )
+    parts += [f"{len(names)} {what}, e.g. '{names[0]}'" for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+    return "; ".join(parts) or "they differ"
 
 
 def load_into(net: torch.nn.Module, name: str, folder: Path | None = None) -> str:

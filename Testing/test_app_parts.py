@@ -22,6 +22,7 @@ from JointRegSegLib.app.environment import (
     worker_environment,
 )
 from JointRegSegLib.app.process import BackgroundProcess, parse_event
+from JointRegSegLib.app.request import RunRequest, problem
 from JointRegSegLib.app.state import BUSY, TRANSITIONS, RunState, RunStateMachine, apply_button
 from JointRegSegLib.app.texts import describe_method, device_label, format_duration, progress_text
 from JointRegSegLib.methods.catalogue import CATALOGUE
@@ -70,6 +71,17 @@ def test_method_description_says_what_it_needs_and_gives():
     jers = describe_method(CATALOGUE["jers"])
     assert "atlas" in jers and "brain mask" in jers and "fixed and moving" not in jers
     assert "iterations" in describe_method(CATALOGUE["tto"]) and "iterations" not in describe_method(CATALOGUE["uresnet"])
+
+
+def test_requests_are_checked_against_the_option_schema():
+    """The panels' settings and options get the worker's own messages (methods.options) before anything starts."""
+    tto = CATALOGUE["tto"]
+    assert problem(RunRequest(seed=2**40), tto) == "Seed must be a whole number from 0 to 4294967295; got 1099511627776."
+    assert problem(RunRequest(iterations=-1), tto) == "Iterations must be a whole number from 0 to 10000000; got -1."
+    assert problem(RunRequest(time_budget=float("nan")), tto) == "Time budget must be a number > 0 and <= 10000000; got nan."
+    assert problem(RunRequest(options={"mi_bins": "abc"}), tto) == "tto option 'mi_bins' must be a whole number from 2 to 256; got 'abc'."
+    assert problem(RunRequest(options={"variant": "learned"}), tto).startswith("unknown tto option(s) variant;")
+    assert problem(RunRequest(options={"mi_bins": "64"}, seed=7), tto) == "Select a fixed and a moving volume."
 
 
 def test_event_lines_and_other_lines():

@@ -290,6 +290,12 @@ def test_batch_command_line_rejects_bad_settings(tmp_path):
     for methods, message in ((["flirt"], "unknown method"), (["tto", "tto"], "names a method twice"), ([], "no method")):
         with pytest.raises(InputError, match=message):
             BatchSettings(methods=methods).check()
+    with pytest.raises(InputError, match=r"^--seed must be a whole number from 0 to 4294967295; got -1\.$"):
+        BatchSettings(seed=-1).check()
+    with pytest.raises(InputError, match=r"^tto option 'mi_bins' must be a whole number from 2 to 256; got 1\.$"):
+        BatchSettings(methods=["tto", "segreg[variant=learned]"], options={"mi_bins": 1}).check()
+    with pytest.raises(InputError, match=r"^segreg option 'variant' must be one of 'iterative', 'learned'; got 'fast'\.$"):
+        BatchSettings(methods=["segreg[variant=fast]"]).check()
     code, log = batch(str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))
     assert code == 2 and "none.csv" in log and "Traceback" not in log
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 
-from JointRegSegLib.cli import main, parse_options
+from JointRegSegLib.cli import main
+from JointRegSegLib.methods.options import parse_options
 from JointRegSegLib.errors import InputError
 
 

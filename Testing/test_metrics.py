@@ -346,3 +346,14 @@ def test_pmm_on_real_brain_prefers_the_aligned_pair(shared_data_dir: Path):
     shifted_mean = pmm_mean(pmm_map(crop, shifted, mask), mask)
     assert 0.0 < shifted_mean < aligned_mean < 1.0
     assert aligned_mean - shifted_mean > 0.05
+
+
+def test_pmm_of_a_domain_at_one_end_of_a_wide_image():
+    """Chunks of patch rows outside the domain score nothing (a cross-contrast run used to fail here)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 256, 256)).astype(np.float32)
+    domain = np.zeros(image.shape, bool)
+    domain[:24] = True
+    pmm = pmm_map(image, image, domain)
+    assert np.isnan(pmm[24:]).all() and np.isfinite(pmm[:24]).all()
+    np.testing.assert_allclose(pmm[:24], 1.0, atol=1e-6)  # an image against itself: NMI 1 in every patch

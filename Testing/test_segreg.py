@@ -236,9 +236,9 @@ def test_bad_segmentations_and_options_are_refused():
         run(Inputs(inputs.fixed, inputs.moving, Volume(inputs.fixed_seg.array, far), inputs.moving_seg))
     with pytest.raises(InputError, match="unknown segreg option"):
         run(inputs, mask_los="edt")
-    with pytest.raises(InputError, match="variant must be one of"):
+    with pytest.raises(InputError, match="'variant' must be one of"):
         run(inputs, variant="deep")
-    with pytest.raises(InputError, match="regions must be"):
+    with pytest.raises(InputError, match="'regions' must be"):
         run(inputs, regions="fine")
 
 

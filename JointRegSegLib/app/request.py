@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..errors import InputError
 from ..methods.catalogue import MethodInfo
+from ..methods.options import SETTINGS, validate_options, validate_setting
 
 
 @dataclass
@@ -28,7 +30,17 @@ class RunRequest:
 
 
 def problem(request: RunRequest, info: MethodInfo) -> Optional[str]:
-    """Why ``request`` cannot run with the method ``info`` describes (None when it can)."""
+    """Why ``request`` cannot run with the method ``info`` describes (None when it can).
+
+    The settings and the method's options are checked against their declared schema (`methods.options`),
+    the one the worker and the command line check them with.
+    """
+    try:
+        for name in (name for name in SETTINGS if hasattr(request, name)):
+            validate_setting(name, getattr(request, name), name.replace("_", " ").capitalize())
+        validate_options(info.name, request.options)
+    except InputError as error:
+        return str(error)
     if info.needs_atlas:  # the moving volume goes to the atlas (the shipped one unless one is chosen)
         if request.moving is None:
             return "Select the volume to register to the atlas (moving volume)."

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the batch an invocation describes; print where the summary is; return the exit code."""
     from ..bench.command import split_names
-    from ..cli import parse_options
+    from ..methods.options import parse_options
     from .cluster import ClusterOptions
     from .pairlist import cohort_pairs
     from .runner import BatchSettings, run_batch

@@ -36,6 +36,7 @@ from ..bench.pairs import PairSpec
 from ..bench.runner import folder_name, method_spec
 from ..errors import InputError
 from ..methods import method_names
+from ..methods.options import SETTINGS, validate_options, validate_setting
 from ..worker.job import INPUT_KEYS
 from ..worker.outputs import versions, write_json
 from .cluster import ClusterOptions, Placement, dask_client, has_dashboard
@@ -64,7 +65,7 @@ class BatchSettings:
     retry_failed: bool = False
 
     def check(self) -> None:
-        """Raise `InputError` for an unknown method, a repeated method or a bad number."""
+        """Raise `InputError` for an unknown method, a repeated method, a bad setting or option (`methods.options`)."""
         if not self.methods:
             raise InputError("no method given: use --methods, e.g. --methods tto,segreg.")
         unknown = [m for m in self.methods if method_spec(m)[0] not in method_names()]
@@ -73,8 +74,11 @@ class BatchSettings:
         folders = [folder_name(m) for m in self.methods]
         if len(set(folders)) < len(folders):
             raise InputError(f"--methods names a method twice: {', '.join(self.methods)}.")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be at least 1; got {self.threads}.")
+        for name in SETTINGS:  # checked here once, as every task's worker would check them
+            validate_setting(name, getattr(self, name), f"--{name.replace('_', '-')}")
+        for method in self.methods:
+            name, own_options = method_spec(method)
+            validate_options(name, {**self.options, **own_options})
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise InputError(f"--timeout must be a positive number of seconds; got {self.timeout_s:g}.")
 

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..methods.options import parse_options
 from .peers import PEERS, PRESETS
 
 DEFAULT_PEERS = ",".join(PEERS)
@@ -57,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     """Run the benchmark an invocation describes; print the Markdown table; return the output folder."""
-    from ..cli import parse_options
     from .pairs import SyntheticOptions, resolve_pairs
     from .runner import BenchSettings, run_benchmark
 

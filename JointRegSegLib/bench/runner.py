@@ -49,6 +49,7 @@ from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import method_names
 from ..methods.base import Inputs, Result
+from ..methods.options import parse_options, validate_options
 from ..spatial.field_io import read_displacement_field
 from ..spatial.physical import warp_volume
 from ..worker.job import Job
@@ -86,8 +87,6 @@ def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``name[key=value;key=value]`` (values parsed as JSON where they are JSON) to the
     method's name and its own options, e.g. ``segreg[variant=learned;mask_loss=edt]``; the keys
     ``iterations`` and ``time_budget`` set the run's iteration cap and time budget (`run_method`)."""
-    from ..cli import parse_options
-
     name, bracket, rest = spec.partition("[")
     if bracket and not rest.endswith("]"):
         raise InputError(f"method '{spec}' has an unclosed '['; write e.g. segreg[variant=learned;mask_loss=edt].")
@@ -123,6 +122,9 @@ class BenchSettings:
         unknown = [m for m in self.methods if method_spec(m)[0] not in method_names()]
         if unknown:
             raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(method_names())}.")
+        for spec in self.methods:  # every bad option value is refused before any run starts
+            name, own = method_spec(spec)
+            validate_options(name, {**self.options, **own})
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise InputError(f"unknown peer(s) {unknown}; choose from: {', '.join(PEERS)}.")

@@ -38,8 +38,8 @@ from ..batch.runner import BatchSettings, worker_job
 from ..bench.command import split_names
 from ..bench.pairs import SyntheticOptions, synthetic_pair_list
 from ..bench.processes import child_environment
-from ..cli import parse_options
 from ..errors import InputError
+from ..methods.options import parse_options
 
 
 def _timed(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:

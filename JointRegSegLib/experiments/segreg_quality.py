@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import parse_options
 from ..evaluation import label_metrics
 from ..imageio import read_image, read_labels
 from ..imageio.geometry import Volume
 from ..imageio.network_grid import resample
 from ..methods import get_method
 from ..methods.base import Inputs, Options
+from ..methods.options import parse_options
 from ..metrics import folding_percent, jacobian_determinant, sdlogj
 from ..spatial import warp, warp_volume
 from ..synth import DeformationOptions, random_deformation

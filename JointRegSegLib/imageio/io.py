@@ -6,7 +6,11 @@ converted with ``LPS = diag(-1, -1, 1) @ RAS``.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
+import shutil
+import stat
 import zlib
 from pathlib import Path
 
@@ -14,11 +18,12 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from .geometry import Geometry, Volume
-from .sitk_bridge import from_sitk, to_sitk
-from .validate import check_3d, check_image, check_labels
+from .sitk_bridge import from_sitk, geometry_of, to_sitk
+from .validate import check_3d, check_finite, check_geometry, check_image, check_labels
 
 SITK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIBABEL_EXTENSIONS = (".mgz", ".mgh")
@@ -30,6 +35,7 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _COMPRESSED_ON_WRITE = (".nrrd", ".mha")
 _READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, zlib.error, ImageFileError)
 _CHUNK = 1 << 22
+_LOW_SPACE = 1 << 20  # bytes free below which a write that failed without a reason counts as a full disk
 
 
 def extension_of(path: str | Path) -> str:
@@ -45,16 +51,51 @@ def extension_of(path: str | Path) -> str:
 
 def _corrupt(path: Path, name: str, detail: str = "") -> InputError:
     return InputError(
-        f"{name} file '{path}' is unreadable or corrupt{': ' + detail if detail else ''}. "
+        f"{name} '{path}' is unreadable or corrupt{': ' + detail if detail else ''}. "
         "Check that it is a complete image file (re-export or copy it again)."
     )
 
 
-def _check_readable_file(path: Path, name: str) -> None:
-    if not path.exists():
-        raise InputError(f"{name} file '{path}' is missing: no such file. Check the path.")
-    if not path.is_file():
-        raise InputError(f"{name} path '{path}' is a folder, not an image file.")
+def file_kind(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device (such as /dev/null)"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_readable_file(path: Path, name: str) -> None:
+    """``path`` is a readable, non-empty regular file, else an InputError that says what it is instead."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InputError(
+                f"{name} '{path}' is a broken symbolic link: it points to '{os.readlink(path)}', which does not exist. "
+                "Fix the link or give the image file itself."
+            ) from None
+        raise InputError(f"{name} '{path}' is missing: no such file. Check the path.") from None
+    except OSError as error:
+        reasons = {
+            errno.ELOOP: "is a symbolic link loop (its links lead back to themselves). Give the image file itself",
+            errno.EACCES: "cannot be read: permission denied. Check the file's permissions",
+            errno.ENOTDIR: "is missing: a part of its path is a file, not a folder. Check the path",
+            errno.ENAMETOOLONG: "has a name too long for the file system. Check the path",
+        }
+        raise InputError(f"{name} '{path}' {reasons.get(error.errno, 'cannot be opened: ' + str(error.strerror))}.") from None
+    kind = file_kind(info.st_mode)
+    if kind is not None:
+        raise InputError(f"{name} '{path}' is {kind}, not an image file. Give the path of the image file.")
+    if info.st_size == 0:
+        raise InputError(f"{name} '{path}' is an empty file (0 bytes). Check that it was copied or exported completely.")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise InputError(f"{name} '{path}' cannot be read: {error.strerror}. Check the file's permissions.") from None
 
 
 def _nifti_data_bytes_present(path: Path) -> int:
@@ -70,13 +111,69 @@ def _nifti_data_bytes_present(path: Path) -> int:
     return total
 
 
-def _check_nifti_complete(path: Path, name: str) -> None:
-    """ITK silently zero-fills a truncated NIfTI file, so compare its size with what the header promises."""
+def nifti_bytes_missing(path: Path) -> int:
+    """How many bytes of image data a NIfTI file lacks (0 when complete; ITK zero-fills the rest silently)."""
     header = nib.load(path).header
     needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    present = _nifti_data_bytes_present(path)
-    if present < needed:
-        raise _corrupt(path, name, f"the file is truncated ({present} of {needed} bytes)")
+    return max(0, needed - _nifti_data_bytes_present(path))
+
+
+def _check_nifti(path: Path, name: str, geometry: Geometry | None) -> None:
+    """What ITK's NIfTI reader does not report: a zero voxel size (read as 1 mm), NaN and inf voxels (read as 0),
+    a truncated file (zero-filled), and a header whose sform/qform and pixdim disagree (placed differently by
+    other programs)."""
+    nifti = nib.load(path)
+    header = nifti.header
+    with ImageOpener(path) as stream:  # nibabel's loaded header has zero voxel sizes replaced by 1 already
+        stored = type(header).from_fileobj(stream, check=False)
+    spatial = min(3, len(header.get_data_shape()))
+    pixdim = np.asarray(stored["pixdim"][1 : 1 + spatial], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        raise InputError(
+            f"{name} '{path}' has voxel size(s) {', '.join(f'{v:g}' for v in pixdim)} in its header (pixdim); every voxel "
+            "size must be a positive number of mm. Fix the header (e.g. fslchpixdim) or export the image again."
+        )
+    scaled = any(v is not None and not (np.isfinite(v) and v in (0, 1)) for v in header.get_slope_inter())
+    if header.get_data_dtype().kind in "fc" or scaled:
+        check_finite(np.asanyarray(nifti.dataobj), f"{name} '{path}'")
+    elif (missing := nifti_bytes_missing(path)) > 0:
+        raise _corrupt(path, name, f"the file is truncated ({missing} bytes of image data missing)")
+    if geometry is not None:
+        ours = _geometry_to_ras_affine(geometry)
+        if np.abs(ours - nifti.affine).max() > 1e-4 * (1.0 + np.abs(nifti.affine).max()):
+            raise InputError(
+                f"{name} '{path}' has an inconsistent header: its voxel sizes (pixdim) and orientation (sform/qform) "
+                "disagree, so programs place its voxels differently. Fix the header (e.g. load and save it in 3D Slicer)."
+            )
+
+
+def _itk_read_error(path: Path, name: str, error: RuntimeError) -> Exception:
+    """A clear error for what ITK reports while reading."""
+    text = str(error)
+    if "orthonormal" in text:
+        return InputError(
+            f"{name} '{path}' has a sheared (non-orthogonal) orientation in its header, which ITK-based tools "
+            "(3D Slicer, JointRegSeg) cannot represent. Resample it onto an orthogonal grid first."
+        )
+    if "Zero-valued spacing" in text:
+        return InputError(f"{name} '{path}' has a voxel size of 0 in its header; fix the header or export the image again.")
+    if "allocate" in text.lower() or "bad_alloc" in text:
+        return MemoryError(f"reading {name} '{path}' needs {_image_bytes(path)} of memory")
+    return _corrupt(path, name)
+
+
+def _image_bytes(path: Path) -> str:
+    """The memory an image file's pixels need, from its header, in words."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "more"
+    count = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
+    size = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bytes_per = 8 if "64" in size or "double" in size else 4 if "32" in size or "float" in size else 2 if "16" in size else 1
+    return f"{count * bytes_per / 2**30:.1f} GiB"
 
 
 def _ras_affine_to_geometry(affine: np.ndarray, shape: tuple[int, ...], zooms: tuple[float, ...]) -> Geometry:
@@ -90,28 +187,45 @@ def _geometry_to_ras_affine(geometry: Geometry) -> np.ndarray:
 
 
 def _read_raw(path: Path, name: str) -> tuple[np.ndarray, Geometry | None]:
-    """Array in ``[i, j, k(, ...)]`` order (any dimensionality) and, for a 3D grid, its geometry."""
-    _check_readable_file(path, name)
-    extension = extension_of(path)
+    """Array in ``[i, j, k(, ...)]`` order (any dimensionality) and, for a 3D grid, its checked geometry."""
+    check_readable_file(path, name)
+    try:
+        extension = extension_of(path)
+    except InputError as error:
+        raise InputError(f"{name} {error}") from None
     try:
         if extension in NIBABEL_EXTENSIONS:
             image = nib.MGHImage.from_filename(str(path))
             array = np.asarray(image.dataobj)  # MGH always stores (I, J, K) or (I, J, K, frames)
-            return array, _ras_affine_to_geometry(image.affine, array.shape, image.header.get_zooms())
-        image = sitk.ReadImage(str(path))
-        if extension in (".nii", ".nii.gz"):
-            _check_nifti_complete(path, name)
-    except InputError:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                geometry = _ras_affine_to_geometry(image.affine, array.shape, image.header.get_zooms())
+        else:
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError as error:
+                raise _itk_read_error(path, name, error) from None
+            geometry = geometry_of(image) if image.GetDimension() == 3 else None
+            if extension in (".nii", ".nii.gz"):
+                _check_nifti(path, name, geometry)
+    except (InputError, MemoryError):
         raise
     except _READ_ERRORS as error:
         raise _corrupt(path, name) from error
+    if extension in NIBABEL_EXTENSIONS:
+        return _checked(array, geometry, f"{name} '{path}'")
     if image.GetDimension() == 3:
         volume = from_sitk(image)
-        return volume.array, volume.geometry
+        return _checked(volume.array, volume.geometry, f"{name} '{path}'")
     array = sitk.GetArrayFromImage(image)
     spatial = image.GetDimension()
     order = tuple(reversed(range(spatial))) + tuple(range(spatial, array.ndim))
     return array.transpose(order), None
+
+
+def _checked(array: np.ndarray, geometry: Geometry | None, label: str) -> tuple[np.ndarray, Geometry | None]:
+    if geometry is not None:
+        check_geometry(geometry, label)
+    return array, geometry
 
 
 def read_volume(path: str | Path, name: str = "image") -> Volume:
@@ -166,21 +280,49 @@ def _sitk_array(array: np.ndarray) -> np.ndarray:
 
 
 def write_volume(volume: Volume, path: str | Path) -> None:
-    """Write a 3D scalar or vector volume; the extension picks the format (see `SUPPORTED_EXTENSIONS`)."""
+    """Write a 3D scalar or vector volume; the extension picks the format (see `SUPPORTED_EXTENSIONS`).
+
+    The written file is checked (`check_written`): ITK can leave a truncated NIfTI on a full disk
+    without reporting it.
+    """
     path = Path(path)
     extension = extension_of(path)
     if volume.array.ndim not in (3, 4):
         raise InputError(
             f"cannot write an array with {volume.array.ndim} dimensions to '{path}': need 3D or 3D + components."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if extension in NIBABEL_EXTENSIONS:
             nib.save(nib.MGHImage(_mgh_array(volume.array), _geometry_to_ras_affine(volume.geometry)), str(path))
         else:
             image = to_sitk(volume.with_array(_sitk_array(volume.array)))
             sitk.WriteImage(image, str(path), useCompression=extension in _COMPRESSED_ON_WRITE)
     except (RuntimeError, OSError, ValueError) as error:
-        raise InputError(
-            f"could not write '{path}': check that the folder is writable and the disk is not full."
-        ) from error
+        raise write_error(path, error) from error
+    check_written(path)
+
+
+def write_error(path: Path, error: BaseException | None = None) -> OutputError:
+    """The error for a file that could not be written, with the system's reason where there is one."""
+    reason = getattr(error, "strerror", None) or ("the file came out incomplete" if error is None else "the write failed")
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error)
+    if no_space or free is not None and free < _LOW_SPACE and not isinstance(error, OSError):  # ITK does not say why
+        reason = "no space left on the disk"
+    return OutputError(f"could not write '{path}': {reason}. Free some space or choose another output folder; nothing was kept.")
+
+
+def check_written(path: Path) -> None:
+    """A NIfTI file just written holds all its image data (ITK may truncate one silently on a full disk)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        missing = nifti_bytes_missing(path)
+    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as error:
+        raise write_error(path) from error
+    if missing:
+        raise write_error(path)

@@ -59,11 +59,12 @@ from ..losses import mi_loss, ncc_loss
 from ..spatial import identity_grid, sample_at_indices
 from .adam import Adam
 from .base import ProgressCallback
+from .options import AFFINE_ITERATIONS
 
 LOSSES = ("nmi", "mi", "ncc")
 NMI_BINS = 32
 NMI_SIGMA_RATIO = 0.35
-DEFAULT_ITERATIONS = (150, 60, 30)
+DEFAULT_ITERATIONS = AFFINE_ITERATIONS
 DEFAULT_LEVELS = (4, 2, 1)
 DEFAULT_LR = 0.02
 DEFAULT_SAMPLES = 8000

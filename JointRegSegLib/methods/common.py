@@ -10,6 +10,7 @@ import torch
 from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import network_geometry, to_network
+from ..imageio.validate import check_overlap
 from ..spatial.affine import index_affine_to_physical
 from ..spatial.physical import voxel_to_physical_field, warp_volume
 from .base import Inputs, Result
@@ -33,7 +34,9 @@ def prepare_pair(
 
     The moving image is resampled through physical space (identity transform), so the network sees
     both images in the same world coordinates; a network field is then directly a field on this grid.
+    Images that hardly overlap in space are refused (`check_overlap`): the moving one would be empty.
     """
+    check_overlap(inputs.fixed, inputs.moving)
     grid = network_geometry(inputs.fixed.geometry, spacing=spacing, shape=shape)
 
     def image(volume: Volume) -> torch.Tensor:

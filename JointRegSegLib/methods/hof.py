@@ -40,47 +40,23 @@ from ..labels import EVALUATION_LABELS
 from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
 from ..weights import load_into
-from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
+from .options import validate_options
 
 # Segmentation classes: background plus the 28 of the 30 evaluation structures that the SynthSeg
 # training maps contain (the choroid plexus, 31 and 63, is absent from them); other codes are background.
 HOF_LABELS: tuple[int, ...] = tuple(code for code in EVALUATION_LABELS if code not in (31, 63))
 N_CLASSES = len(HOF_LABELS) + 1
-WEIGHT_CHOICES = ("hof", "hof_phase2", "hof_no_aaa", "hof_no_gra", "hof_no_feedback", "hof_unfrozen")
-DEFAULTS: dict[str, Any] = {
-    "weights": "hof",
-    "spacing": 3.0,
-    "affine": "nmi",
-    "affine_iterations": list(AFFINE_ITERATIONS),
-}
 _STAGES = {"preparing": (0.0, 0.1), "affine": (0.1, 0.5), "inference": (0.5, 0.7), "segmentation": (0.7, 0.85),
            "resampling": (0.85, 1.0)}
 
 
 def _settings(options: Options) -> dict[str, Any]:
-    """DEFAULTS overridden by ``options.extra``, checked."""
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown hof option(s) {unknown}; the hof options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    if s["weights"] not in WEIGHT_CHOICES:
-        raise InputError(f"hof option 'weights' must be one of {list(WEIGHT_CHOICES)}; got {s['weights']!r}")
-    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
-        raise InputError(f"hof option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
-    try:
-        s["spacing"] = float(s["spacing"])
-    except (TypeError, ValueError):
-        raise InputError(f"hof option 'spacing' must be a number of mm; got {s['spacing']!r}") from None
-    if not 1.0 <= s["spacing"] <= 8.0:
-        raise InputError(f"hof option 'spacing' must be between 1 and 8 mm (trained at 3); got {s['spacing']}")
-    iterations = s["affine_iterations"]
-    if not isinstance(iterations, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in iterations):
-        raise InputError(f"hof option 'affine_iterations' must be a list of integers >= 0; got {iterations!r}")
-    return s
+    """The method's settings: its declared options (`options.OPTIONS['hof']`), checked."""
+    return validate_options("hof", options.extra)
 
 
 def build_net(integration_steps: int = 5) -> HOFNet:

@@ -56,18 +56,12 @@ from ..labels import TISSUE_LABELS
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
+from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
 SPACING = 3.0
+MIN_EXTENT_MM = GRID_SHAPE[0] * SPACING / 3  # a third of the network's field of view along every axis
 CLASSES = len(TISSUE_CODES)
-WEIGHT_NAME = "jers"
-DEFAULTS: dict[str, Any] = {
-    "extraction_stages": 5,
-    "registration_stages": 5,
-    "extraction": True,
-    "segmentation": "network",
-    "weights": WEIGHT_NAME,
-}
 
 
 @dataclass
@@ -128,22 +122,18 @@ def build_model() -> JERS:
 
 
 def _settings(options: Options) -> dict[str, Any]:
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown jers option(s) {unknown}; the jers options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    for key in ("extraction_stages", "registration_stages"):
-        value = s[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 1 <= int(value) <= 20:
-            raise InputError(f"jers option '{key}' must be a whole number from 1 to 20; got {value!r}")
-        s[key] = int(value)
-    if not isinstance(s["extraction"], bool):
-        raise InputError(f"jers option 'extraction' must be true or false; got {s['extraction']!r}")
-    if s["segmentation"] not in ("network", "atlas"):
-        raise InputError(f"jers option 'segmentation' must be 'network' or 'atlas'; got {s['segmentation']!r}")
-    if not isinstance(s["weights"], str) or not s["weights"]:
-        raise InputError(f"jers option 'weights' must be the name of shipped weights; got {s['weights']!r}")
-    return s
+    """The method's settings: its declared options (`options.OPTIONS['jers']`), checked."""
+    return validate_options("jers", options.extra)
+
+
+def check_head(raw: Volume) -> None:
+    """The raw image spans a head (`MIN_EXTENT_MM` along every axis), not a slab or a few slices."""
+    extent = np.asarray(raw.geometry.shape) * np.asarray(raw.geometry.spacing)
+    if extent.min() < MIN_EXTENT_MM:
+        raise InputError(
+            f"jers needs a whole head, but the moving image spans only {extent.min():.0f} mm along one axis (at least "
+            f"{MIN_EXTENT_MM:.0f} mm; its network sees {GRID_SHAPE[0] * SPACING:.0f} mm). Give the full 3D head scan."
+        )
 
 
 class JERSMethod:
@@ -154,6 +144,7 @@ class JERSMethod:
     def register(self, inputs: Inputs, options: Options, progress: ProgressCallback | None = None) -> Result:
         """Extract, register ``inputs.moving`` (raw head) to ``inputs.fixed`` (atlas) and segment it."""
         s = _settings(options)
+        check_head(inputs.moving)
         report = progress or (lambda fraction, stage: None)
         device = resolve_device(options.device)
         timings: dict[str, float] = {}

@@ -60,11 +60,12 @@ from ..imageio.intensity import normalise_intensity
 from ..losses import LocalNCC, bending_energy, box_sum, gradient_l2, mi_loss, multi_axis_mi_loss
 from ..spatial import compose, identity_grid, integrate_velocity, regrid_voxel_field
 from .adam import Adam
+from .options import REFINE_FIELDS, REFINE_REGULARISERS, REFINE_SIMILARITIES
 
-SIMILARITIES = ("lncc", "mi", "mami")
+SIMILARITIES = REFINE_SIMILARITIES
 """Similarities `refine` optimises; ``"auto"`` lets `choose_similarity` pick lncc or mi."""
-REGULARISERS = ("diffusion", "bending")
-FIELDS = ("displacement", "velocity")
+REGULARISERS = REFINE_REGULARISERS
+FIELDS = REFINE_FIELDS
 FOREGROUND = 0.05
 """Normalised intensity above which a fixed voxel counts as foreground (the box the levels are cropped to)."""
 

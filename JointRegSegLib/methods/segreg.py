@@ -143,38 +143,15 @@ from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import NetworkPair, prepare_pair, result_from_physical_field
-from .regions import RegionPlan, parse_regions, plan_regions
+from .options import SEGREG_DEFAULT_WEIGHTS, SEGREG_MASK_LOSSES, SEGREG_VARIANTS, validate_options
+from .regions import RegionPlan, plan_regions
 
-VARIANTS = ("iterative", "learned")
-MASK_LOSSES = ("dice", "edt", "edt-dice")
-SIMILARITIES = ("ncc", "mse", "none")
-AFFINE_MODES = ("image", "labels", "none")
-DEFAULT_WEIGHTS = {"dice": (1.0, 1.0, 0.5), "edt": (1.0, 10.0, 0.5), "edt-dice": (1.0, 1.0, 0.5)}
+VARIANTS = SEGREG_VARIANTS
+MASK_LOSSES = SEGREG_MASK_LOSSES
+DEFAULT_WEIGHTS = SEGREG_DEFAULT_WEIGHTS
 EDT_MIX_WEIGHT = 10.0  # EDT&Dice = (L_Dice + w L_EDT) / 2 with L_EDT a mean over the region (paper: w = 100, image mean)
 REG_DILATION = 2  # voxels of the level around the fixed region where R applies
 MIN_COVERAGE = 0.5
-
-_DEFAULTS: dict[str, Any] = {
-    "variant": "iterative",
-    "mask_loss": "dice",
-    "regions": "all",
-    "similarity": "ncc",
-    "weights": None,
-    "levels": (4, 2),
-    "level_iterations": (60, 40),
-    "fine_iterations": 60,
-    "lr": 0.25,
-    "integration_steps": 0,
-    "field_smoothing": 2,
-    "margin_mm": 5.0,
-    "mask_smoothing": 0.0,
-    "background_reach_mm": 0.0,
-    "affine": "image",
-    "spacing": None,
-    "weights_name": None,
-    "batch": 4,
-}
-
 
 @dataclass
 class Settings:
@@ -201,79 +178,43 @@ class Settings:
 
     @classmethod
     def from_options(cls, options: Options) -> "Settings":
-        extra = dict(options.extra or {})
-        unknown = sorted(set(extra) - set(_DEFAULTS))
-        if unknown:
-            raise InputError(f"unknown segreg option(s) {', '.join(unknown)}; the options are: {', '.join(_DEFAULTS)}.")
-        values = {**_DEFAULTS, **{k: v for k, v in extra.items() if v is not None}}
-        variant = _choice(values["variant"], VARIANTS, "variant")
-        mask_loss = _choice(values["mask_loss"], MASK_LOSSES, "mask_loss")
-        similarity = _choice(values["similarity"], SIMILARITIES, "similarity")
-        affine = _choice(values["affine"], AFFINE_MODES, "affine")
-        weights = DEFAULT_WEIGHTS[mask_loss] if values["weights"] is None else _floats(values["weights"], "weights", 3)
-        levels = tuple(int(f) for f in _floats(values["levels"], "levels"))
-        if not levels or any(f not in (1, 2, 4, 8, 16) for f in levels) or list(levels) != sorted(levels, reverse=True):
-            raise InputError(f"levels must be pooling factors among 1, 2, 4, 8, 16, coarse to fine (e.g. [4, 2]); got {levels}")
+        """The declared options (`options.OPTIONS['segreg']`) checked, and the cross-checks between them."""
+        values = validate_options("segreg", options.extra)
+        levels = values["levels"]
+        if list(levels) != sorted(set(levels), reverse=True):
+            raise InputError(f"segreg option 'levels' must list pooling factors coarse to fine, e.g. [4, 2]; got {list(levels)}.")
         if options.iterations is not None:
+            if options.iterations < 1:
+                raise InputError(f"segreg needs at least 1 iteration; got {options.iterations}.")
             iterations = (int(options.iterations),) * len(levels)
             fine_iterations = int(options.iterations)
         else:
-            iterations = tuple(int(n) for n in _floats(values["level_iterations"], "level_iterations", len(levels)))
-            fine_iterations = int(values["fine_iterations"])
-        if min(iterations) < 0 or fine_iterations < 0 or (options.iterations is not None and options.iterations < 1):
-            raise InputError(f"iteration counts must be positive; got {iterations} and fine_iterations {fine_iterations}")
-        numbers = {k: float(values[k]) for k in ("lr", "margin_mm", "mask_smoothing")}
-        spacing = None if values["spacing"] is None else float(values["spacing"])
-        reach = float(values["background_reach_mm"])
-        if not reach >= 0:
-            raise InputError(f"background_reach_mm must be a distance in mm >= 0; got {values['background_reach_mm']!r}")
-        if numbers["lr"] <= 0 or (spacing is not None and spacing <= 0) or numbers["margin_mm"] < 0 or numbers["mask_smoothing"] < 0:
-            raise InputError(
-                f"lr and spacing must be positive, margin_mm and mask_smoothing non-negative; got {numbers}, spacing {spacing}"
-            )
-        steps, batch, passes = int(values["integration_steps"]), int(values["batch"]), int(values["field_smoothing"])
-        if steps < 0 or batch < 1 or passes < 0:
-            raise InputError(
-                f"integration_steps and field_smoothing must be >= 0 and batch >= 1; got {steps}, {passes} and {batch}"
-            )
+            iterations, fine_iterations = values["level_iterations"], values["fine_iterations"]
+            if len(iterations) != len(levels):
+                raise InputError(
+                    f"segreg option 'level_iterations' needs one count per pyramid level {list(levels)}; got {list(iterations)}."
+                )
+        mask_loss = values["mask_loss"]
         return cls(
-            variant=variant,
+            variant=values["variant"],
             mask_loss=mask_loss,
-            regions=parse_regions(values["regions"]),
-            similarity=similarity,
-            weights=weights,
+            regions=values["regions"],
+            similarity=values["similarity"],
+            weights=DEFAULT_WEIGHTS[mask_loss] if values["weights"] is None else values["weights"],
             levels=levels,
             level_iterations=iterations,
             fine_iterations=fine_iterations,
-            lr=numbers["lr"],
-            integration_steps=steps,
-            field_smoothing=passes,
-            margin_mm=numbers["margin_mm"],
-            mask_smoothing=numbers["mask_smoothing"],
-            background_reach_mm=reach,
-            affine=affine,
-            spacing=spacing,
-            weights_name=str(values["weights_name"] or f"segreg-{mask_loss}"),
-            batch=batch,
+            lr=values["lr"],
+            integration_steps=values["integration_steps"],
+            field_smoothing=values["field_smoothing"],
+            margin_mm=values["margin_mm"],
+            mask_smoothing=values["mask_smoothing"],
+            background_reach_mm=values["background_reach_mm"],
+            affine=values["affine"],
+            spacing=values["spacing"],
+            weights_name=values["weights_name"] or f"segreg-{mask_loss}",
+            batch=values["batch"],
         )
-
-
-def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
-    text = str(value).strip().lower()
-    if text not in choices:
-        raise InputError(f"segreg option {name} must be one of {', '.join(choices)}; got {value!r}")
-    return text
-
-
-def _floats(value: Any, name: str, count: int | None = None) -> tuple[float, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]() ").replace(",", " ").split()
-    try:
-        numbers = tuple(float(v) for v in items)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"segreg option {name} must be a list of numbers; got {value!r}") from error
-    if count is not None and len(numbers) != count:
-        raise InputError(f"segreg option {name} needs {count} numbers; got {value!r}")
-    return numbers
 
 
 # ----------------------------------------------------------------------------- inputs and regions

@@ -98,39 +98,17 @@ from ..spatial import affine_to_displacement, compose, index_affine_to_physical,
 from ..weights import load_into
 from . import refinement
 from .adam import Adam
-from .affine_stage import DEFAULT_ITERATIONS as AFFINE_ITERATIONS
 from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_field, result_from_network_field
+from .options import validate_options
 
 NETWORKS = {"teacher": teacher_unet, "student": student_unet}
 NETWORK_CHOICES = (*NETWORKS, "none")
 WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
 DEFAULT_ITERATIONS = {"cpu": 0, "cuda": 100}
-DEFAULTS: dict[str, Any] = {
-    "tto": True,
-    "network": "student",
-    "spacing": None,
-    "lr": 1e-3,
-    "lambda_smooth": 0.3,
-    "alpha_div": 0.03,
-    "mi_bins": 32,
-    "mi_stride": 2,
-    "affine": "nmi",
-    "affine_iterations": list(AFFINE_ITERATIONS),
-    "refine": True,
-    "refine_similarity": "auto",
-    "refine_spacings": None,
-    "refine_iterations": None,
-    "refine_weight": refinement.Settings.weight,
-    "refine_regulariser": refinement.Settings.regulariser,
-    "refine_field": refinement.Settings.field,
-    "refine_lr": refinement.Settings.lr,
-    "refine_window_mm": refinement.Settings.window_mm,
-    "refine_smoothing": refinement.Settings.smoothing,
-}
 DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
 DEFAULT_REFINE_SPACINGS = {"cpu": (4.0, 2.0), "cuda": (4.0, 2.0, 1.0)}
 DEFAULT_REFINE_ITERATIONS = {"cpu": (40, 20), "cuda": (100, 100, 50)}
@@ -215,69 +193,15 @@ def tto_loss(
     return loss, terms
 
 
-def _number(key: str, value: Any) -> float:
-    """``value`` as a float, or an InputError naming the option."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"tto option '{key}' must be a number; got {value!r}") from None
-
-
-def _numbers(key: str, value: Any, kind: type) -> list[Any]:
-    """``value`` as a non-empty list of ``kind`` (int or float), or an InputError naming the option."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    try:
-        numbers = [kind(_number(key, v)) for v in items]
-    except ValueError:
-        numbers = []
-    if not numbers or any(float(n) != float(v) for n, v in zip(numbers, items)):
-        raise InputError(f"tto option '{key}' must be a list of {'whole ' if kind is int else ''}numbers; got {value!r}")
-    return numbers
-
-
 def _settings(options: Options, device: str) -> dict[str, Any]:
-    """The method's settings: DEFAULTS (device-dependent where None) overridden by ``options.extra``, checked."""
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown tto option(s) {unknown}; the tto options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    for key in ("tto", "refine"):
-        if not isinstance(s[key], bool):
-            raise InputError(f"tto option '{key}' must be true or false; got {s[key]!r}")
-    if s["network"] not in NETWORK_CHOICES:
-        raise InputError(f"tto option 'network' must be one of {', '.join(NETWORK_CHOICES)}; got {s['network']!r}")
-    if s["affine"] not in ("nmi", "mi", "ncc", "none"):
-        raise InputError(f"tto option 'affine' must be 'nmi', 'mi', 'ncc' or 'none'; got {s['affine']!r}")
-    choices = {
-        "refine_similarity": ("auto", *refinement.SIMILARITIES),
-        "refine_regulariser": refinement.REGULARISERS,
-        "refine_field": refinement.FIELDS,
-    }
-    for key, allowed in choices.items():
-        if s[key] not in allowed:
-            raise InputError(f"tto option '{key}' must be one of {', '.join(allowed)}; got {s[key]!r}")
-    for key in ("spacing", "lr", "refine_lr", "refine_window_mm"):
-        if s[key] is None:
-            continue
-        if not _number(key, s[key]) > 0:
-            raise InputError(f"tto option '{key}' must be positive; got {s[key]!r}")
-        s[key] = float(s[key])
-    for key in ("lambda_smooth", "alpha_div", "refine_weight"):
-        if not _number(key, s[key]) >= 0:
-            raise InputError(f"tto option '{key}' must be zero or positive; got {s[key]!r}")
-        s[key] = float(s[key])
-    for key, low in (("mi_bins", 2), ("mi_stride", 1), ("refine_smoothing", 1)):
-        if _number(key, s[key]) < low or int(s[key]) != float(s[key]):
-            raise InputError(f"tto option '{key}' must be an integer >= {low}; got {s[key]!r}")
-        s[key] = int(s[key])
-    s["refine_spacings"] = tuple(
-        DEFAULT_REFINE_SPACINGS.get(device, DEFAULT_REFINE_SPACINGS["cuda"])
-        if s["refine_spacings"] is None else _numbers("refine_spacings", s["refine_spacings"], float)
-    )
-    s["refine_iterations"] = tuple(
-        DEFAULT_REFINE_ITERATIONS.get(device, DEFAULT_REFINE_ITERATIONS["cuda"])
-        if s["refine_iterations"] is None else _numbers("refine_iterations", s["refine_iterations"], int)
-    )
+    """The method's settings: its declared options (`options.OPTIONS['tto']`) checked, device defaults where
+    "auto", and the run's iteration count and time budget (none by default: the result does not depend on the clock)."""
+    s = validate_options("tto", options.extra)
+    if s["refine_spacings"] is None:
+        s["refine_spacings"] = DEFAULT_REFINE_SPACINGS.get(device, DEFAULT_REFINE_SPACINGS["cuda"])
+    if s["refine_iterations"] is None:
+        s["refine_iterations"] = DEFAULT_REFINE_ITERATIONS.get(device, DEFAULT_REFINE_ITERATIONS["cuda"])
+    s["refine_spacings"], s["refine_iterations"] = tuple(s["refine_spacings"]), tuple(s["refine_iterations"])
     iterations = DEFAULT_ITERATIONS.get(device, DEFAULT_ITERATIONS["cuda"]) if options.iterations is None else options.iterations
     if int(iterations) < 0 or (options.time_budget is not None and not float(options.time_budget) >= 0):
         raise InputError(f"iterations and time budget must be >= 0; got {iterations} and {options.time_budget}")

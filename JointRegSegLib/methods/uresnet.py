@@ -74,6 +74,7 @@ from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_network_field
+from .options import validate_options
 
 WEIGHT_NAME = "uresnet"
 GRID_MULTIPLE = 4
@@ -88,11 +89,6 @@ CLASSES: tuple[tuple[str, tuple[int, ...], int, int], ...] = (
 N_CLASSES = len(CLASSES)
 _MAX_CODE = 1024
 
-DEFAULTS: dict[str, Any] = {
-    "spacing": 4.0,
-    "segment_fixed": False,
-    "warped_seg": "auto",
-}
 LOSS_WEIGHTS: dict[str, float] = {"alpha": 0.1, "beta": 1e-11, "gamma": 1.0, "delta": 1.0, "epsilon": 1.0, "w1": 1.0, "w2": 1.0}
 CHANNELS = (16, 32, 32)
 
@@ -171,22 +167,8 @@ def uresnet_loss(
 
 
 def _settings(options: Options) -> dict[str, Any]:
-    """The method's settings: DEFAULTS overridden by ``options.extra``, checked."""
-    unknown = sorted(set(options.extra) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown uresnet option(s) {unknown}; the uresnet options are {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **options.extra}
-    try:
-        s["spacing"] = float(s["spacing"])
-    except (TypeError, ValueError):
-        raise InputError(f"uresnet option 'spacing' must be a number of mm; got {s['spacing']!r}") from None
-    if not s["spacing"] > 0:
-        raise InputError(f"uresnet option 'spacing' must be positive (mm); got {s['spacing']!r}")
-    if not isinstance(s["segment_fixed"], bool):
-        raise InputError(f"uresnet option 'segment_fixed' must be true or false; got {s['segment_fixed']!r}")
-    if s["warped_seg"] not in ("auto", "predicted", "given"):
-        raise InputError(f"uresnet option 'warped_seg' must be 'auto', 'predicted' or 'given'; got {s['warped_seg']!r}")
-    return s
+    """The method's settings: its declared options (`options.OPTIONS['uresnet']`), checked."""
+    return validate_options("uresnet", options.extra)
 
 
 def network_grid(geometry: Geometry, spacing: float) -> Geometry:

@@ -99,7 +99,8 @@ def pmm_map(
         for axis in range(3):
             hist = _box_sum(hist, width, axis)
         counted = hist.sum(axis=-1) >= min_count
-        scores[p0:p1][counted] = arithmetic_nmi_from_joint(hist[counted].reshape(-1, bins, bins))
+        if counted.any():  # a chunk of rows outside the domain scores nothing (reshape(-1, ...) of 0 items fails)
+            scores[p0:p1][counted] = arithmetic_nmi_from_joint(hist[counted].reshape(-1, bins, bins))
 
     scored = np.isfinite(scores)
     total = np.pad(np.where(scored, scores, 0.0), width - 1)

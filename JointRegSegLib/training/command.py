@@ -17,10 +17,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
+from ..methods.options import parse_options
 from . import NETWORKS
 
 ACTIONS = ("all", "pack", "throughput", "adopt")
@@ -41,25 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="folder for weights, manifest and curves (default Resources/weights)")
     parser.add_argument("--archive", type=Path, help="all: also pack the output folder's files into this tar")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes making the batches (CPU)")
-    parser.add_argument("--option", action="append", default=[], type=setting, metavar="KEY=VALUE", help="training setting (JSON value), repeatable")
-
-
-def setting(text: str) -> tuple[str, Any]:
-    """A ``--option KEY=VALUE``: VALUE parsed as JSON where it is JSON, else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="training setting (JSON value), repeatable")
 
 
 def run(args: argparse.Namespace) -> None:
     """Run the ``train`` invocation ``args`` describes; print its summary as JSON."""
     from ..errors import InputError
 
-    options = dict(args.option)
+    options = parse_options(args.option)
     if args.network == "pack":
         print(json.dumps(pack(), indent=2))
         return

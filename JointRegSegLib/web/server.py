@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from ..app import Controller, RunRequest, RunState, describe_method, device_labe
 from ..app.environment import library_root
 from ..errors import InputError
 from ..methods.catalogue import CATALOGUE, method_info
+from ..methods.options import validate_setting
 from ..sample_data import FILES as SAMPLE_FILES
 from ..sample_data import sample_dir
 from . import panels, routes
@@ -264,9 +264,9 @@ class WebApp:
         return RunRequest(
             fixed=nodes["fixed_file"], moving=nodes["moving_file"], fixed_segmentation=nodes["fixed_seg_file"],
             moving_segmentation=nodes["moving_seg_file"], atlas=nodes["atlas_file"], atlas_segmentation=nodes["atlas_seg_file"],
-            device=self.state.device or "cpu", seed=_whole(self.state.seed, "Seed", 0), output_name="Web",
-            iterations=_whole(self.state.iterations, "Iterations", 1) if tto else None,
-            time_budget=_number(self.state.time_budget, "Time budget", 1.0) if tto else None,
+            device=self.state.device or "cpu", seed=validate_setting("seed", self.state.seed, "Seed"), output_name="Web",
+            iterations=validate_setting("iterations", self.state.iterations, "Iterations") if tto else None,
+            time_budget=validate_setting("time_budget", self.state.time_budget, "Time budget") if tto else None,
         )
 
     # Running
@@ -446,26 +446,6 @@ def _table_dict(table: Any) -> dict[str, dict[str, Any]]:
     from .. import mrml
 
     return mrml.table_as_dict(table) if table is not None else {}
-
-
-def _whole(value: Any, name: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a whole number.") from None
-    if number < minimum:
-        raise InputError(f"{name} must be at least {minimum}.")
-    return number
-
-
-def _number(value: Any, name: str, minimum: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number.") from None
-    if not math.isfinite(number) or number < minimum:
-        raise InputError(f"{name} must be at least {minimum:g}.")
-    return number
 
 
 def serve(data: Optional[Path], host: str, port: int) -> None:

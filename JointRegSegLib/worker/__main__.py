@@ -1,7 +1,9 @@
 """``python -m JointRegSegLib.worker JOB.json``: run one job, streaming JSON events on stdout.
 
-Exit codes: 0 success, 2 a problem with the inputs, options or weights (the `error` event says
-what to do), 1 an unexpected internal error, 143 cancelled by SIGTERM.
+Exit codes: 0 success (a failed evaluation or picture step is reported in the ``result`` event's
+``failed_steps``), 2 a problem the user can act on (inputs, options, weights, output folder, full
+disk, memory; the ``error`` event says what to do), 1 an unexpected internal error, 143 cancelled
+by SIGTERM, 130 by SIGINT (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,39 +15,51 @@ import threading
 import traceback
 from pathlib import Path
 
-from ..errors import InputError, WeightsError
+from ..errors import InputError
 from .events import EventWriter
+from .failures import EXIT_BAD_INPUT, describe_failure
 from .job import parse_job
-from .staging import ACTIVE
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
 EXIT_CANCELLED = 143
+EXIT_INTERRUPTED = 130
+_EXIT_ON = {signal.SIGTERM: EXIT_CANCELLED, signal.SIGINT: EXIT_INTERRUPTED}
 
 
 def install_cancel_handler(events: EventWriter) -> None:
-    """SIGTERM cancels at once: a dedicated thread waits for it, removes the staging folder, exits.
+    """SIGTERM and SIGINT cancel at once: a dedicated thread waits for them, removes the staging folder, exits.
 
-    Waiting in a thread (with SIGTERM blocked elsewhere) answers within milliseconds even while the
-    main thread is inside a long torch or SimpleITK call, where a Python signal handler would wait.
+    Waiting in a thread (with the signals blocked elsewhere) answers within milliseconds even while the
+    main thread is inside a long torch or SimpleITK call, where a Python signal handler would wait, and
+    no KeyboardInterrupt traceback ever reaches the user. Call it before numpy, torch or ITK start
+    threads of their own (they inherit the blocked signals); should one still receive a signal, the
+    Python handler hands the cancel to a new thread (the interrupted main thread may hold the event
+    stream's lock).
     """
+    for sig in _EXIT_ON:
+        signal.signal(sig, lambda number, _frame: threading.Thread(target=_cancel, args=(events, signal.Signals(number))).start())
     if not hasattr(signal, "pthread_sigmask"):
-        signal.signal(signal.SIGTERM, lambda *_: _cancel(events))
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(_EXIT_ON))
 
     def wait() -> None:
-        signal.sigwait({signal.SIGTERM})
-        _cancel(events)
+        _cancel(events, signal.Signals(signal.sigwait(set(_EXIT_ON))))
 
     threading.Thread(target=wait, name="cancel", daemon=True).start()
 
 
-def _cancel(events: EventWriter) -> None:
+_CANCELLING = threading.Lock()
+
+
+def _cancel(events: EventWriter, sig: signal.Signals) -> None:
+    if not _CANCELLING.acquire(blocking=False):
+        return
+    from .staging import ACTIVE, FINISHED
+
     for staging in list(ACTIVE):
         staging.discard()
-    events.emit("error", message="cancelled by the user; no output was written.", kind="cancelled")
-    os._exit(EXIT_CANCELLED)
+    outcome = f"the results were already written to {FINISHED[-1]}" if FINISHED else "no output was written"
+    events.emit("error", message=f"cancelled by the user ({sig.name}); {outcome}.", kind="cancelled")
+    os._exit(_EXIT_ON[sig])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,31 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(argv[0])
         try:
             text = path.read_text()
-        except OSError as error:
-            raise InputError(f"cannot read the job file {path}: {error.strerror}.") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read the job file {path}: {getattr(error, 'strerror', None) or error}.") from error
         job = parse_job(text, source=f"job file {path}")
         from .run import run_job
 
         run_job(job, events)
         return 0
-    except (InputError, WeightsError) as error:
-        events.emit("error", message=str(error), kind=type(error).__name__)
-        return EXIT_BAD_INPUT
     except Exception as error:
-        message = out_of_memory_message(error) or f"unexpected {type(error).__name__}: {error}. Please report it with the log."
-        events.emit("error", message=message, kind="internal", traceback=traceback.format_exc())
-        return EXIT_BAD_INPUT if out_of_memory_message(error) else EXIT_INTERNAL
-
-
-def out_of_memory_message(error: BaseException) -> str | None:
-    """A user-facing message for running out of (GPU) memory, else None."""
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-        return (
-            "ran out of memory. On a GPU, run again with device 'cpu' (slower, uses main memory), close "
-            "other programs using the GPU, or lower the method's resolution/iterations."
-        )
-    return None
+        failure = describe_failure(error, events.stage)
+        extra = {"traceback": traceback.format_exc()} if failure.kind == "internal" else {}
+        events.emit("error", message=failure.message, kind=failure.kind, **extra)
+        return failure.exit_code
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERRUPTED", "main"]  # the exit codes batch reads

@@ -10,18 +10,29 @@ import json
 import math
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
+
+
+MIN_FRACTION = 0.01
+MIN_ELAPSED_S = 1.0
 
 
 class EventWriter:
-    """Writes events as JSON lines and turns stage fractions into one monotonic overall progress."""
+    """Writes events as JSON lines and turns stage fractions into one monotonic overall progress.
 
-    def __init__(self, stream: IO[str]) -> None:
+    Time left is ``elapsed (1 - f) / f``: the run's average rate so far applied to what remains.
+    Unlike a rate measured over the last steps it does not jump when one step is slow (a busy
+    machine, a stage whose share of the bar was guessed short), it is exact for a steady rate, it
+    falls to 0 at the end, and once half the work is done it never exceeds the time already spent.
+    None until 1 % is done and a second has passed (nothing to go on yet).
+    """
+
+    def __init__(self, stream: IO[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.fraction = 0.0
-        self._rate: float | None = None
-        self._last: tuple[float, float] | None = None
+        self.stage = "starting"
         self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -36,31 +47,24 @@ class EventWriter:
 
     def progress(self, fraction: float, stage: str) -> None:
         """Report overall progress; fractions are clamped so the stream never goes backwards."""
-        now = time.monotonic()
-        elapsed = now - self.start
+        elapsed = self.clock() - self.start
         self.fraction = max(self.fraction, min(1.0, max(0.0, float(fraction))))
+        self.stage = stage
         self.emit(
             "progress",
             fraction=round(self.fraction, 4),
             stage=stage,
-            seconds_left=self._seconds_left(now),
+            seconds_left=self.seconds_left(elapsed),
             elapsed=round(elapsed, 2),
         )
 
-    def _seconds_left(self, now: float) -> float | None:
-        """Remaining time from a smoothed rate of progress (fraction per second)."""
-        if self._last is not None:
-            t0, f0 = self._last
-            if now > t0 and self.fraction > f0:
-                rate = (self.fraction - f0) / (now - t0)
-                self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
-        if self._last is None or self.fraction > self._last[1]:
-            self._last = (now, self.fraction)
+    def seconds_left(self, elapsed: float) -> float | None:
+        """Time left (seconds) after ``elapsed`` seconds at the current fraction (see the class docstring)."""
         if self.fraction >= 1.0:
             return 0.0
-        if self._rate is None or self._rate <= 0:
+        if self.fraction < MIN_FRACTION or elapsed < MIN_ELAPSED_S:
             return None
-        return round((1.0 - self.fraction) / self._rate, 1)
+        return round(elapsed * (1.0 - self.fraction) / self.fraction, 1)
 
 
 def to_json(value: Any) -> Any:

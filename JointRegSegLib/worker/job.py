@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..methods.options import FLOAT, SETTINGS, validate_setting
 
 INPUT_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg")
+COMMAND_LINE = "the command line"
 
 
 @dataclass
@@ -29,6 +31,12 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
     threads: int | None = None
+    overwrite: bool = False
+
+    def inputs(self) -> dict[str, Path]:
+        """The input files given, by what they are ("fixed image", ...)."""
+        names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed label map", "moving_seg": "moving label map"}
+        return {names[key]: getattr(self, key) for key in INPUT_KEYS if getattr(self, key) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -44,31 +52,32 @@ def parse_job(text: str, source: str = "job") -> Job:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from error
+    return job_from_dict(data, source)
+
+
+def job_from_dict(data: Any, source: str = "job") -> Job:
+    """A checked `Job` from its fields (a job file's JSON, or the command line's arguments)."""
     if not isinstance(data, dict):
         raise InputError(f"{source} must be a JSON object with at least 'method' and 'output'.")
+    data = dict(data)
     known = set(Job.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(f"{source} has unknown field(s) {unknown}; known fields are {sorted(known)}.")
     for key in ("method", "output"):
-        if not isinstance(data.get(key), str) or not data[key]:
+        if not isinstance(data.get(key), (str, Path)) or not str(data[key]):
             raise InputError(f"{source} needs '{key}' as a non-empty string.")
     for key in INPUT_KEYS:
-        if data.get(key) is not None and not isinstance(data[key], str):
+        if data.get(key) is not None and not isinstance(data[key], (str, Path)):
             raise InputError(f"{source}: '{key}' must be a file path (string) or null.")
     _check_type(data, "device", str, source)
-    _check_type(data, "seed", int, source)
-    _check_type(data, "iterations", int, source)
-    _check_type(data, "time_budget", (int, float), source)
     _check_type(data, "options", dict, source)
     _check_type(data, "pictures", bool, source)
-    _check_type(data, "threads", int, source)
-    if data.get("threads") is not None and data["threads"] < 1:
-        raise InputError(f"{source}: 'threads' must be at least 1.")
-    if data.get("iterations") is not None and data["iterations"] < 0:
-        raise InputError(f"{source}: 'iterations' must be >= 0.")
-    if data.get("time_budget") is not None and data["time_budget"] <= 0:
-        raise InputError(f"{source}: 'time_budget' must be a positive number of seconds.")
+    _check_type(data, "overwrite", bool, source)
+    for key, spec in SETTINGS.items():
+        _check_type(data, key, (int, float) if spec.type == FLOAT else int, source)
+        label = f"--{key.replace('_', '-')}" if source == COMMAND_LINE else f"{source}: '{key}'"
+        data[key] = validate_setting(key, data.get(key), label)
     paths = {key: Path(data[key]).expanduser() for key in (*INPUT_KEYS, "output") if data.get(key)}
     return Job(**{**data, **paths})
 

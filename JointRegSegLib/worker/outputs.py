@@ -9,50 +9,88 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..evaluation import Maps
-from ..imageio.io import write_volume
+from ..imageio.io import check_written, write_error, write_volume
 from ..methods.base import Result
 from ..spatial.affine import to_sitk_affine
 from ..spatial.field_io import write_displacement_field
 from .events import to_json
+from .staging import MANIFEST
 
-MANIFEST = "result.json"
 PACKAGES = ("jointregseg", "torch", "monai", "SimpleITK", "numpy", "scipy", "nibabel")
 
 
-def write_result(folder: Path, result: Result, maps: Maps, metrics: dict[str, Any]) -> dict[str, str]:
-    """Write images, field, maps and metrics; return {kind: file name} (also saved as result.json)."""
+FILES = {
+    "warped": "warped.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "pmm": "pmm.nii.gz",
+    "fixed_seg": "fixed_seg.nii.gz",
+    "moving_seg": "moving_seg.nii.gz",
+    "warped_seg": "warped_seg.nii.gz",
+    "brain_mask": "brain_mask.nii.gz",
+    "extracted": "extracted.nii.gz",
+    "affine": "affine.tfm",
+    "metrics": "metrics.json",
+}
+"""The file each kind of output is written to (README "Outputs")."""
+
+
+def write_result(folder: Path, result: Result, maps: Maps | None, metrics: dict[str, Any]) -> dict[str, str]:
+    """Write images, field, maps (when there are any) and metrics; return {kind: file name}.
+
+    Every file is checked after writing (`imageio.io.check_written`); a failure raises OutputError.
+    """
     files: dict[str, str] = {}
 
-    def volume(kind: str, vol: Any, name: str) -> None:
+    def volume(kind: str, vol: Any) -> None:
         if vol is not None:
-            write_volume(vol, folder / name)
-            files[kind] = name
+            write_volume(vol, folder / FILES[kind])
+            files[kind] = FILES[kind]
 
-    volume("warped", result.warped, "warped.nii.gz")
-    write_displacement_field(result.displacement, folder / "displacement.nii.gz")
-    files["displacement"] = "displacement.nii.gz"
-    volume("jacobian", maps.jacobian, "jacobian.nii.gz")
-    volume("pmm", maps.pmm, "pmm.nii.gz")
-    volume("fixed_seg", result.fixed_seg, "fixed_seg.nii.gz")
-    volume("moving_seg", result.moving_seg, "moving_seg.nii.gz")
-    volume("warped_seg", result.warped_seg, "warped_seg.nii.gz")
-    volume("brain_mask", result.brain_mask, "brain_mask.nii.gz")
-    volume("extracted", result.extracted, "extracted.nii.gz")
+    volume("warped", result.warped)
+    field = folder / FILES["displacement"]
+    try:
+        write_displacement_field(result.displacement, field)
+    except (RuntimeError, OSError) as error:
+        raise write_error(field, error) from error
+    check_written(field)
+    files["displacement"] = FILES["displacement"]
+    if maps is not None:
+        volume("jacobian", maps.jacobian)
+        volume("pmm", maps.pmm)
+    for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask", "extracted"):
+        volume(kind, getattr(result, kind))
     if result.affine is not None:
-        sitk.WriteTransform(to_sitk_affine(result.affine), str(folder / "affine.tfm"))
-        files["affine"] = "affine.tfm"
-    write_json(folder / "metrics.json", metrics)
-    files["metrics"] = "metrics.json"
+        write_affine(result.affine, folder / FILES["affine"])
+        files["affine"] = FILES["affine"]
+    write_json(folder / FILES["metrics"], metrics)
+    files["metrics"] = FILES["metrics"]
     return files
 
 
+def write_affine(matrix: Any, path: Path) -> None:
+    """The affine as an ITK transform file, read back to check it was written whole."""
+    transform = to_sitk_affine(matrix)
+    try:
+        sitk.WriteTransform(transform, str(path))
+        back = sitk.ReadTransform(str(path))
+    except (RuntimeError, OSError) as error:
+        raise write_error(path, error) from error
+    if not np.allclose(back.GetParameters(), transform.GetParameters()):
+        raise write_error(path)
+
+
 def write_json(path: Path, data: Any) -> None:
-    """JSON with NaN written as null, numpy values as plain numbers."""
-    path.write_text(json.dumps(to_json(data), indent=2, allow_nan=False) + "\n")
+    """JSON with NaN written as null, numpy values as plain numbers (OutputError when it cannot be written)."""
+    try:
+        path.write_text(json.dumps(to_json(data), indent=2, allow_nan=False) + "\n")
+    except OSError as error:
+        raise write_error(path, error) from error
 
 
 def versions() -> dict[str, str]:
@@ -71,3 +109,6 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+__all__ = ["FILES", "MANIFEST", "device_description", "versions", "write_json", "write_result"]  # MANIFEST: read by batch.resume

@@ -1,34 +1,54 @@
-"""Running one job: read inputs, register, evaluate, write outputs whole or not at all."""
+"""Running one job: check everything, read inputs, register, evaluate, write outputs whole or not at all.
+
+Order: options, device and output folder are checked before anything is read (`Staging` applies
+the output-folder rule), inputs before the method starts, the result (finite, overlapping the
+fixed image) before anything is written. A failing evaluation or picture step does not throw a
+finished registration away: the transform and the warped image are written, the step's failure is
+logged, recorded in metrics.json (``failed_steps``) and in the ``result`` event. A full disk,
+by contrast, fails the run with nothing written.
+"""
 
 from __future__ import annotations
 
+import errno
 import random
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..device import resolve_device
-from ..errors import InputError
-from ..evaluation import evaluate, quality_maps
+from ..errors import InputError, OutputError
+from ..evaluation import Maps, check_result, evaluate, quality_maps, undefined_metrics
 from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels
 from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
+from ..methods.catalogue import MethodInfo
+from ..methods.options import validate_options
 from ..report import save_individual_pictures
 from ..weights import sha256_of
 from .events import EventWriter
+from .failures import describe_failure
 from .job import INPUT_KEYS, Job
-from .outputs import MANIFEST, device_description, versions, write_json, write_result
-from .staging import PROVENANCE, Staging
+from .outputs import FILES, device_description, versions, write_json, write_result
+from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run).
 STAGES = {"load": (0.0, 0.05), "register": (0.05, 0.85), "evaluate": (0.85, 0.95), "write": (0.95, 1.0)}
+MIN_VOXELS = 16
+"""Fewest voxels along any axis of an image (the quality map's patches are 16 voxels wide)."""
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+ExtraOutputs = Callable[[Path, Inputs, Result, "Maps | None", dict[str, Any]], dict[str, str]]
+"""Writes more files into the staging folder; returns {kind: path relative to it} (e.g. the demo's overview)."""
+
 
 def stage_progress(events: EventWriter, stage: str, label: str | None = None):
     """A progress callback mapping a stage's own [0, 1] onto its share of the whole run."""
@@ -40,13 +60,13 @@ def stage_progress(events: EventWriter, stage: str, label: str | None = None):
     return report
 
 
-def read_inputs(job: Job, needs_segmentations: bool, needs_atlas: bool = False) -> Inputs:
-    """Read and check the job's images and label maps.
+def resolve_inputs(job: Job, info: MethodInfo) -> None:
+    """Fill in the atlas for a method that needs one, and check that the method has the inputs it needs.
 
     For a method that needs an atlas, a job without a fixed image gets the shipped atlas and its
     labels (`JointRegSegLib.atlas`) as the fixed image and label map.
     """
-    if needs_atlas and job.fixed is None:
+    if info.needs_atlas and job.fixed is None:
         from ..atlas import atlas_paths
 
         job.fixed, default_labels = atlas_paths()
@@ -54,20 +74,46 @@ def read_inputs(job: Job, needs_segmentations: bool, needs_atlas: bool = False) 
     for key in ("fixed", "moving"):
         if getattr(job, key) is None:
             raise InputError(f"the job has no {key} image; give --{key} (a NIfTI, NRRD or MHA file).")
-    if needs_segmentations and (job.fixed_seg is None or job.moving_seg is None):
+    if info.needs_segmentations and (job.fixed_seg is None or job.moving_seg is None):
         raise InputError(f"method '{job.method}' needs label maps of both images: give --fixed-seg and --moving-seg.")
-    fixed = read_image(job.fixed, f"fixed image '{job.fixed}'")
-    moving = read_image(job.moving, f"moving image '{job.moving}'")
+    if job.fixed_seg is not None and job.moving_seg is None and not info.gives_segmentation:
+        raise InputError(
+            f"method '{job.method}' uses a fixed label map only with a moving one (to measure Dice after registration): "
+            "give --moving-seg too, or leave out --fixed-seg."
+        )
+
+
+def read_inputs(job: Job, events: EventWriter | None = None) -> Inputs:
+    """Read and check the job's images and label maps (`resolve_inputs` first)."""
+    fixed = read_image(job.fixed, "fixed image")
+    moving = read_image(job.moving, "moving image")
+    for name, path, image in (("fixed image", job.fixed, fixed), ("moving image", job.moving, moving)):
+        if min(image.geometry.shape) < MIN_VOXELS:
+            raise InputError(
+                f"{name} '{path}' has only {'x'.join(map(str, image.geometry.shape))} voxels; JointRegSeg needs at least "
+                f"{MIN_VOXELS} along every axis. Give the full scan, or resample it to thinner slices first."
+            )
+        if events is not None and _looks_binary(image.array):
+            events.log(
+                f"the {name} has only two intensity values: is it a mask or a label map? Intensity metrics "
+                "(NCC, MI, PMM) may be undefined for it.",
+                "warning",
+            )
     fixed_seg = _labels_on(job.fixed_seg, fixed, "fixed")
     moving_seg = _labels_on(job.moving_seg, moving, "moving")
     return Inputs(fixed, moving, fixed_seg, moving_seg)
 
 
+def _looks_binary(array: np.ndarray, samples: int = 200_000) -> bool:
+    step = max(1, array.size // samples)
+    return np.unique(array.ravel()[::step]).size <= 2
+
+
 def _labels_on(path: Path | None, image: Volume, which: str) -> Volume | None:
     if path is None:
         return None
-    labels = read_labels(path, f"{which} label map '{path}'")
-    check_same_grid(image, labels, (f"{which} image", f"{which} label map"))
+    labels = read_labels(path, f"{which} label map")
+    check_same_grid(labels, image, (f"{which} label map", f"{which} image"))
     return labels
 
 
@@ -78,17 +124,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
+def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written)."""
     started = time.time()
     timings: dict[str, float] = {}
     method = get_method(job.method)
+    validate_options(job.method, job.options)
     device = resolve_device(job.device)
-    staging = Staging(job.output)
+    resolve_inputs(job, method.info)
+    staging = Staging(job.output, job.inputs(), job.overwrite, (*FILES.values(), MANIFEST, PROVENANCE))
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
-        inputs = read_inputs(job, method.info.needs_segmentations, method.info.needs_atlas)
+        inputs = read_inputs(job, events)
         timings["load_s"] = time.monotonic() - tick
 
         tick = time.monotonic()
@@ -98,32 +146,36 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
+        check_result(inputs, result)
         timings["register_s"] = time.monotonic() - tick
         for message in result.messages:
             events.log(message, "warning")
 
+        failed: dict[str, str] = {}
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
-        metrics = evaluate(inputs, result, maps)
+        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(inputs, result))
+        maps, metrics = evaluated or (None, {})
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
             metrics["messages"] = result.messages
+        for key, why in undefined_metrics(metrics).items():
+            events.log(f"{key} is undefined: {why}", "warning")
         timings["evaluate_s"] = time.monotonic() - tick
 
         tick = time.monotonic()
         events.progress(STAGES["write"][0], "writing results")
-        files = write_result(staging.path, result, maps, metrics)
+        files: dict[str, str] = {}
         if job.pictures:
-            pictures = save_individual_pictures(
-                staging.path / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped, maps.jacobian, maps.pmm,
-                jacobian_part=maps.jacobian_part, segmentations=segmentation_pictures(inputs, result, method.info.name),
-                mask=maps.mask,
-            )
-            files.update({f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()})
+            pictures = partial(_pictures, staging.path, inputs, result, maps, method.info.name)
+            files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
+        if extra_outputs is not None:
+            extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
+            files.update(_kept_on_failure("overview", failed, events, extra) or {})
+        files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})}))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
-        write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result.weights, device, timings, result.details))
+        write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
         files["provenance"] = PROVENANCE
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
@@ -132,8 +184,45 @@ def run_job(job: Job, events: EventWriter) -> dict[str, Any]:
         raise
     events.progress(1.0, "done")
     summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics}
+    if failed:
+        summary["failed_steps"] = failed
     events.emit("result", **summary)
     return summary
+
+
+def _evaluate(inputs: Inputs, result: Result) -> tuple[Maps, dict[str, Any]]:
+    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
+    return maps, evaluate(inputs, result, maps)
+
+
+def _pictures(folder: Path, inputs: Inputs, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+    pictures = save_individual_pictures(
+        folder / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped,
+        maps.jacobian if maps is not None else None, maps.pmm if maps is not None else None,
+        jacobian_part=maps.jacobian_part if maps is not None else "whole mapping",
+        segmentations=segmentation_pictures(inputs, result, method), mask=maps.mask if maps is not None else None,
+    )
+    return {f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()}
+
+
+def _kept_on_failure(step: str, failed: dict[str, str], events: EventWriter, work: Callable[[], Any]) -> Any:
+    """Run a step whose failure must not cost the registration: log and record it, return None.
+
+    A full disk (or another write failure) is not such a failure: it fails the run.
+    """
+    try:
+        return work()
+    except OutputError:
+        raise
+    except OSError as error:
+        if error.errno in _DISK_ERRORS:
+            raise OutputError(f"could not write the {step}: {error.strerror}. Free some space or choose another output folder; nothing was kept.") from error
+        reason = describe_failure(error, step).message
+    except Exception as error:  # anything else in this step: report it, keep the registration
+        reason = describe_failure(error, step).message
+    failed[step] = reason
+    events.log(f"the {step} step failed ({reason}); the transform and the warped image are written.", "warning")
+    return None
 
 
 def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[str, tuple[Volume, Volume, str]]:
@@ -154,7 +243,7 @@ def _on_fixed_grid(inputs: Inputs) -> Volume:
 
 
 def provenance(
-    job: Job, method: str, weights: dict[str, str], device: torch.device, timings: dict[str, float], details: dict[str, Any]
+    job: Job, method: str, result: Result, device: torch.device, timings: dict[str, float], failed: dict[str, str]
 ) -> dict[str, Any]:
     """What produced this output: method, options, input and weights checksums, seed, versions, device, timings."""
     return {
@@ -163,10 +252,11 @@ def provenance(
         "job": job.to_dict(),
         "inputs_sha256": {key: sha256_of(path) for key in INPUT_KEYS if (path := getattr(job, key)) is not None},
         "seed": job.seed,
-        "weights_sha256": weights,
+        "weights_sha256": result.weights,
         "device": device_description(device),
         "versions": versions(),
         "timings_s": timings,
-        "method_details": details,
+        "method_details": result.details,
+        "failed_steps": failed,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
