@@ -49,7 +49,7 @@ from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import method_names
 from ..methods.base import Inputs, Result
-from ..methods.options import parse_options, validate_options
+from ..methods.options import parse_options, validate_options, validate_setting
 from ..spatial.field_io import read_displacement_field
 from ..spatial.physical import warp_volume
 from ..worker.job import Job
@@ -124,6 +124,9 @@ class BenchSettings:
             raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(method_names())}.")
         for spec in self.methods:  # every bad option value is refused before any run starts
             name, own = method_spec(spec)
+            for key in ("iterations", "time_budget"):  # the run's own settings (`run_method`)
+                if key in own:
+                    validate_setting(key, own.pop(key), f"{spec}: {key}")
             validate_options(name, {**self.options, **own})
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
