@@ -58,3 +58,25 @@ def test_worker_module_runs_as_a_program(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "JointRegSegLib.worker"], capture_output=True, text=True)
     event = json.loads(proc.stdout.splitlines()[-1])
     assert proc.returncode == 2 and event["event"] == "error" and "usage" in event["message"]
+
+
+def test_printed_wall_time_is_the_process_wall_time(tmp_path, sample_pair):
+    """The summary's wall time (with its parts) is within 10 % of the process's wall time measured from outside."""
+    import re
+    import time
+
+    command = [
+        sys.executable, "-m", "JointRegSegLib.cli", "register", "--fixed", str(sample_pair["fixed"]),
+        "--moving", str(sample_pair["moving"]), "--fixed-seg", str(sample_pair["fixed_seg"]),
+        "--moving-seg", str(sample_pair["moving_seg"]), "--no-pictures", "--out", str(tmp_path / "run"),
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    measured = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if "wall time" in line)
+    printed = float(re.search(r"wall time ([0-9.]+) s:", line).group(1))
+    parts = dict((name, float(value)) for name, value in re.findall(r"([a-z-]+) ([0-9.]+)", line.split(":", 1)[1]))
+    assert set(parts) == {"start-up", "reading", "registration", "evaluation", "writing"}
+    assert sum(parts.values()) == pytest.approx(printed, abs=0.3)
+    assert abs(printed - measured) <= 0.10 * measured, (printed, measured)

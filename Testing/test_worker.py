@@ -72,6 +72,14 @@ def test_progress_is_monotonic_and_time_left_converges(finished_run):
     assert progress[-1]["seconds_left"] == 0.0
     # Once half the work is done the estimate never exceeds the time already spent, however busy the machine.
     assert all(e["seconds_left"] <= e["elapsed"] + 0.1 for e in progress if e["fraction"] >= 0.5 and e["seconds_left"] is not None)
+    # After the first 20 % of the work the estimate stays within a factor of two of the time that really
+    # remained (measured afterwards on the same run, so a slow machine slows both sides; 3 s of slack for the
+    # last seconds, where any ratio is noise).
+    total = progress[-1]["elapsed"]
+    for e in progress:
+        if e["fraction"] >= 0.2 and e["seconds_left"] is not None:
+            remaining = total - e["elapsed"]
+            assert remaining / 2 - 3.0 <= e["seconds_left"] <= 2 * remaining + 3.0, (e, total)
 
 
 class _Clock:

@@ -183,7 +183,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         staging.discard()
         raise
     events.progress(1.0, "done")
-    summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics}
+    summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics, "timings": timings}
     if failed:
         summary["failed_steps"] = failed
     events.emit("result", **summary)
