@@ -13,6 +13,7 @@ STARTED = time.monotonic()
 
 import argparse  # noqa: E402 (after STARTED, so the wall time counts these imports)
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -171,15 +172,25 @@ def print_summary(summary: dict[str, Any]) -> None:
 def wall_time_line(timings: dict[str, float]) -> str:
     """``wall time 41.2 s: start-up 3.1, reading 0.4, registration 9.3, evaluation 20.1, writing 8.3 s``.
 
-    The wall time runs from this process's start (`STARTED`); start-up is what the worker's own
-    timings do not cover (Python, imports, the command line).
+    The wall time runs from this process's start (the kernel's record of it where there is one, else
+    `STARTED`); start-up is what the worker's own timings do not cover (Python, imports, the command line).
     """
-    wall = time.monotonic() - STARTED
+    wall = _process_age() or time.monotonic() - STARTED
     parts = {"reading": timings.get("load_s"), "registration": timings.get("register_s"),
              "evaluation": timings.get("evaluate_s"), "writing": timings.get("write_s")}
     known = {k: v for k, v in parts.items() if v is not None}
     startup = max(0.0, wall - sum(known.values()))
     return f"  wall time {wall:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in {"start-up": startup, **known}.items()) + " s"
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started, from /proc (Linux); None where there is no /proc."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _number(value: Any) -> str:
