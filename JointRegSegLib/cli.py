@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -55,11 +56,8 @@ class ProgressBar(EventWriter):
             else:
                 self.bar.set_postfix_str("time left not known yet" if left is None else f"about {left:.0f} s left", refresh=True)
         elif event == "log":
-            if self.bar is None:
+            with tqdm.external_write_mode(file=self.stream) if self.bar is not None else nullcontext():
                 self.stream.write(f"[{fields['level']}] {fields['message']}\n")
-            else:
-                with tqdm.external_write_mode(file=self.stream):
-                    self.stream.write(f"[{fields['level']}] {fields['message']}\n")
         elif event == "result":
             self.close()
 

@@ -32,6 +32,10 @@ SEGREG_DEFAULT_WEIGHTS = {"dice": (1.0, 1.0, 0.5), "edt": (1.0, 10.0, 0.5), "edt
 REFINE_SIMILARITIES = ("lncc", "mi", "mami")
 REFINE_REGULARISERS = ("diffusion", "bending")
 REFINE_FIELDS = ("displacement", "velocity")
+REFINE_DEFAULTS: dict[str, Any] = {
+    "weight": 1.0, "regulariser": "diffusion", "field": "displacement", "lr": 0.1, "window_mm": 9.0, "smoothing": 5,
+}
+"""Defaults of the refinement stage (`refinement.Settings`), declared here so the schema and the stage share them."""
 HOF_WEIGHTS = ("hof", "hof_phase2", "hof_no_aaa", "hof_no_gra", "hof_no_feedback", "hof_unfrozen")
 MAX_ITERATIONS = 10**7
 
@@ -124,12 +128,12 @@ OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         _spec("refine_similarity", CHOICE, "auto", "similarity of the refinement (auto: local NCC for one contrast, MI for two)", choices=("auto", *REFINE_SIMILARITIES)),
         _spec("refine_spacings", FLOAT_LIST, None, "refinement levels' spacings in mm, coarse to fine (auto: [4,2] on the CPU, [4,2,1] on a GPU)", minimum=0.25, maximum=16),
         _spec("refine_iterations", INT_LIST, None, "refinement Adam steps per level (auto: [40,20] on the CPU, [100,100,50] on a GPU)", minimum=0, maximum=MAX_ITERATIONS),
-        _spec("refine_weight", FLOAT, 1.0, "weight of the refinement's regulariser", minimum=0, maximum=1000),
-        _spec("refine_regulariser", CHOICE, "diffusion", "the refinement's regulariser", choices=REFINE_REGULARISERS),
-        _spec("refine_field", CHOICE, "displacement", "what the refinement optimises (velocity: integrated by scaling and squaring)", choices=REFINE_FIELDS),
-        _spec("refine_lr", FLOAT, 0.1, "Adam learning rate of the refinement (voxels of the level)", minimum=0, maximum=100, above=True),
-        _spec("refine_window_mm", FLOAT, 9.0, "local NCC window of the refinement, in mm", minimum=0, maximum=100, above=True),
-        _spec("refine_smoothing", INT, 5, "box smoothing of the refinement's update, in voxels (odd; 1: none)", minimum=1, maximum=31),
+        _spec("refine_weight", FLOAT, REFINE_DEFAULTS["weight"], "weight of the refinement's regulariser", minimum=0, maximum=1000),
+        _spec("refine_regulariser", CHOICE, REFINE_DEFAULTS["regulariser"], "the refinement's regulariser", choices=REFINE_REGULARISERS),
+        _spec("refine_field", CHOICE, REFINE_DEFAULTS["field"], "what the refinement optimises (velocity: integrated by scaling and squaring)", choices=REFINE_FIELDS),
+        _spec("refine_lr", FLOAT, REFINE_DEFAULTS["lr"], "Adam learning rate of the refinement (voxels of the level)", minimum=0, maximum=100, above=True),
+        _spec("refine_window_mm", FLOAT, REFINE_DEFAULTS["window_mm"], "local NCC window of the refinement, in mm", minimum=0, maximum=100, above=True),
+        _spec("refine_smoothing", INT, REFINE_DEFAULTS["smoothing"], "box smoothing of the refinement's update, in voxels (odd; 1: none)", minimum=1, maximum=31),
     ),
     "segreg": (
         _spec("variant", CHOICE, "iterative", "optimise each region (iterative, no training) or the trained network (learned)", choices=SEGREG_VARIANTS),

@@ -60,7 +60,7 @@ from ..imageio.intensity import normalise_intensity
 from ..losses import LocalNCC, bending_energy, box_sum, gradient_l2, mi_loss, multi_axis_mi_loss
 from ..spatial import compose, identity_grid, integrate_velocity, regrid_voxel_field
 from .adam import Adam
-from .options import REFINE_FIELDS, REFINE_REGULARISERS, REFINE_SIMILARITIES
+from .options import REFINE_DEFAULTS, REFINE_FIELDS, REFINE_REGULARISERS, REFINE_SIMILARITIES
 
 SIMILARITIES = REFINE_SIMILARITIES
 """Similarities `refine` optimises; ``"auto"`` lets `choose_similarity` pick lncc or mi."""
@@ -77,12 +77,12 @@ class Settings:
     spacings: tuple[float, ...] = (4.0, 2.0)
     iterations: tuple[int, ...] = (40, 20)
     similarity: str = "lncc"
-    window_mm: float = 9.0
-    regulariser: str = "diffusion"
-    weight: float = 1.0
-    lr: float = 0.1
-    smoothing: int = 5
-    field: str = "displacement"
+    window_mm: float = REFINE_DEFAULTS["window_mm"]
+    regulariser: str = REFINE_DEFAULTS["regulariser"]
+    weight: float = REFINE_DEFAULTS["weight"]
+    lr: float = REFINE_DEFAULTS["lr"]
+    smoothing: int = REFINE_DEFAULTS["smoothing"]
+    field: str = REFINE_DEFAULTS["field"]
     integration_steps: int = 6
     margin_mm: float = 8.0
     mi_bins: int = 32
