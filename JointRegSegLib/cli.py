@@ -47,7 +47,7 @@ class ProgressBar(EventWriter):
     def emit(self, event: str, **fields: Any) -> None:
         if event == "progress":
             if self.bar is None:
-                self.bar = tqdm(total=1000, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)
+                self.bar = tqdm(total=1000, desc=fields["stage"], bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)
             self.bar.n = int(round(1000 * fields["fraction"]))
             self.bar.set_description(fields["stage"], refresh=False)
             left = fields["seconds_left"]
