@@ -34,6 +34,8 @@ if importlib.util.find_spec("JointRegSegLib") is None:  # a source checkout: the
     sys.path.append(str(MODULE_DIR.parent))
 
 from JointRegSegLib.app import (  # noqa: E402
+    AUTO_ITERATIONS,
+    NO_TIME_LIMIT,
     OVERLAYS,
     Controller,
     RunRequest,
@@ -42,6 +44,8 @@ from JointRegSegLib.app import (  # noqa: E402
     describe_method,
     device_label,
     format_duration,
+    panel_iterations,
+    panel_time_budget,
     progress_text,
     slicer_python,
 )
@@ -114,12 +118,13 @@ class JointRegSegParameterNode:
     atlasSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None] = None
     method: str = "tto"
     device: str = "cpu"
-    iterations: Annotated[int, WithinRange(0, 100000)] = 100
-    timeBudget: Annotated[float, WithinRange(1.0, 86400.0)] = 60.0
+    iterations: Annotated[int, WithinRange(AUTO_ITERATIONS, 100000)] = AUTO_ITERATIONS  # shown as "auto"
+    timeBudget: Annotated[float, WithinRange(NO_TIME_LIMIT, 86400.0)] = NO_TIME_LIMIT  # shown as "no limit"
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     outputName: str = ""
     outputFolder: str = ""
     overlay: Annotated[str, Choice(list(OVERLAYS))] = OVERLAYS[0]
+    wholeJacobian: bool = False
 
 
 class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -368,9 +373,10 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         return RunRequest(
             fixed=parameters.fixedVolume, moving=parameters.movingVolume, fixed_segmentation=parameters.fixedSegmentation,
             moving_segmentation=parameters.movingSegmentation, atlas=parameters.atlasVolume,
-            atlas_segmentation=parameters.atlasSegmentation, device=parameters.device or "cpu", iterations=parameters.iterations,
-            time_budget=parameters.timeBudget, seed=parameters.seed, output_folder=parameters.outputFolder,
-            output_name=parameters.outputName,
+            atlas_segmentation=parameters.atlasSegmentation, device=parameters.device or "cpu",
+            iterations=panel_iterations(parameters.iterations), time_budget=panel_time_budget(parameters.timeBudget),
+            seed=parameters.seed, output_folder=parameters.outputFolder, output_name=parameters.outputName,
+            whole_jacobian=parameters.wholeJacobian,
         )
 
     def processParameterNode(self, parameters: JointRegSegParameterNode, methods: Optional[list] = None):

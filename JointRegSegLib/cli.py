@@ -14,6 +14,7 @@ STARTED = time.monotonic()
 import argparse  # noqa: E402 (after STARTED, so the wall time counts these imports)
 import math
 import os
+import signal
 import sys
 import traceback
 from contextlib import nullcontext
@@ -27,7 +28,7 @@ from .methods import method_names
 from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
-from .worker.job import COMMAND_LINE, Job, job_from_dict
+from .worker.job import COMMAND_LINE, JACOBIAN_PARTS, Job, job_from_dict
 
 DEMO_OUT = Path("jointregseg_demo")
 
@@ -96,6 +97,11 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable; see below")
     parser.add_argument("--no-pictures", action="store_true", help="do not write PNG pictures")
     parser.add_argument(
+        "--jacobian", choices=JACOBIAN_PARTS, default=JACOBIAN_PARTS[0],
+        help="what the det J map shows: the deformable part (the whole mapping's divided by its affine part's, so a global "
+        "scaling does not tint it; default) or the whole mapping. Folding and SDlogJ are always of the whole mapping",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="write into an output folder that holds other files too: only JointRegSeg's own files there are replaced",
     )
@@ -125,6 +131,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
             "time_budget": args.time_budget,
             "options": {**method_flags(args), **parse_options(args.option)},
             "pictures": not args.no_pictures,
+            "jacobian": args.jacobian,
             "threads": args.threads,
             "overwrite": args.overwrite,
             **inputs,
@@ -307,17 +314,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a job scheduler's stop): it unwinds the run like Ctrl-C does."""
+
+
+def _terminate(_signal: int, _frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; every failure ends in one ``error:`` line (a traceback only with --debug)."""
+    """Run one command; every failure ends in one ``error:`` line (a traceback only with --debug).
+
+    Ctrl-C and SIGTERM end it with one line saying what was left (exit 130 and 143, as the worker's)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a malformed command line (one error line already printed)
         return int(done.code or 0)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print("cancelled; no output was written.", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:
+        from .worker.staging import cancel_outcome
+
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(f"cancelled ({name}); {cancel_outcome()}.", file=sys.stderr)
+        return code
     except Exception as error:
         failure = describe_failure(error)
         if args.debug:
@@ -325,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " Run again as 'jointregseg --debug ...' to see where it happened." if failure.kind == "internal" and not args.debug else ""
         print(f"error: {failure.message}{hint}", file=sys.stderr)
         return failure.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

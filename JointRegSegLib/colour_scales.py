@@ -48,6 +48,16 @@ JACOBIAN_LEGEND: tuple[tuple[float, str], ...] = (
     (1.5, "det J > 1: moving image locally shrunk to fit"),
 )
 JACOBIAN_FOLDING_TEXT = "det J <= 0: folding (not invertible)"
+DEFORMABLE_PART = "deformable part"
+WHOLE_MAPPING = "whole mapping"
+"""What a Jacobian map is of: `DEFORMABLE_PART` (the default) or `WHOLE_MAPPING` (on request)."""
+
+
+def jacobian_title(part: str) -> str:
+    """A Jacobian map's title, saying what its det J is of (`DEFORMABLE_PART` or `WHOLE_MAPPING`)."""
+    if part == DEFORMABLE_PART:
+        return "Jacobian determinant det J of the deformable part of the mapping fixed -> moving (the whole mapping's divided by its affine part's)"
+    return "Jacobian determinant det J of the whole mapping fixed -> moving (affine part included)"
 
 # One display range for every PMM picture and Slicer view. Patch NMI of brain MRI lies mostly
 # between 0.05 (unaligned) and 0.5 (well aligned, 1 mm): higher values take the top colour.

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
 from .errors import InputError
 from .imageio.geometry import Volume
 from .imageio.intensity import normalise_intensity
@@ -102,7 +103,7 @@ def quality_maps(
     pmm = pmm_map(normalise_intensity(fixed.array), normalise_intensity(warped.array), mask)
     whole = jacobian_determinant(displacement)
     deformable = whole if whole_jacobian or affine is None else deformable_jacobian(whole, affine)
-    part = "whole mapping" if whole_jacobian or affine is None else "deformable part"
+    part = WHOLE_MAPPING if whole_jacobian or affine is None else DEFORMABLE_PART
     return Maps(deformable, part, whole, fixed.with_array(pmm.astype(np.float32)), mask)
 
 

@@ -25,6 +25,7 @@ from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy  # noqa: E402
 
 from JointRegSegLib import mrml  # noqa: E402
 from JointRegSegLib.app import Controller, RunRequest, RunState  # noqa: E402
+from JointRegSegLib.colour_scales import DEFORMABLE_PART, WHOLE_MAPPING, jacobian_title  # noqa: E402
 from JointRegSegLib.app.process import BackgroundProcess  # noqa: E402
 from JointRegSegLib.errors import InputError  # noqa: E402
 from JointRegSegLib.mrml.core import core_scene  # noqa: E402
@@ -117,10 +118,13 @@ def test_run_loads_and_shows_results_inputs_untouched(app):
     core, controller, nodes, log, finished = app
     before = {name: _state(node) for name, node in nodes.items()}
     composite = core.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    request = RunRequest(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"], iterations=5, output_name="First")
+    request = RunRequest(
+        nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"], iterations=5, output_name="First", whole_jacobian=True
+    )
     run = controller.start(request, ["uresnet"])
     job = json.loads((run.folder / "job.json").read_text())
     assert "iterations" not in job and "time_budget" not in job, "the panel's iterations are for test-time optimisation only"
+    assert job["jacobian"] == "whole"
     assert controller.state.state == RunState.RUNNING
     progress = []
     controller.on_progress = lambda r: progress.append((r.fraction, r.stage))
@@ -139,6 +143,8 @@ def test_run_loads_and_shows_results_inputs_untouched(app):
     controller.show(run, "Jacobian determinant")
     assert composite.GetBackgroundVolumeID() == nodes["fixed"].GetID()
     assert composite.GetForegroundVolumeID() == loaded.jacobian
+    assert loaded.jacobian_part == WHOLE_MAPPING
+    assert core.scene.GetNodeByID(loaded.jacobian).GetDescription().startswith(jacobian_title(WHOLE_MAPPING))
     assert {name: _state(node) for name, node in nodes.items()} == before, "an input node was modified"
     assert nodes["moving"].GetParentTransformNode() is None
     assert not (run.folder / "inputs").exists() and (run.output / "displacement.nii.gz").is_file()
@@ -295,6 +301,7 @@ def test_compare_two_methods_fills_one_table(app):
     assert table["Dice mean"]["uresnet"] == pytest.approx(finished[0].metrics["dice_mean"])
     assert table["Dice mean"]["hof"] == pytest.approx(finished[1].metrics["dice_mean"])
     assert [r.stage.split(":")[0] for r in finished] == ["uresnet (1/2)", "hof (2/2)"]
+    assert all(r.loaded.jacobian_part == DEFORMABLE_PART for r in finished), "by default the deformable part's det J"
 
 
 def test_requests_checked_in_the_users_words(app):

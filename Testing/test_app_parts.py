@@ -177,3 +177,14 @@ def test_slicer_python_is_found_or_explained(tmp_path):
     (tmp_path / "bin" / name).write_text("")
     assert slicer_python(str(tmp_path)) == str(tmp_path / "bin" / name)
 
+
+
+def test_panel_spin_boxes_special_values_mean_the_method_defaults():
+    """The panels' "auto" iterations and "no limit" time budget (the spin boxes' lowest values) reach the worker
+    as unset (None), so a run from the panel gets the same defaults as one from the command line."""
+    from JointRegSegLib.app import AUTO_ITERATIONS, NO_TIME_LIMIT, panel_iterations, panel_time_budget
+    from JointRegSegLib.methods.options import validate_setting
+
+    assert panel_iterations(AUTO_ITERATIONS) is None and panel_time_budget(NO_TIME_LIMIT) is None
+    assert panel_iterations(0) == 0 and panel_iterations(250) == 250 and panel_time_budget(90.0) == 90.0
+    assert validate_setting("iterations", panel_iterations(AUTO_ITERATIONS), "Iterations") is None

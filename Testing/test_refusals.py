@@ -595,6 +595,7 @@ JOB_CASES = {
     "job field of the wrong type": ('{"method": "tto", "output": "o", "seed": "one"}', "'seed' has the wrong type"),
     "job without output": ('{"method": "tto"}', "'output'"),
     "overwrite not a boolean": ('{"method": "tto", "output": "o", "overwrite": "yes"}', "'overwrite' has the wrong type"),
+    "unknown Jacobian map": ('{"method": "tto", "output": "o", "jacobian": "both"}', "'jacobian' must be one of deformable, whole"),
 }
 
 
@@ -660,6 +661,28 @@ def test_sigint_cancels_the_worker_cleanly(tmp_path, pair):
     assert proc.returncode == 130
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "cancelled" and "SIGINT" in events[-1]["message"]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    _quiet_after(proc, results)
+    assert list(results.iterdir()) == [] and tree(tmp_path / "inputs") == before
+
+
+@pytest.mark.parametrize("sig, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_stopping_the_command_line_says_so_and_leaves_nothing(tmp_path, pair, sig, name, code):
+    """``kill`` (SIGTERM) or Ctrl-C during a command-line run: one line saying the run was cancelled and that no
+    output was written, the exit code of the worker's cancel, no traceback, nothing left in the results folder."""
+    results = tmp_path / "results"
+    results.mkdir()
+    before = tree(tmp_path / "inputs")
+    args = register(pair, results / "run", "--iterations", "500", "--time-budget", "120", "--no-pictures")
+    proc = subprocess.Popen([sys.executable, "-m", "JointRegSegLib.cli", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(results.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the staging folder appears once the inputs are checked
+    time.sleep(2.0)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == code, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == f"cancelled ({name}); no output was written.", err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     _quiet_after(proc, results)
     assert list(results.iterdir()) == [] and tree(tmp_path / "inputs") == before

@@ -182,3 +182,47 @@ def test_pmm_pictures_of_two_runs_share_one_colour_scale(tmp_path):
         colours.append(_most_common_colour(paths["pmm"]))
     np.testing.assert_allclose(colours[0], colours[1], atol=3)
     assert colours[0].max() - colours[0].min() > 20, "the slab should be drawn in a colour, not grey"
+
+
+def _texts_outside(figure) -> list[str]:
+    """The figure's drawn texts whose extent leaves the figure (they would be cut off in the PNG)."""
+    from matplotlib.text import Text
+
+    renderer = figure.canvas.get_renderer()
+    figure.canvas.draw()
+    bounds = figure.bbox
+    outside = []
+    for text in figure.findobj(Text):
+        if text.get_visible() and text.get_text().strip():
+            box = text.get_window_extent(renderer)
+            if box.x0 < bounds.x0 - 1 or box.y0 < bounds.y0 - 1 or box.x1 > bounds.x1 + 1 or box.y1 > bounds.y1 + 1:
+                outside.append(text.get_text())
+    return outside
+
+
+def test_single_row_pictures_keep_long_titles_and_colour_bar_labels_inside():
+    """A one-row picture (e.g. pictures/pmm.png, a method's segmentation) is as tall as its views: a long row
+    title or colour-bar label must be wrapped, not cut off at the picture's edges."""
+    from JointRegSegLib.report.figures import _contour_row, _figure, _pmm_row
+
+    geometry = Geometry((40, 48, 56), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    image = np.random.default_rng(0).random(geometry.shape).astype(np.float32)
+    labels = np.zeros(geometry.shape, np.int16)
+    labels[5:35, 5:20, 5:50], labels[5:35, 25:45, 5:50] = 2, 41
+    index = (20, 24, 28)
+    rows = [_pmm_row(image * 0.5, index, geometry, image), _contour_row("uresnet's segmentation of the moving image", image, labels, index, geometry)]
+    for row in rows:
+        assert _texts_outside(_figure([row], (1.0, 1.0, 1.0), "")) == []
+
+
+def test_outline_legend_names_a_left_right_pair_once():
+    """Left and right cerebral white matter share FreeSurfer's colour: one legend entry; a structure present on
+    one side only keeps its own name. Entries follow the label codes' order."""
+    from JointRegSegLib.labels import label_info
+    from JointRegSegLib.report.figures import _legend_entries
+
+    labels = np.zeros((10, 10, 10), np.int16)
+    labels[:3], labels[3:6], labels[6:8] = 2, 41, 10  # left / right white matter, left thalamus
+    names = [name for _, name in _legend_entries(labels)]
+    assert names == ["Cerebral-White-Matter (left, right)", label_info(10).name]
+    assert label_info(2).rgb == label_info(41).rgb

@@ -142,6 +142,27 @@ def test_simpleitk_reproduces_warped_image_and_dice_improves(finished_run, sampl
     assert read_image(out / "jacobian.nii.gz").geometry.same_as(read_image(sample_pair["fixed"]).geometry)
 
 
+def test_jacobian_map_is_of_the_deformable_part_unless_the_whole_mapping_is_asked(tmp_path, sample_pair):
+    """The same run twice (same seed, no time budget): by default jacobian.nii.gz is the deformable part's det J,
+    with ``jacobian: whole`` the whole mapping's; their ratio is the written affine's determinant (read by
+    SimpleITK from affine.tfm) wherever the map is defined, and provenance.json says which map was written."""
+    cheap = {"iterations": 1, "time_budget": None, "options": {"spacing": 4, "affine_iterations": [15, 6, 3], "refine": False}}
+    maps, parts = {}, {}
+    for part in ("deformable", "whole"):
+        out = tmp_path / part
+        code, events, stderr = run_worker(_job(sample_pair, out, jacobian=part, **cheap), tmp_path)
+        assert code == 0, (events, stderr[-3000:])
+        maps[part] = read_image(out / "jacobian.nii.gz").array
+        parts[part] = json.loads((out / "provenance.json").read_text())["jacobian_part"]
+    assert parts == {"deformable": "deformable part", "whole": "whole mapping"}
+    affine = sitk.AffineTransform(sitk.ReadTransform(str(tmp_path / "whole" / "affine.tfm")))
+    scaling = np.linalg.det(np.asarray(affine.GetMatrix()).reshape(3, 3))
+    assert abs(scaling - 1.0) > 1e-3, "the sample pair's affine should scale (else the two maps cannot differ)"
+    defined = np.isfinite(maps["whole"]) & np.isfinite(maps["deformable"])
+    assert defined.mean() > 0.1
+    np.testing.assert_allclose(maps["whole"][defined], maps["deformable"][defined] * scaling, rtol=1e-4, atol=1e-5)
+
+
 def test_a_time_budget_that_cuts_the_optimisation_is_reported(tmp_path, sample_pair):
     """tto with a budget of 1 ms, spent before the first optimisation step (the affine stage and the network run
     first): the log and metrics.json say the budget cut it short."""

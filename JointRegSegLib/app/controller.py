@@ -248,6 +248,7 @@ class Controller:
             "seed": int(request.seed),
             "options": dict(request.options),
             "pictures": False,
+            "jacobian": "whole" if request.whole_jacobian else "deformable",
         }
         if method_info(run.method).supports_tto:  # the panel's iterations and time budget are for these only
             job["iterations"] = None if request.iterations is None else int(request.iterations)

@@ -27,6 +27,23 @@ class RunRequest:
     output_folder: str = ""
     output_name: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    whole_jacobian: bool = False  # the det J map of the whole mapping instead of its deformable part
+
+
+AUTO_ITERATIONS = -1
+"""The panel's iteration count meaning "the method's default" (its spin box shows it as "auto")."""
+NO_TIME_LIMIT = 0.0
+"""The panel's time budget meaning "no limit" (its spin box shows it as "no limit")."""
+
+
+def panel_iterations(value: int) -> Optional[int]:
+    """The iteration cap a panel's spin box asks for: None (the method's default) at `AUTO_ITERATIONS` or below."""
+    return None if value <= AUTO_ITERATIONS else int(value)
+
+
+def panel_time_budget(value: float) -> Optional[float]:
+    """The time budget a panel's spin box asks for: None (no limit) at `NO_TIME_LIMIT` or below."""
+    return None if value <= NO_TIME_LIMIT else float(value)
 
 
 def problem(request: RunRequest, info: MethodInfo) -> Optional[str]:

@@ -18,7 +18,7 @@ import slicer
 from vtk.util.numpy_support import vtk_to_numpy
 
 from ..errors import InputError
-from ..colour_scales import PMM_RANGE
+from ..colour_scales import DEFORMABLE_PART, PMM_RANGE, jacobian_title
 from .colors import JACOBIAN_WINDOW, add_jacobian_table, add_label_table, add_pmm_table
 from .table import add_metrics_table
 
@@ -36,11 +36,16 @@ SEGMENTATION_KINDS: dict[str, str] = {
 MOVING_GRID_KINDS = frozenset({"moving_seg", "brain_mask"})
 """Label maps that lie on the moving image's grid (the others lie on the fixed image's)."""
 JACOBIAN_MEANING = (
-    "Jacobian determinant det J of the deformable part of the mapping fixed -> moving (the whole mapping's divided "
-    "by its affine part's, unless the run asked for the whole mapping): < 1 (blue) = the moving image was locally "
-    "stretched to fit, 1 (white) = no local change of volume, > 1 (red) = locally shrunk to fit, <= 0 (green) = "
-    "folding (the transform is not invertible there)."
+    "< 1 (blue) = the moving image was locally stretched to fit, 1 (white) = no local change of volume, > 1 (red) = "
+    "locally shrunk to fit, <= 0 (green) = folding (the transform is not invertible there)."
 )
+
+
+def jacobian_meaning(part: str) -> str:
+    """The Jacobian node's description: what its det J is of (`colour_scales.jacobian_title`) and what its colours mean."""
+    return f"{jacobian_title(part)}: {JACOBIAN_MEANING}"
+
+
 PMM_MEANING = (
     "Patch-wise normalised mutual information of fixed and warped (0 to 1, shown over 0 to 0.5 for every run): "
     "higher = better local alignment."
@@ -64,6 +69,7 @@ class LoadedResult:
     color_tables: dict[str, str] = field(default_factory=dict)
     folder_item: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    jacobian_part: str = DEFORMABLE_PART  # what the Jacobian map is of (`colour_scales.jacobian_title`)
 
     def node_ids(self) -> list[str]:
         """Every node ID added (data, colour tables, table)."""
@@ -149,7 +155,9 @@ def load_result(
         if "jacobian" in paths:
             colours = tag(add_jacobian_table(scene, f"{prefix} Jacobian colours"), "jacobian_colors")
             jacobian = tag(read_volume(scene, paths["jacobian"], f"{prefix} Jacobian"), "jacobian")
-            _show_map(jacobian, colours, JACOBIAN_WINDOW, "det J  <1 stretched, >1 shrunk, green: folding", JACOBIAN_MEANING)
+            result.jacobian_part = str(provenance.get("jacobian_part", DEFORMABLE_PART))
+            title = f"det J ({result.jacobian_part})"  # a legend title is one short line; the node's description says more
+            _show_map(jacobian, colours, JACOBIAN_WINDOW, title, jacobian_meaning(result.jacobian_part))
             result.jacobian, result.color_tables["jacobian"] = jacobian.GetID(), colours.GetID()
         if "pmm" in paths:
             colours = tag(add_pmm_table(scene, f"{prefix} PMM colours"), "pmm_colors")

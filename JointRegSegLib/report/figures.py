@@ -8,6 +8,8 @@ Matplotlib is used through `Figure` + `FigureCanvasAgg` only: no pyplot state, n
 
 from __future__ import annotations
 
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,8 @@ _EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"
 _ROW_INCHES = 2.0
 _SIDE_COLUMN = 1.6  # width ratio of the column holding colour bars and legends
 MAP_ALPHA = 0.65  # opacity of a Jacobian or PMM map over the grey fixed image
-LEGEND_LABELS = 12  # outlines: the largest structures named in the legend
+LEGEND_LABELS = 12  # outlines: the largest structures named in the legend (a left/right pair counts once)
+_TITLE_CHARACTERS = 22  # row titles and colour-bar labels are wrapped to lines this long (they run along one row)
 
 
 @dataclass
@@ -107,6 +110,12 @@ def _draw_contours(ax, labels_2d: np.ndarray) -> None:
 def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | Path, title: str, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _figure(rows, aspects, title).savefig(path, dpi=dpi, facecolor="white")
+    return path
+
+
+def _figure(rows: list[_Row], aspects: tuple[float, float, float], title: str) -> Figure:
+    """The rows drawn as one figure: three views per row, a side column with colour bar or legend."""
     widths = [view.shape[1] / (view.shape[0] * aspect) for view, aspect in zip(rows[0].views, aspects)]
     has_side = any(row.colorbar or row.legend for row in rows)
     ratios = widths + ([_SIDE_COLUMN] if has_side else [])
@@ -134,7 +143,7 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(row.label, fontsize=8)
+                ax.set_ylabel(_wrapped(row.label), fontsize=8)
             if r == 0:
                 ax.set_title(VIEW_NAMES[c], fontsize=8)
                 _edge_letters(ax, _EDGE_LETTERS[c])
@@ -145,7 +154,7 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
                 cax = side.inset_axes([0.0, 0.08, 0.1, 0.84])
                 mappable = image if row.bar_norm is None else ScalarMappable(row.bar_norm, row.cmap)
                 bar = figure.colorbar(mappable, cax=cax, extend=row.extend, alpha=1.0)
-                bar.set_label(row.colorbar, fontsize=7)
+                bar.set_label(_wrapped(row.colorbar), fontsize=7)
                 bar.ax.tick_params(labelsize=6)
             if row.legend:
                 handles = [Patch(facecolor=colour, edgecolor="0.5", label=text) for colour, text in row.legend]
@@ -159,8 +168,12 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
                 )
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.savefig(path, dpi=dpi, facecolor="white")
-    return path
+    return figure
+
+
+def _wrapped(text: str) -> str:
+    """``text`` in lines of at most `_TITLE_CHARACTERS` (its own line breaks kept), so it fits along one row."""
+    return "\n".join(textwrap.fill(line, _TITLE_CHARACTERS) for line in text.split("\n"))
 
 
 def _edge_letters(ax, letters: tuple[str, str, str, str]) -> None:
@@ -221,10 +234,25 @@ def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, 
     row = _grey_row(label, image, index, geometry)
     labels = np.rint(seg).astype(np.int64)
     row.contours = orthogonal_slices(labels, index, geometry)
-    codes, counts = np.unique(labels[labels > 0], return_counts=True)
-    largest = sorted(codes[np.argsort(counts)[::-1][:LEGEND_LABELS]].tolist())
-    row.legend = tuple((_label_color(code), label_info(code).name) for code in largest)
+    row.legend = _legend_entries(labels)
     return row
+
+
+def _legend_entries(labels: np.ndarray) -> tuple[tuple[tuple[float, ...], str], ...]:
+    """The `LEGEND_LABELS` largest structures of a label map, in code order; a left/right pair, drawn in one
+    colour, is named once ("Cerebral-Cortex (left, right)")."""
+    codes, counts = np.unique(labels[labels > 0], return_counts=True)
+    groups: dict[tuple[str, tuple[float, ...]], tuple[int, int, list[str]]] = {}
+    for code, count in zip(codes.tolist(), counts.tolist()):
+        name = label_info(code).name
+        key = (re.sub(r"^(Left|Right)-", "", name), _label_color(code))
+        size, first, names = groups.get(key, (0, code, []))
+        groups[key] = (size + count, min(first, code), [*names, name])
+    largest = sorted(groups.items(), key=lambda item: -item[1][0])[:LEGEND_LABELS]
+    return tuple(
+        (colour, f"{base} (left, right)" if len(names) > 1 else names[0])
+        for (base, colour), (_, _, names) in sorted(largest, key=lambda item: item[1][1])
+    )
 
 
 def save_registration_figure(

@@ -117,14 +117,18 @@ def _method(v: Any, html: Any) -> None:
             )
             with html.Div(classes="d-flex ga-2"):
                 v.VTextField(
-                    label="Iterations", v_model_number=("iterations", 100), type="number", density="compact", hide_details=True,
-                    v_show="supports_tto", disabled=("busy",), id="jrs-iterations",
+                    label="Iterations", v_model_number=("iterations", None), type="number", density="compact", hide_details=True,
+                    placeholder="auto", persistent_placeholder=True, v_show="supports_tto", disabled=("busy",), id="jrs-iterations",
                 )
                 v.VTextField(
-                    label="Time budget (s)", v_model_number=("time_budget", 60), type="number", density="compact",
-                    hide_details=True, v_show="supports_tto", disabled=("busy",),
+                    label="Time budget (s)", v_model_number=("time_budget", None), type="number", density="compact",
+                    placeholder="none", persistent_placeholder=True, hide_details=True, v_show="supports_tto", disabled=("busy",),
                 )
                 v.VTextField(label="Seed", v_model_number=("seed", 0), type="number", density="compact", hide_details=True, disabled=("busy",))
+            v.VCheckbox(
+                label="Jacobian of the whole mapping (default: of its deformable part)", v_model=("whole_jacobian", False),
+                density="compact", hide_details=True, disabled=("busy",), id="jrs-whole-jacobian",
+            )
             html.Div("{{ dependencies_text }}", classes="text-caption mt-2", style="white-space: pre-line", v_show="dependencies_text")
 
 

@@ -169,8 +169,9 @@ class WebApp:
                 "show_atlas": False,
                 "devices": [{"title": device_label("cpu"), "value": "cpu"}],
                 "device": "cpu",
-                "iterations": 100,
-                "time_budget": 60,
+                "iterations": None,
+                "time_budget": None,
+                "whole_jacobian": False,
                 "seed": 0,
                 "dependencies_text": "",
                 "run_state": RunState.IDLE.value,
@@ -265,8 +266,9 @@ class WebApp:
             fixed=nodes["fixed_file"], moving=nodes["moving_file"], fixed_segmentation=nodes["fixed_seg_file"],
             moving_segmentation=nodes["moving_seg_file"], atlas=nodes["atlas_file"], atlas_segmentation=nodes["atlas_seg_file"],
             device=self.state.device or "cpu", seed=validate_setting("seed", self.state.seed, "Seed"), output_name="Web",
-            iterations=validate_setting("iterations", self.state.iterations, "Iterations") if tto else None,
-            time_budget=validate_setting("time_budget", self.state.time_budget, "Time budget") if tto else None,
+            iterations=validate_setting("iterations", _blank_is_auto(self.state.iterations), "Iterations") if tto else None,
+            time_budget=validate_setting("time_budget", _blank_is_auto(self.state.time_budget), "Time budget") if tto else None,
+            whole_jacobian=bool(self.state.whole_jacobian),
         )
 
     # Running
@@ -461,3 +463,8 @@ def serve(data: Optional[Path], host: str, port: int) -> None:
             app.server.start(host=host, port=port, open_browser=False, show_connection_info=False, timeout=0)
         finally:
             app.shutdown()
+
+
+def _blank_is_auto(value: Any) -> Any:
+    """A number field's value, None (the method's default) when the field is empty."""
+    return None if value is None or value == "" else value

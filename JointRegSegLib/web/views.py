@@ -22,6 +22,7 @@ from ..colour_scales import (
     JACOBIAN_LEGEND,
     JACOBIAN_RANGE,
     jacobian_control_points,
+    jacobian_title,
     pmm_control_points,
 )
 
@@ -69,10 +70,10 @@ def css_gradient(points: list[tuple[float, float, float, float]], low: float, hi
     return f"linear-gradient(to right, {', '.join(stops)})"
 
 
-def jacobian_legend() -> Legend:
+def jacobian_legend(part: str) -> Legend:
     low, high = JACOBIAN_RANGE
     return Legend(
-        title="Jacobian determinant det J of the deformable part of the mapping fixed -> moving",
+        title=jacobian_title(part),
         gradient=css_gradient(jacobian_control_points(), low, high),
         ticks=["0", "0.5", "1", "1.5", ">= 2"],
         swatches=[{"name": JACOBIAN_FOLDING_TEXT, "colour": css_colour(JACOBIAN_FOLDING_RGB)}],
@@ -133,7 +134,7 @@ def apply_overlay(scene: Any, app_logic: Any, run: Any, choice: str, opacity: fl
     foreground = {WARPED: loaded.warped, JACOBIAN: loaded.jacobian, PMM: loaded.pmm}.get(choice) or loaded.warped
     mrml.show_in_slice_views(scene, background, foreground, opacity, app_logic)
     if choice == JACOBIAN and loaded.jacobian:
-        return jacobian_legend()
+        return jacobian_legend(loaded.jacobian_part)
     if choice == PMM and loaded.pmm:
         display = scene.GetNodeByID(loaded.pmm).GetDisplayNode()
         return pmm_legend((display.GetWindowLevelMin(), display.GetWindowLevelMax()))

@@ -53,12 +53,11 @@ _CANCELLING = threading.Lock()
 def _cancel(events: EventWriter, sig: signal.Signals) -> None:
     if not _CANCELLING.acquire(blocking=False):
         return
-    from .staging import ACTIVE, FINISHED
+    from .staging import ACTIVE, cancel_outcome
 
     for staging in list(ACTIVE):
         staging.discard()
-    outcome = f"the results were already written to {FINISHED[-1]}" if FINISHED else "no output was written"
-    events.emit("error", message=f"cancelled by the user ({sig.name}); {outcome}.", kind="cancelled")
+    events.emit("error", message=f"cancelled by the user ({sig.name}); {cancel_outcome()}.", kind="cancelled")
     os._exit(_EXIT_ON[sig])
 
 

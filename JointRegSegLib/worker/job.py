@@ -12,6 +12,8 @@ from ..methods.options import FLOAT, SETTINGS, validate_setting
 
 INPUT_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg")
 COMMAND_LINE = "the command line"
+JACOBIAN_PARTS = ("deformable", "whole")
+"""What the written det J map is of: the deformable part (the whole mapping's divided by its affine part's) or the whole mapping."""
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Job:
     time_budget: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
+    jacobian: str = JACOBIAN_PARTS[0]
     threads: int | None = None
     overwrite: bool = False
 
@@ -74,6 +77,10 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
     _check_type(data, "options", dict, source)
     _check_type(data, "pictures", bool, source)
     _check_type(data, "overwrite", bool, source)
+    _check_type(data, "jacobian", str, source)
+    if data.get("jacobian", JACOBIAN_PARTS[0]) not in JACOBIAN_PARTS:
+        label = "--jacobian" if source == COMMAND_LINE else f"{source}: 'jacobian'"
+        raise InputError(f"{label} must be one of {', '.join(JACOBIAN_PARTS)}; got {data['jacobian']!r}.")
     for key, spec in SETTINGS.items():
         _check_type(data, key, (int, float) if spec.type == FLOAT else int, source)
         label = f"--{key.replace('_', '-')}" if source == COMMAND_LINE else f"{source}: '{key}'"

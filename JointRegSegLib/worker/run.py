@@ -154,7 +154,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         failed: dict[str, str] = {}
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(inputs, result))
+        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(inputs, result, job.jacobian == "whole"))
         maps, metrics = evaluated or (None, {})
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
@@ -175,7 +175,10 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})}))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
-        write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
+        record = provenance(job, method.info.name, result, device, timings, failed)
+        if maps is not None:
+            record["jacobian_part"] = maps.jacobian_part
+        write_json(staging.path / PROVENANCE, record)
         files["provenance"] = PROVENANCE
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
@@ -190,8 +193,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     return summary
 
 
-def _evaluate(inputs: Inputs, result: Result) -> tuple[Maps, dict[str, Any]]:
-    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
+def _evaluate(inputs: Inputs, result: Result, whole_jacobian: bool) -> tuple[Maps, dict[str, Any]]:
+    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine, whole_jacobian)
     return maps, evaluate(inputs, result, maps)
 
 

@@ -84,6 +84,11 @@ FINISHED: list[Path] = []
 """Output folders this process has committed (what a late cancel reports as written)."""
 
 
+def cancel_outcome() -> str:
+    """What a cancel leaves, in the user's words: no output, or the folder already written."""
+    return f"the results were already written to {FINISHED[-1]}" if FINISHED else "no output was written"
+
+
 def resolve_output(output: Path) -> Path:
     """The absolute output folder, or OutputError when it cannot be one (a file, a device, a link loop)."""
     try:
