@@ -36,6 +36,19 @@ REFINE_DEFAULTS: dict[str, Any] = {
     "weight": 1.0, "regulariser": "diffusion", "field": "displacement", "lr": 0.1, "window_mm": 9.0, "smoothing": 5,
 }
 """Defaults of the refinement stage (`refinement.Settings`), declared here so the schema and the stage share them."""
+REFINE_LEVELS: dict[str, dict[str, tuple]] = {
+    "cpu": {"spacings": (4.0, 2.0), "iterations": (40, 20)},
+    "cuda": {"spacings": (4.0, 2.0, 1.0), "iterations": (100, 100, 50)},
+}
+"""The refinement's levels by device ("auto" in the schema): mm spacings coarse to fine, Adam steps per level."""
+
+
+def _by_device(key: str) -> str:
+    """How a device-dependent refinement default reads in a help text: "[4,2] on the CPU, [4,2,1] on a GPU"."""
+    cpu, gpu = (",".join(f"{v:g}" for v in REFINE_LEVELS[device][key]) for device in ("cpu", "cuda"))
+    return f"[{cpu}] on the CPU, [{gpu}] on a GPU"
+
+
 HOF_WEIGHTS = ("hof", "hof_phase2", "hof_no_aaa", "hof_no_gra", "hof_no_feedback", "hof_unfrozen")
 MAX_ITERATIONS = 10**7
 
@@ -126,8 +139,8 @@ OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         _AFFINE_ITERATIONS,
         _spec("refine", BOOL, True, "refine the field on the fixed image's grid after the network (false: the paper's method alone)"),
         _spec("refine_similarity", CHOICE, "auto", "similarity of the refinement (auto: local NCC for one contrast, MI for two)", choices=("auto", *REFINE_SIMILARITIES)),
-        _spec("refine_spacings", FLOAT_LIST, None, "refinement levels' spacings in mm, coarse to fine (auto: [4,2] on the CPU, [4,2,1] on a GPU)", minimum=0.25, maximum=16),
-        _spec("refine_iterations", INT_LIST, None, "refinement Adam steps per level (auto: [40,20] on the CPU, [100,100,50] on a GPU)", minimum=0, maximum=MAX_ITERATIONS),
+        _spec("refine_spacings", FLOAT_LIST, None, f"refinement levels' spacings in mm, coarse to fine (auto: {_by_device('spacings')})", minimum=0.25, maximum=16),
+        _spec("refine_iterations", INT_LIST, None, f"refinement Adam steps per level (auto: {_by_device('iterations')})", minimum=0, maximum=MAX_ITERATIONS),
         _spec("refine_weight", FLOAT, REFINE_DEFAULTS["weight"], "weight of the refinement's regulariser", minimum=0, maximum=1000),
         _spec("refine_regulariser", CHOICE, REFINE_DEFAULTS["regulariser"], "the refinement's regulariser", choices=REFINE_REGULARISERS),
         _spec("refine_field", CHOICE, REFINE_DEFAULTS["field"], "what the refinement optimises (velocity: integrated by scaling and squaring)", choices=REFINE_FIELDS),

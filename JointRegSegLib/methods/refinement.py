@@ -60,7 +60,7 @@ from ..imageio.intensity import normalise_intensity
 from ..losses import LocalNCC, bending_energy, box_sum, gradient_l2, mi_loss, multi_axis_mi_loss
 from ..spatial import compose, identity_grid, integrate_velocity, regrid_voxel_field
 from .adam import Adam
-from .options import REFINE_DEFAULTS, REFINE_FIELDS, REFINE_REGULARISERS, REFINE_SIMILARITIES
+from .options import REFINE_DEFAULTS, REFINE_FIELDS, REFINE_LEVELS, REFINE_REGULARISERS, REFINE_SIMILARITIES
 
 SIMILARITIES = REFINE_SIMILARITIES
 """Similarities `refine` optimises; ``"auto"`` lets `choose_similarity` pick lncc or mi."""
@@ -74,8 +74,8 @@ FOREGROUND = 0.05
 class Settings:
     """What `refine` optimises and how (see the module docstring)."""
 
-    spacings: tuple[float, ...] = (4.0, 2.0)
-    iterations: tuple[int, ...] = (40, 20)
+    spacings: tuple[float, ...] = REFINE_LEVELS["cpu"]["spacings"]
+    iterations: tuple[int, ...] = REFINE_LEVELS["cpu"]["iterations"]
     similarity: str = "lncc"
     window_mm: float = REFINE_DEFAULTS["window_mm"]
     regulariser: str = REFINE_DEFAULTS["regulariser"]

@@ -103,15 +103,13 @@ from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_field, result_from_network_field
-from .options import validate_options
+from .options import REFINE_LEVELS, validate_options
 
 NETWORKS = {"teacher": teacher_unet, "student": student_unet}
 NETWORK_CHOICES = (*NETWORKS, "none")
 WEIGHT_NAMES = {"teacher": "tto_teacher", "student": "tto_student"}
 DEFAULT_ITERATIONS = {"cpu": 0, "cuda": 100}
 DEFAULT_SPACING = {"cpu": 3.0, "cuda": 2.0}
-DEFAULT_REFINE_SPACINGS = {"cpu": (4.0, 2.0), "cuda": (4.0, 2.0, 1.0)}
-DEFAULT_REFINE_ITERATIONS = {"cpu": (40, 20), "cuda": (100, 100, 50)}
 GRID_MULTIPLE = 16
 
 # Rough costs (seconds, one busy CPU core) used to give each stage a share of the progress bar
@@ -197,10 +195,10 @@ def _settings(options: Options, device: str) -> dict[str, Any]:
     """The method's settings: its declared options (`options.OPTIONS['tto']`) checked, device defaults where
     "auto", and the run's iteration count and time budget (none by default: the result does not depend on the clock)."""
     s = validate_options("tto", options.extra)
-    if s["refine_spacings"] is None:
-        s["refine_spacings"] = DEFAULT_REFINE_SPACINGS.get(device, DEFAULT_REFINE_SPACINGS["cuda"])
-    if s["refine_iterations"] is None:
-        s["refine_iterations"] = DEFAULT_REFINE_ITERATIONS.get(device, DEFAULT_REFINE_ITERATIONS["cuda"])
+    levels = REFINE_LEVELS.get(device, REFINE_LEVELS["cuda"])
+    for key in ("spacings", "iterations"):
+        if s[f"refine_{key}"] is None:
+            s[f"refine_{key}"] = levels[key]
     s["refine_spacings"], s["refine_iterations"] = tuple(s["refine_spacings"]), tuple(s["refine_iterations"])
     iterations = DEFAULT_ITERATIONS.get(device, DEFAULT_ITERATIONS["cuda"]) if options.iterations is None else options.iterations
     if int(iterations) < 0 or (options.time_budget is not None and not float(options.time_budget) >= 0):
