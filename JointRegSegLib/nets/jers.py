@@ -110,9 +110,11 @@ def affine_warp(image: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear"
 
 @dataclass
 class JERSOutput:
-    """Everything one forward pass gives (tensors on the network grids)."""
+    """Everything one forward pass gives (tensors on the network grids); ``mask_logits``: the slope times ``f_e``'s
+    output at each stage (``M^j = sigmoid(mask_logits[j])`` in training), empty without extraction."""
 
     masks: list[torch.Tensor]
+    mask_logits: list[torch.Tensor]
     extracted: torch.Tensor
     stage_affines: list[torch.Tensor]
     affine: torch.Tensor
@@ -141,15 +143,16 @@ class JERS(nn.Module):
 
     def extract(
         self, raw: torch.Tensor, stages: int, slope: float = DEFAULT_SLOPE, hard: bool = False
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Stage masks ``M^j`` and the extracted image ``E^M`` (eq. 4 and the overlay layer)."""
-        masks, extracted = [], raw
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Stage masks ``M^j``, their logits ``k f_e(E^{j-1})`` and the extracted image ``E^M`` (eq. 4 and the overlay layer)."""
+        masks, logits, extracted = [], [], raw
         for _ in range(stages):
-            logit = self.extraction(extracted)
-            mask = (logit > 0).to(raw.dtype) if hard else torch.sigmoid(slope * logit)
+            logit = slope * self.extraction(extracted)
+            mask = (logit > 0).to(raw.dtype) if hard else torch.sigmoid(logit)
             masks.append(mask)
+            logits.append(logit)
             extracted = extracted * mask
-        return masks, extracted
+        return masks, logits, extracted
 
     def register(self, extracted: torch.Tensor, atlas: torch.Tensor, stages: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Stage affines ``A_i^k``, the composition ``A_c^N`` and ``W^N = E^M o A_c^N`` (eq. 5-6)."""
@@ -178,16 +181,16 @@ class JERS(nn.Module):
         """One joint pass; ``extraction=False`` keeps ``E^M = S`` (w/o Ext), ``segmentation=False`` skips ``f_s``;
         ``inverse_gradient=False`` stops gradients from the inverse-warped labels into the registration."""
         if extraction:
-            masks, extracted = self.extract(raw, extraction_stages, slope, hard)
+            masks, mask_logits, extracted = self.extract(raw, extraction_stages, slope, hard)
         else:
-            masks, extracted = [torch.ones_like(raw)], raw
+            masks, mask_logits, extracted = [torch.ones_like(raw)], [], raw
         stage_affines, composed, warped = self.register(extracted, atlas, registration_stages)
         logits = self.segmentation(raw) if segmentation else None
         inverse = None
         if atlas_onehot is not None:
             inverse_affine = torch.linalg.inv(composed if inverse_gradient else composed.detach())
             inverse = affine_warp(atlas_onehot, inverse_affine)  # eq. 7
-        return JERSOutput(masks, extracted, stage_affines, composed, warped, logits, inverse)
+        return JERSOutput(masks, mask_logits, extracted, stage_affines, composed, warped, logits, inverse)
 
 
 __all__ = ["JERS", "AffineNet", "ExtractionNet", "JERSOutput", "SegmentationNet", "affine_warp"]

@@ -192,6 +192,15 @@ def in_view_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
     return -(target * F.log_softmax(logits, dim=1)).sum() / target.sum().clamp_min(1e-6)
 
 
+def mask_supervision_loss(out: JERSOutput, brain: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft Dice of the product of the stage masks against ``brain``, plus every stage's binary cross-entropy on its
+    logit (module docstring: the cross-entropy's gradient does not vanish where the sigmoid saturates)."""
+    brain = brain.to(out.masks[0])
+    dice = soft_dice_loss(torch.stack(out.masks).prod(dim=0), brain, include_background=True)
+    entropy = torch.stack([F.binary_cross_entropy_with_logits(logit, brain) for logit in out.mask_logits]).mean()
+    return dice + entropy, {"mask_dice": dice.item(), "mask_bce": entropy.item()}
+
+
 def jers_loss(
     out: JERSOutput, atlas: torch.Tensor, cfg: TrainConfig, brain: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -208,11 +217,10 @@ def jers_loss(
         loss = loss + cfg.eta * regulariser
         terms["mask_smoothness"] = float(regulariser.detach())
         if cfg.mask_supervision > 0 and brain is not None:
-            mask = torch.stack(out.masks).prod(dim=0)
-            supervision = soft_dice_loss(mask, brain.to(mask), include_background=True)
+            supervision, parts = mask_supervision_loss(out, brain)
             loss = loss + cfg.mask_supervision * supervision
-            terms["mask_dice"] = supervision.item()
-    terms["determinant"] = float(torch.linalg.det(out.affine[:, :3, :3]).mean())
+            terms.update(parts)
+    terms["determinant"] = float(torch.linalg.det(out.affine.detach()[:, :3, :3]).mean())
     return loss, terms
 
 
