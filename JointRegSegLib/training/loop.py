@@ -146,6 +146,14 @@ class Trainer:
         return torch.Generator(device=self.device).manual_seed(int(self.cfg.seed) * 1000003 + int(n) * 7 + int(stream))
 
 
+def command_line() -> str:
+    """This process's command as a user would type it again (``python -m JointRegSegLib.training ...`` rather
+    than the path of ``__main__.py``)."""
+    program = Path(sys.argv[0])
+    name = f"python -m {__package__}" if program.name == "__main__.py" else program.name
+    return " ".join([name, *sys.argv[1:]])
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """The layout training uses on ``device``: channels-last on the CPU (module docstring)."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
@@ -315,7 +323,7 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
             atomic_torch_save(trainer.shipped_state(), weights)
             record_weights(trainer.name, weights, {
                 "method": trainer.method,
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "command": command_line(),
                 **described,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                 "iterations": iteration,
