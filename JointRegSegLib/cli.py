@@ -13,7 +13,6 @@ STARTED = time.monotonic()
 
 import argparse  # noqa: E402 (after STARTED, so the wall time counts these imports)
 import math
-import os
 import sys
 import traceback
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ from typing import Any, NoReturn, Sequence
 from tqdm import tqdm
 
 from .errors import InputError
+from .timing import process_age
 from .methods import method_names
 from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
@@ -96,6 +96,10 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option (JSON value), repeatable; see below")
     parser.add_argument("--no-pictures", action="store_true", help="do not write PNG pictures")
     parser.add_argument(
+        "--no-compress", action="store_true",
+        help="write uncompressed NIfTI (.nii instead of .nii.gz): faster to write and load, several times larger",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="write into an output folder that holds other files too: only JointRegSeg's own files there are replaced",
     )
@@ -125,6 +129,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
             "time_budget": args.time_budget,
             "options": {**method_flags(args), **parse_options(args.option)},
             "pictures": not args.no_pictures,
+            "compress": not args.no_compress,
             "threads": args.threads,
             "overwrite": args.overwrite,
             **inputs,
@@ -173,22 +178,12 @@ def wall_time_line(timings: dict[str, float]) -> str:
     The wall time runs from this process's start (the kernel's record of it where there is one, else
     `STARTED`); start-up is what the worker's own timings do not cover (Python, imports, the command line).
     """
-    wall = _process_age() or time.monotonic() - STARTED
+    wall = process_age() or time.monotonic() - STARTED
     parts = {"reading": timings.get("load_s"), "registration": timings.get("register_s"),
              "evaluation": timings.get("evaluate_s"), "writing": timings.get("write_s")}
     known = {k: v for k, v in parts.items() if v is not None}
     startup = max(0.0, wall - sum(known.values()))
     return f"  wall time {wall:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in {"start-up": startup, **known}.items()) + " s"
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started, from /proc (Linux); None where there is no /proc."""
-    try:
-        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _number(value: Any) -> str:

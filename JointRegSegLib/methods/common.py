@@ -12,7 +12,7 @@ from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import network_geometry, to_network
 from ..imageio.validate import check_overlap
 from ..spatial.affine import index_affine_to_physical
-from ..spatial.physical import voxel_to_physical_field, warp_volume
+from ..spatial.physical import mapped_coordinates, voxel_to_physical_field, warp_volume
 from .base import Inputs, Result
 
 
@@ -25,6 +25,12 @@ class NetworkPair:
     moving: torch.Tensor
     fixed_seg: torch.Tensor | None = None
     moving_seg: torch.Tensor | None = None
+
+
+def class_map(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``scores.argmax(dim)``, the same indices (the first of equal maxima): with the classes moved
+    last and contiguous, which torch's CPU argmax reduces several times faster than along an outer axis."""
+    return scores.movedim(dim, -1).contiguous().argmax(dim=-1)
 
 
 def prepare_pair(
@@ -74,7 +80,12 @@ def result_from_physical_field(inputs: Inputs, field: Volume, grid: Geometry, af
 
 
 def result_from_field(inputs: Inputs, field: Volume, affine: np.ndarray | None = None) -> Result:
-    """A `Result` of a physical field on the fixed grid (the whole mapping): the moving image and its label map warped by it."""
-    warped = warp_volume(inputs.moving, field)
-    warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
+    """A `Result` of a physical field on the fixed grid (the whole mapping): the moving image and its label map
+    warped by it at their own resolution, both sampled at one set of mapped points (`mapped_coordinates`)."""
+    coordinates = mapped_coordinates(field, inputs.moving.geometry)
+    warped = warp_volume(inputs.moving, field, coordinates=coordinates)
+    warped_seg = None
+    if inputs.moving_seg is not None:
+        same_grid = inputs.moving_seg.geometry.same_as(inputs.moving.geometry)
+        warped_seg = warp_volume(inputs.moving_seg, field, "nearest", coordinates=coordinates if same_grid else None)
     return Result(displacement=field, warped=warped, affine=affine, warped_seg=warped_seg)

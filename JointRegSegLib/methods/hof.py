@@ -43,7 +43,7 @@ from ..weights import load_into
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import prepare_pair, result_from_network_field
+from .common import class_map, prepare_pair, result_from_network_field
 from .options import validate_options
 
 # Segmentation classes: background plus the 28 of the 30 evaluation structures that the SynthSeg
@@ -91,7 +91,7 @@ def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device:
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
-        classes = net.segment(image).argmax(dim=1)[0].cpu().numpy()
+        classes = class_map(net.segment(image), 1)[0].cpu().numpy()
     return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
 
 

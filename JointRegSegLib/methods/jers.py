@@ -56,6 +56,7 @@ from ..labels import TISSUE_LABELS
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
+from .common import class_map
 from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
@@ -177,7 +178,7 @@ class JERSMethod:
         field = affine_displacement(matrix, inputs.fixed.geometry)
         warped = warp_volume(extracted, field)
         if use_network:
-            seg_net = out.segmentation_logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+            seg_net = class_map(out.segmentation_logits, 1)[0].cpu().numpy().astype(np.uint8)
             moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
         elif inputs.fixed_seg is not None:
             inverse = affine_displacement(np.linalg.inv(matrix), inputs.moving.geometry)

@@ -68,12 +68,11 @@ from ..labels import label_info
 from ..losses import lncc_loss, soft_dice_loss
 from ..nets.uresnet import UReSNet, index_affine, total_displacement
 from ..spatial import warp
-from ..spatial.physical import warp_volume
-from ..spatial.warp import sample_at_indices
+from ..spatial.physical import sample_on, warp_volume
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import prepare_pair, result_from_network_field
+from .common import class_map, prepare_pair, result_from_network_field
 from .options import validate_options
 
 WEIGHT_NAME = "uresnet"
@@ -176,31 +175,29 @@ def network_grid(geometry: Geometry, spacing: float) -> Geometry:
     return network_geometry(geometry, spacing=spacing, multiple=GRID_MULTIPLE)
 
 
-def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 16) -> Volume:
+def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 32) -> Volume:
     """Softmax ``(C, I, J, K)`` on the network grid -> FreeSurfer label map on ``target``.
 
     The probabilities are sampled trilinearly at ``target``'s voxel centres (zero outside the network
-    grid, i.e. background) and the class is their argmax, ``slab`` planes of ``target`` at a time;
-    a voxel gets the left code of its class where it lies left of the predicted brain's centre of
-    mass along the patient's left-right axis (LPS x), the right code otherwise (module docstring).
+    grid, i.e. background; `spatial.physical.sample_on`, ``slab`` planes of ``target`` at a time, on
+    the probabilities' device) and the class is their argmax; a voxel gets the left code of its class
+    where it lies left of the predicted brain's centre of mass along the patient's left-right axis
+    (LPS x), the right code otherwise (module docstring).
     """
-    probs = probabilities.detach().float().cpu()[None]
-    brain = probs[0].argmax(dim=0) > 0
-    index = np.argwhere(brain.numpy()).mean(axis=0) if bool(brain.any()) else (np.asarray(grid.shape) - 1.0) / 2.0
+    probs = probabilities.detach().float()[None]
+    brain = (class_map(probs[0], 0) > 0).cpu().numpy()
+    index = np.argwhere(brain).mean(axis=0) if brain.any() else (np.asarray(grid.shape) - 1.0) / 2.0
     centre_x = (grid.index_to_physical_matrix @ np.append(index, 1.0))[0]
-    to_grid = torch.as_tensor(grid.physical_to_index_matrix @ target.index_to_physical_matrix, dtype=torch.float32)
-    to_physical_x = torch.as_tensor(target.index_to_physical_matrix[0], dtype=torch.float64)
+    to_x = target.index_to_physical_matrix[0]  # LPS x of index (i, j, k): +x is the patient's left
+    jk_x = to_x[1] * np.arange(target.shape[1])[:, None] + to_x[2] * np.arange(target.shape[2])[None, :] + to_x[3]
     out = np.zeros(target.shape, dtype=np.int16)
-    j, k = torch.meshgrid(torch.arange(target.shape[1]), torch.arange(target.shape[2]), indexing="ij")
     for start in range(0, target.shape[0], slab):
-        i = torch.arange(start, min(start + slab, target.shape[0]))
-        points = torch.stack(torch.broadcast_tensors(i[:, None, None], j[None], k[None]), dim=-1).float()
-        indices = points @ to_grid[:3, :3].T + to_grid[:3, 3]
-        sampled = sample_at_indices(probs, indices[None])[0]
+        rows = slice(start, min(start + slab, target.shape[0]))
+        sampled = sample_on(probs, grid, target, rows=rows)[0]
         sampled[0] += 1e-6  # outside the network grid every class is 0: background wins
-        classes = sampled.argmax(dim=0)
-        x = points.double() @ to_physical_x[:3] + to_physical_x[3]  # LPS x: +x is the patient's left
-        out[start:start + len(i)] = classes_to_codes(classes.numpy(), (x > centre_x).numpy())
+        classes = class_map(sampled, 0).cpu().numpy()
+        x = to_x[0] * np.arange(rows.start, rows.stop)[:, None, None] + jk_x[None]
+        out[rows] = classes_to_codes(classes, x > centre_x)
     return Volume(out, target)
 
 

@@ -30,6 +30,7 @@ class Job:
     time_budget: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
+    compress: bool = True
     threads: int | None = None
     overwrite: bool = False
 
@@ -73,6 +74,7 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
     _check_type(data, "device", str, source)
     _check_type(data, "options", dict, source)
     _check_type(data, "pictures", bool, source)
+    _check_type(data, "compress", bool, source)
     _check_type(data, "overwrite", bool, source)
     for key, spec in SETTINGS.items():
         _check_type(data, key, (int, float) if spec.type == FLOAT else int, source)

@@ -14,10 +14,11 @@ import SimpleITK as sitk
 import torch
 
 from ..evaluation import Maps
-from ..imageio.io import check_written, write_error, write_volume
+from ..imageio.io import write_error, write_volume
 from ..methods.base import Result
 from ..spatial.affine import to_sitk_affine
 from ..spatial.field_io import write_displacement_field
+from ..timing import Stopwatch
 from .events import to_json
 from .staging import MANIFEST
 
@@ -37,39 +38,55 @@ FILES = {
     "affine": "affine.tfm",
     "metrics": "metrics.json",
 }
-"""The file each kind of output is written to (README "Outputs")."""
+"""The file each kind of output is written to (README "Outputs"), compressed."""
 
 
-def write_result(folder: Path, result: Result, maps: Maps | None, metrics: dict[str, Any]) -> dict[str, str]:
+def output_files(compress: bool = True) -> dict[str, str]:
+    """`FILES`, or with ``compress`` false the same names as uncompressed NIfTI (``.nii``)."""
+    return dict(FILES) if compress else {kind: name.removesuffix(".gz") for kind, name in FILES.items()}
+
+
+def write_result(
+    folder: Path,
+    result: Result,
+    maps: Maps | None,
+    metrics: dict[str, Any],
+    compress: bool = True,
+    watch: Stopwatch | None = None,
+    threads: int | None = None,
+) -> dict[str, str]:
     """Write images, field, maps (when there are any) and metrics; return {kind: file name}.
 
-    Every file is checked after writing (`imageio.io.check_written`); a failure raises OutputError.
+    NIfTI files are ``.nii.gz`` (fast compression, `imageio.gzip_parallel`, on ``threads`` threads),
+    or ``.nii`` when ``compress`` is false. Every file is checked after writing; a failure raises
+    OutputError. ``watch`` times the images (``writing: images``), the field and the rest.
     """
+    names = output_files(compress)
+    watch = watch or Stopwatch()
     files: dict[str, str] = {}
 
     def volume(kind: str, vol: Any) -> None:
         if vol is not None:
-            write_volume(vol, folder / FILES[kind])
-            files[kind] = FILES[kind]
+            write_volume(vol, folder / names[kind], threads=threads)
+            files[kind] = names[kind]
 
-    volume("warped", result.warped)
-    field = folder / FILES["displacement"]
-    try:
-        write_displacement_field(result.displacement, field)
-    except (RuntimeError, OSError) as error:
-        raise write_error(field, error) from error
-    check_written(field)
-    files["displacement"] = FILES["displacement"]
-    if maps is not None:
-        volume("jacobian", maps.jacobian)
-        volume("pmm", maps.pmm)
-    for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask", "extracted"):
-        volume(kind, getattr(result, kind))
-    if result.affine is not None:
-        write_affine(result.affine, folder / FILES["affine"])
-        files["affine"] = FILES["affine"]
-    write_json(folder / FILES["metrics"], metrics)
-    files["metrics"] = FILES["metrics"]
+    with watch.step("writing: images"):
+        volume("warped", result.warped)
+    with watch.step("writing: displacement field"):
+        write_displacement_field(result.displacement, folder / names["displacement"], threads=threads)
+        files["displacement"] = names["displacement"]
+    with watch.step("writing: images"):
+        if maps is not None:
+            volume("jacobian", maps.jacobian)
+            volume("pmm", maps.pmm)
+        for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask", "extracted"):
+            volume(kind, getattr(result, kind))
+    with watch.step("writing: affine and metrics"):
+        if result.affine is not None:
+            write_affine(result.affine, folder / names["affine"])
+            files["affine"] = names["affine"]
+        write_json(folder / names["metrics"], metrics)
+        files["metrics"] = names["metrics"]
     return files
 
 
@@ -111,4 +128,4 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-__all__ = ["FILES", "MANIFEST", "device_description", "versions", "write_json", "write_result"]  # MANIFEST: read by batch.resume
+__all__ = ["FILES", "MANIFEST", "output_files", "device_description", "versions", "write_json", "write_result"]  # MANIFEST: read by batch.resume

@@ -23,21 +23,21 @@ import torch
 from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError
-from ..evaluation import Maps, check_result, evaluate, quality_maps, undefined_metrics
+from ..evaluation import Evaluation, Maps, undefined_metrics
 from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels
-from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
 from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..report import save_individual_pictures
+from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
-from .outputs import FILES, device_description, versions, write_json, write_result
+from .outputs import device_description, output_files, versions, write_json, write_result
 from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run).
@@ -125,18 +125,29 @@ def seed_everything(seed: int) -> None:
 
 
 def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
-    """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written)."""
+    """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
+
+    ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
+    the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
+    start) and ``steps``, the seconds of every named step (`timing`), the method's own under
+    ``registration: ...``.
+    """
     started = time.time()
-    timings: dict[str, float] = {}
+    watch = Stopwatch()
+    startup = process_age()
+    if startup is not None:
+        watch.add("start-up", startup)
+    timings: dict[str, Any] = {} if startup is None else {"startup_s": startup}
     method = get_method(job.method)
     validate_options(job.method, job.options)
     device = resolve_device(job.device)
     resolve_inputs(job, method.info)
-    staging = Staging(job.output, job.inputs(), job.overwrite, (*FILES.values(), MANIFEST, PROVENANCE))
+    staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
-        inputs = read_inputs(job, events)
+        with watch.step("reading"):
+            inputs = read_inputs(job, events)
         timings["load_s"] = time.monotonic() - tick
 
         tick = time.monotonic()
@@ -146,7 +157,12 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
-        check_result(inputs, result)
+        registration = time.monotonic() - tick
+        own = {f"registration: {name}": float(seconds) for name, seconds in result.details.get("timings", {}).items()}
+        for name, seconds in {**own, "registration: other": registration - sum(own.values())}.items():
+            watch.add(name, seconds)
+        evaluation = Evaluation(inputs, str(device), torch.get_num_threads(), watch)
+        evaluation.check(result)
         timings["register_s"] = time.monotonic() - tick
         for message in result.messages:
             events.log(message, "warning")
@@ -154,7 +170,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         failed: dict[str, str] = {}
         tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(inputs, result))
+        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(evaluation, result))
         maps, metrics = evaluated or (None, {})
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
@@ -167,15 +183,20 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         events.progress(STAGES["write"][0], "writing results")
         files: dict[str, str] = {}
         if job.pictures:
-            pictures = partial(_pictures, staging.path, inputs, result, maps, method.info.name)
-            files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
+            pictures = partial(_pictures, staging.path, evaluation, result, maps, method.info.name)
+            with watch.step("writing: pictures"):
+                files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
         if extra_outputs is not None:
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
-            files.update(_kept_on_failure("overview", failed, events, extra) or {})
-        files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})}))
+            with watch.step("writing: overview"):
+                files.update(_kept_on_failure("overview", failed, events, extra) or {})
+        files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})},
+                                  compress=job.compress, watch=watch, threads=torch.get_num_threads()))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
-        write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
+        timings["steps"] = watch.seconds
+        with watch.step("writing: provenance"):
+            write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
         files["provenance"] = PROVENANCE
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
@@ -190,14 +211,15 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     return summary
 
 
-def _evaluate(inputs: Inputs, result: Result) -> tuple[Maps, dict[str, Any]]:
-    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine)
-    return maps, evaluate(inputs, result, maps)
+def _evaluate(evaluation: Evaluation, result: Result) -> tuple[Maps, dict[str, Any]]:
+    maps = evaluation.maps(result)
+    return maps, evaluation.metrics(result, maps)
 
 
-def _pictures(folder: Path, inputs: Inputs, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+def _pictures(folder: Path, evaluation: Evaluation, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+    inputs = evaluation.inputs
     pictures = save_individual_pictures(
-        folder / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped,
+        folder / "pictures", inputs.fixed, evaluation.initial, result.warped,
         maps.jacobian if maps is not None else None, maps.pmm if maps is not None else None,
         jacobian_part=maps.jacobian_part if maps is not None else "whole mapping",
         segmentations=segmentation_pictures(inputs, result, method), mask=maps.mask if maps is not None else None,
@@ -235,11 +257,6 @@ def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[s
         "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
     }
     return {name: entry for name, entry in candidates.items() if entry[1] is not None}
-
-
-def _on_fixed_grid(inputs: Inputs) -> Volume:
-    """The moving image as it lies, resampled onto the fixed grid (for pictures)."""
-    return resample(inputs.moving, inputs.fixed.geometry)
 
 
 def provenance(
