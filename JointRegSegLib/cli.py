@@ -17,9 +17,7 @@ import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from .errors import InputError
 from .timing import process_age
@@ -28,6 +26,9 @@ from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
 from .worker.job import COMMAND_LINE, Job, job_from_dict
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 DEMO_OUT = Path("jointregseg_demo")
 
@@ -45,6 +46,8 @@ class ProgressBar(EventWriter):
         self.bar: tqdm | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
+        from tqdm import tqdm  # here: `jointregseg --help` starts without it
+
         if event == "progress":
             if self.bar is None:
                 self.bar = tqdm(total=1000, desc=fields["stage"], bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)

@@ -20,29 +20,38 @@ the evaluation's steps (``evaluation: ...``) and the writing's (``writing: ...``
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 class Stopwatch:
-    """Seconds spent in named steps (a step timed twice adds up), in the order they first ran."""
+    """Seconds spent in named steps (a step timed twice adds up), in the order they first ran: wall-clock
+    ``seconds`` and ``cpu_seconds``, the CPU time of the whole process (all its threads) meanwhile,
+    which a busy machine changes much less than the wall-clock time. Steps timed on two threads at
+    once (the worker's background writing) both count the CPU time of that while."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # steps may be timed on a background thread too
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         """Time the block under ``name``."""
-        tick = time.perf_counter()
+        tick, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - tick)
+            self.add(name, time.perf_counter() - tick, time.process_time() - cpu)
 
-    def add(self, name: str, seconds: float) -> None:
-        """Count ``seconds`` more for ``name``."""
-        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+    def add(self, name: str, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Count ``seconds`` (and ``cpu_seconds``, where known) more for ``name``."""
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+            if cpu_seconds is not None:
+                self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + float(cpu_seconds)
 
 
 def process_age() -> float | None:

@@ -131,6 +131,18 @@ def test_dice_of_negative_and_widely_spread_labels_counts_each_value():
     assert mean_dice(a, b, labels=[5, 2**30, 9]) == pytest.approx((expected[5] + expected[2**30]) / 2)
 
 
+def test_dice_of_label_groups_equals_the_dice_of_the_merged_masks(label_pair):
+    from JointRegSegLib.metrics.overlap import LabelCounts
+
+    a, b = label_pair
+    counts = LabelCounts(a, b)
+    for group_a, group_b in (([1, 2], None), ([1], [2]), ([2, 3], [2, 4]), ([7], None)):
+        in_a, in_b = np.isin(a, group_a), np.isin(b, group_a if group_b is None else group_b)
+        total = in_a.sum() + in_b.sum()
+        expected = 2.0 * np.sum(in_a & in_b) / total if total else None
+        assert counts.group_dice(group_a, group_b) == pytest.approx(expected)
+
+
 def test_overlap_rejects_bad_input(label_pair):
     a, b = label_pair
     with pytest.raises(InputError, match="shapes"):

@@ -13,6 +13,7 @@ from ..imageio.network_grid import network_geometry, to_network
 from ..imageio.validate import check_overlap
 from ..spatial.affine import index_affine_to_physical
 from ..spatial.physical import mapped_coordinates, voxel_to_physical_field, warp_volume
+from ..timing import Stopwatch
 from .base import Inputs, Result
 
 
@@ -62,26 +63,38 @@ def result_from_network_field(
     grid: Geometry,
     disp: torch.Tensor,
     affine_index: np.ndarray | None = None,
+    watch: Stopwatch | None = None,
 ) -> Result:
     """Turn a voxel displacement on the network grid (the whole mapping) into a `Result` on the fixed grid.
 
     The moving image (and its label map) are warped at their own resolution by the physical field,
     so the output is as sharp as the input allows. ``affine_index`` is the affine part alone, as a
     4x4 matrix on network-grid voxel indices (fixed index -> moving index), where there is one.
+    ``watch`` times the ``field to fixed grid`` and ``warping`` steps (`timing`).
     """
-    field = voxel_to_physical_field(disp.detach()[0].float().cpu(), grid, inputs.fixed.geometry)
-    return result_from_physical_field(inputs, field, grid, affine_index)
+    watch = watch or Stopwatch()
+    with watch.step("field to fixed grid"):
+        field = voxel_to_physical_field(disp.detach()[0].float().cpu(), grid, inputs.fixed.geometry)
+    return result_from_physical_field(inputs, field, grid, affine_index, watch)
 
 
-def result_from_physical_field(inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None) -> Result:
+def result_from_physical_field(
+    inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None, watch: Stopwatch | None = None
+) -> Result:
     """A `Result` of the whole mapping given as a physical field on the fixed grid (see `result_from_network_field`)."""
     affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None
-    return result_from_field(inputs, field, affine)
+    return result_from_field(inputs, field, affine, watch)
 
 
-def result_from_field(inputs: Inputs, field: Volume, affine: np.ndarray | None = None) -> Result:
+def result_from_field(inputs: Inputs, field: Volume, affine: np.ndarray | None = None, watch: Stopwatch | None = None) -> Result:
     """A `Result` of a physical field on the fixed grid (the whole mapping): the moving image and its label map
-    warped by it at their own resolution, both sampled at one set of mapped points (`mapped_coordinates`)."""
+    warped by it at their own resolution, both sampled at one set of mapped points (`mapped_coordinates`);
+    timed as ``warping`` on ``watch``."""
+    with (watch or Stopwatch()).step("warping"):
+        return _warped_result(inputs, field, affine)
+
+
+def _warped_result(inputs: Inputs, field: Volume, affine: np.ndarray | None) -> Result:
     coordinates = mapped_coordinates(field, inputs.moving.geometry)
     warped = warp_volume(inputs.moving, field, coordinates=coordinates)
     warped_seg = None

@@ -31,13 +31,21 @@ from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
 from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
-from ..report import save_individual_pictures
 from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
-from .outputs import device_description, output_files, versions, write_json, write_result
+from .outputs import (
+    BackgroundWriter,
+    device_description,
+    output_files,
+    versions,
+    write_json,
+    write_maps,
+    write_metrics,
+    write_registration,
+)
 from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run).
@@ -127,22 +135,27 @@ def seed_everything(seed: int) -> None:
 def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
+    The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
+    the result is evaluated, the maps while the pictures are drawn; then the run waits for them.
+
     ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
     the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
-    start) and ``steps``, the seconds of every named step (`timing`), the method's own under
-    ``registration: ...``.
+    start), ``steps`` and ``cpu_steps``, the wall-clock and CPU seconds of every named step (`timing`),
+    the method's own under ``registration: ...`` (the background writing's overlap the evaluation's
+    and the pictures'; ``writing: waiting for the files`` is what the run waited for them at the end).
     """
     started = time.time()
     watch = Stopwatch()
     startup = process_age()
     if startup is not None:
-        watch.add("start-up", startup)
+        watch.add("start-up", startup, time.process_time())
     timings: dict[str, Any] = {} if startup is None else {"startup_s": startup}
     method = get_method(job.method)
     validate_options(job.method, job.options)
     device = resolve_device(job.device)
     resolve_inputs(job, method.info)
     staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
+    writer = BackgroundWriter()
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
@@ -150,28 +163,28 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
             inputs = read_inputs(job, events)
         timings["load_s"] = time.monotonic() - tick
 
-        tick = time.monotonic()
+        tick, cpu = time.monotonic(), time.process_time()
         seed_everything(job.seed)
         if job.threads is not None:
             torch.set_num_threads(job.threads)
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
-        registration = time.monotonic() - tick
-        own = {f"registration: {name}": float(seconds) for name, seconds in result.details.get("timings", {}).items()}
-        for name, seconds in {**own, "registration: other": registration - sum(own.values())}.items():
-            watch.add(name, seconds)
-        evaluation = Evaluation(inputs, str(device), torch.get_num_threads(), watch)
-        evaluation.check(result)
         timings["register_s"] = time.monotonic() - tick
+        _add_method_steps(watch, result.details, timings["register_s"], time.process_time() - cpu)
+        threads = torch.get_num_threads()
+        evaluation = Evaluation(inputs, str(device), threads, watch)
+        tick = time.monotonic()
+        evaluation.check(result)
+        writer.submit(partial(write_registration, staging.path, result, job.compress, watch, threads))
         for message in result.messages:
             events.log(message, "warning")
 
         failed: dict[str, str] = {}
-        tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
         evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(evaluation, result))
         maps, metrics = evaluated or (None, {})
+        writer.submit(partial(write_maps, staging.path, maps, job.compress, watch, threads))
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
             metrics["messages"] = result.messages
@@ -190,19 +203,21 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
             with watch.step("writing: overview"):
                 files.update(_kept_on_failure("overview", failed, events, extra) or {})
-        files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})},
-                                  compress=job.compress, watch=watch, threads=torch.get_num_threads()))
+        with watch.step("writing: waiting for the files"):
+            files.update(writer.finish())
+        files.update(write_metrics(staging.path, {**metrics, **({"failed_steps": failed} if failed else {})}, job.compress, watch))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
-        timings["steps"] = watch.seconds
-        with watch.step("writing: provenance"):
-            write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
+        timings["steps"], timings["cpu_steps"] = watch.seconds, watch.cpu_seconds
+        write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
         files["provenance"] = PROVENANCE
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
     except BaseException:
+        writer.close()
         staging.discard()
         raise
+    writer.close()
     events.progress(1.0, "done")
     summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics, "timings": timings}
     if failed:
@@ -211,12 +226,23 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     return summary
 
 
+def _add_method_steps(watch: Stopwatch, details: dict[str, Any], seconds: float, cpu_seconds: float) -> None:
+    """The method's own steps (``details["timings"]``, ``details["cpu_timings"]``) as ``registration: ...``,
+    and what the registration spent outside them as ``registration: other``."""
+    own, own_cpu = details.get("timings", {}), details.get("cpu_timings", {})
+    for name, step_seconds in own.items():
+        watch.add(f"registration: {name}", step_seconds, own_cpu.get(name))
+    watch.add("registration: other", seconds - sum(own.values()), cpu_seconds - sum(own_cpu.values()))
+
+
 def _evaluate(evaluation: Evaluation, result: Result) -> tuple[Maps, dict[str, Any]]:
     maps = evaluation.maps(result)
     return maps, evaluation.metrics(result, maps)
 
 
 def _pictures(folder: Path, evaluation: Evaluation, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+    from ..report import save_individual_pictures  # matplotlib: only for a run that draws pictures
+
     inputs = evaluation.inputs
     pictures = save_individual_pictures(
         folder / "pictures", inputs.fixed, evaluation.initial, result.warped,
