@@ -83,6 +83,11 @@ METRICS = (
 _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
+def peer_command(python: str, job_file: Path) -> list[str]:
+    """The command that runs a peer's job file in its own process of ``python`` (`peers.main`)."""
+    return [python, "-c", _RUN_FILE, peers_module.__file__, str(job_file)]
+
+
 def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``name[key=value;key=value]`` (values parsed as JSON where they are JSON) to the
     method's name and its own options, e.g. ``segreg[variant=learned;mask_loss=edt]``; the keys
@@ -329,7 +334,7 @@ def run_peer(
         job_file = folder / f"job{repeat}.json"
         job_file.write_text(json.dumps(job, indent=2))
         log = folder / f"peer{repeat}.log"
-        command = [settings.peer_python, "-c", _RUN_FILE, peers_module.__file__, str(job_file)]
+        command = peer_command(settings.peer_python, job_file)
         done = spawn(command, env, log, settings.timeout_s)
         if done.returncode != 0:
             return ToolRun(pair.name, name, "peer", "failed", note=f"exit {done.returncode}: {last_error(log)}", folder=folder)

@@ -74,28 +74,32 @@ def result_from_network_field(
     """
     watch = watch or Stopwatch()
     with watch.step("field to fixed grid"):
-        field = voxel_to_physical_field(disp.detach()[0].float().cpu(), grid, inputs.fixed.geometry)
-    return result_from_physical_field(inputs, field, grid, affine_index, watch)
+        field = voxel_to_physical_field(disp.detach()[0].float(), grid, inputs.fixed.geometry)
+    return result_from_physical_field(inputs, field, grid, affine_index, watch, disp.device)
 
 
 def result_from_physical_field(
-    inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None, watch: Stopwatch | None = None
+    inputs: Inputs, field: Volume, grid: Geometry, affine_index: np.ndarray | None = None, watch: Stopwatch | None = None,
+    device: torch.device | str | None = None,
 ) -> Result:
     """A `Result` of the whole mapping given as a physical field on the fixed grid (see `result_from_network_field`)."""
     affine = index_affine_to_physical(affine_index, grid, grid) if affine_index is not None else None
-    return result_from_field(inputs, field, affine, watch)
+    return result_from_field(inputs, field, affine, watch, device)
 
 
-def result_from_field(inputs: Inputs, field: Volume, affine: np.ndarray | None = None, watch: Stopwatch | None = None) -> Result:
+def result_from_field(
+    inputs: Inputs, field: Volume, affine: np.ndarray | None = None, watch: Stopwatch | None = None,
+    device: torch.device | str | None = None,
+) -> Result:
     """A `Result` of a physical field on the fixed grid (the whole mapping): the moving image and its label map
-    warped by it at their own resolution, both sampled at one set of mapped points (`mapped_coordinates`);
-    timed as ``warping`` on ``watch``."""
+    warped by it at their own resolution, both sampled at one set of mapped points (`mapped_coordinates`,
+    on ``device``); timed as ``warping`` on ``watch``."""
     with (watch or Stopwatch()).step("warping"):
-        return _warped_result(inputs, field, affine)
+        return _warped_result(inputs, field, affine, device)
 
 
-def _warped_result(inputs: Inputs, field: Volume, affine: np.ndarray | None) -> Result:
-    coordinates = mapped_coordinates(field, inputs.moving.geometry)
+def _warped_result(inputs: Inputs, field: Volume, affine: np.ndarray | None, device: torch.device | str | None) -> Result:
+    coordinates = mapped_coordinates(field, inputs.moving.geometry, device)
     warped = warp_volume(inputs.moving, field, coordinates=coordinates)
     warped_seg = None
     if inputs.moving_seg is not None:

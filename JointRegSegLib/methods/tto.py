@@ -88,7 +88,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..device import resolve_device, threads_for
+from ..device import resolve_device
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from ..imageio.network_grid import RAS_DIRECTION, corner_points
@@ -99,7 +99,6 @@ from ..timing import Stopwatch
 from ..weights import load_into
 from . import refinement
 from .adam import Adam
-from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
@@ -328,11 +327,10 @@ class TTOMethod:
             if s["affine"] == "none":
                 affine_index = np.eye(4)
             else:
-                with threads_for(AFFINE_SAMPLES, device):
-                    affine_index = fit_affine(
-                        pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                        progress=lambda f, _stage: report(f, "affine"),
-                    )
+                affine_index = fit_affine(
+                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                    progress=lambda f, _stage: report(f, "affine"),
+                )
             affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
 
         details: dict[str, Any] = {
@@ -384,7 +382,7 @@ class TTOMethod:
         if refine_settings is not None:
             with watch.step("field to fixed grid"):
                 whole = refined.whole_field(inputs.fixed.geometry)
-            result = result_from_field(inputs, whole, affine, watch)
+            result = result_from_field(inputs, whole, affine, watch, device)
         else:
             total = affine_disp if disp is None else compose(affine_disp, disp.detach())
             result = result_from_network_field(inputs, pair.grid, total, affine_index, watch)

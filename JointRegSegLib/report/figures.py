@@ -43,6 +43,9 @@ VIEW_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
 _EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
 _ROW_INCHES = 2.0
 _SIDE_COLUMN = 1.6  # width ratio of the column holding colour bars and legends
+_LEGEND_POINTS = 7
+_MARGINS = (0.35, 0.05, 0.22, 0.05)  # inches left (row labels), right, top (view names), bottom: a fixed layout,
+# which costs a fraction of matplotlib's constrained layout (a third of each picture's time)
 MAP_ALPHA = 0.65  # opacity of a Jacobian or PMM map over the grey fixed image
 LEGEND_LABELS = 12  # outlines: the largest structures named in the legend
 PNG_COMPRESSION = 1  # zlib level of the PNG files: fast (the default 6 costs more time than the pictures are worth)
@@ -138,12 +141,15 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
     widths = [view.shape[1] / (view.shape[0] * aspect) for view, aspect in zip(rows[0].views, aspects)]
     has_side = any(row.colorbar or row.legend for row in rows)
     ratios = widths + ([_SIDE_COLUMN] if has_side else [])
-    figure = Figure(
-        figsize=(_ROW_INCHES * sum(ratios) + 0.6, _ROW_INCHES * len(rows) + (0.4 if title else 0.0)),
-        layout="constrained",
-    )
+    left, right, top, bottom = _MARGINS
+    right += _legend_overflow(rows)
+    size = (_ROW_INCHES * sum(ratios) + left + right, _ROW_INCHES * len(rows) + top + bottom + (0.3 if title else 0.0))
+    figure = Figure(figsize=size)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(len(rows), len(ratios), width_ratios=ratios)
+    grid = figure.add_gridspec(
+        len(rows), len(ratios), width_ratios=ratios, left=left / size[0], right=1 - right / size[0],
+        top=1 - (top + (0.3 if title else 0.0)) / size[1], bottom=bottom / size[1], wspace=0.04, hspace=0.06,
+    )
     for r, row in enumerate(rows):
         image = None
         for c, (view, aspect) in enumerate(zip(row.views, aspects)):
@@ -181,7 +187,7 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
                     handles=handles,
                     loc="center left",
                     bbox_to_anchor=(0.3, 0.5),
-                    fontsize=7,
+                    fontsize=_LEGEND_POINTS,
                     frameon=False,
                     handlelength=1.0,
                 )
@@ -189,6 +195,14 @@ def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | P
         figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=dpi, facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
+
+
+def _legend_overflow(rows: list[_Row]) -> float:
+    """Inches a legend reaches past the side column (it starts 30 % into it): its longest name at the
+    legend's font size, about 0.6 em a character, after the colour patch."""
+    longest = max((len(text) for row in rows for _, text in row.legend), default=0)
+    needed = 0.3 * _ROW_INCHES * _SIDE_COLUMN + 0.35 + longest * _LEGEND_POINTS * 0.6 / 72.0
+    return max(0.0, needed - _ROW_INCHES * _SIDE_COLUMN) if longest else 0.0
 
 
 def _edge_letters(ax, letters: tuple[str, str, str, str]) -> None:

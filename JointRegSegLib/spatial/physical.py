@@ -67,8 +67,9 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     resampled. For each fixed voxel ``x``: ``c`` = its index on ``grid``, ``u_idx`` = ``disp``
     interpolated trilinearly at ``c`` (edge values outside ``grid``), ``u = direction @ diag(spacing) @ u_idx``
     of ``grid`` (the network point ``c`` maps to ``c + u_idx``, i.e. ``x`` maps to ``x + u``).
+    Sampled on ``disp``'s device (a GPU's where the network ran); the field comes back to the CPU.
     """
-    disp = torch.as_tensor(disp).detach().cpu().float()
+    disp = torch.as_tensor(disp).detach().float()
     if disp.ndim == 5 and disp.shape[0] == 1:
         disp = disp[0]
     if disp.ndim != 4 or disp.shape[0] != 3 or tuple(disp.shape[1:]) != grid.shape:
@@ -79,7 +80,7 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     if fixed.same_as(grid):
         u_idx = disp
     else:
-        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape)[0]
+        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape, disp.device)[0]
         u_idx = _sample(disp[None], coordinates, "bilinear", "border")[0]
     return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
 
@@ -106,8 +107,8 @@ def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
 
 def grid_steps_to_physical(u_idx: torch.Tensor, grid: Geometry, fixed: Geometry) -> Volume:
     """The LPS mm field on ``fixed`` of displacements ``u_idx (I, J, K, 3)`` given in voxels of ``grid``, at fixed's voxels."""
-    linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32)
-    u_phys = u_idx.detach().cpu().float() @ linear.T
+    linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32, device=u_idx.device)
+    u_phys = (u_idx.detach().float() @ linear.T).cpu()
     return Volume(np.ascontiguousarray(u_phys.numpy(), dtype=np.float32), fixed)
 
 
@@ -148,14 +149,16 @@ def physical_to_voxel_field(field: Volume, grid: Geometry) -> torch.Tensor:
     return torch.einsum("rc,cijk->rijk", inverse, u_phys).contiguous()
 
 
-def mapped_coordinates(field: Volume, moving: Geometry) -> torch.Tensor:
+def mapped_coordinates(field: Volume, moving: Geometry, device: torch.device | str | None = None) -> torch.Tensor:
     """``grid_sample`` coordinates ``(1, I, J, K, 3)``, normalised for ``moving``, of the mapped point
     ``x + u(x)`` of every voxel ``x`` of a physical field's (fixed) grid: what `warp_volume` samples at,
-    computed once for an image and its label map alike."""
+    computed once (on ``device``) for an image and its label map alike."""
     _check_physical_field(field)
-    coordinates, index_to_coordinate = _sampling_grid(field.geometry.shape, _index_map(field.geometry, moving), moving.shape)
-    u = torch.as_tensor(np.asarray(field.array, dtype=np.float32))
-    mm_to_coordinate = torch.as_tensor(index_to_coordinate @ np.linalg.inv(_linear_part(moving)), dtype=torch.float32)
+    coordinates, index_to_coordinate = _sampling_grid(field.geometry.shape, _index_map(field.geometry, moving), moving.shape, device)
+    u = torch.as_tensor(np.asarray(field.array, dtype=np.float32)).to(coordinates.device)
+    mm_to_coordinate = torch.as_tensor(
+        index_to_coordinate @ np.linalg.inv(_linear_part(moving)), dtype=torch.float32, device=coordinates.device
+    )
     return coordinates.add_(u @ mm_to_coordinate.T)
 
 
@@ -170,7 +173,7 @@ def warp_volume(
     sampled directly, without a one-hot map). Outside the moving image the value blends to
     ``default`` as a linear sample with zero padding would blend to 0. Arrays with components last
     (``(I, J, K, C)``) are warped component by component. ``coordinates``: `mapped_coordinates` of
-    ``field`` for ``moving``'s grid, where already at hand.
+    ``field`` for ``moving``'s grid, where already at hand (the sampling runs on their device).
     """
     _check_physical_field(field)
     modes = {"linear": "bilinear", "nearest": "nearest"}
@@ -181,11 +184,11 @@ def warp_volume(
         raise InputError(f"the moving image must be a 3D array (or 3D with components last); got shape {array.shape}")
     if coordinates is None:
         coordinates = mapped_coordinates(field, moving.geometry)
-    image = torch.as_tensor(array.astype(np.float32) - np.float32(default))
+    image = torch.as_tensor(array.astype(np.float32) - np.float32(default)).to(coordinates.device)
     image = image[None, None] if array.ndim == 3 else image.permute(3, 0, 1, 2)[None]
     out = _sample(image, coordinates, modes[interpolation], "zeros")[0] + float(default)
     out = out[0] if array.ndim == 3 else out.permute(1, 2, 3, 0)
-    result = out.numpy()
+    result = out.cpu().numpy()
     if interpolation == "nearest" and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         result = result.astype(array.dtype)
     return Volume(np.ascontiguousarray(result), field.geometry)
