@@ -5,13 +5,15 @@ profile (`experiments.call_profile`) break every method's call down the same way
 
 - ``network grid``: the images (and label maps) resampled onto the network grid and normalised;
 - ``weights``: the network built and its weights read and checked;
-- ``affine stage``: an affine fitted by optimisation (tto, hof, segreg);
+- ``affine stage``: an affine fitted by optimisation (tto, hof, segreg; segreg's includes pre-aligning
+  the moving image and label map on its fine grid);
+- ``regions``: segreg's region plan and crops;
 - ``network``: the forward passes;
-- ``optimisation``: test-time optimisation and refinement (tto), the iterative variant's fitting (segreg);
+- ``test-time optimisation``, ``refinement`` (tto), ``optimisation`` (segreg's iterative variant);
 - ``field to fixed grid``: the whole mapping composed and sampled at the fixed image's voxels;
 - ``warping``: the moving image and its label map warped at their full resolution;
-- ``segmentation``: the method's own segmentations brought onto the images' grids;
-- anything else a method does under its own name.
+- ``segmentation``, ``segmentation scores``, ``brain mask``: the method's own segmentations (and jers'
+  mask) brought onto the images' grids, and uresnet's scores of them.
 
 The worker adds ``start-up`` (the interpreter and imports, before the job starts), ``reading``,
 the evaluation's steps (``evaluation: ...``) and the writing's (``writing: ...``).

@@ -63,6 +63,42 @@ def test_event_stream_and_result_files(finished_run):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.partial")]
 
 
+def test_provenance_times_every_step_within_the_run(finished_run):
+    """Named steps (`JointRegSegLib.timing`): the method's own add up to its registration time, the
+    ones on the run's own thread fit in its total, the background writing is there too."""
+    out, _ = finished_run
+    timings = json.loads((out / "provenance.json").read_text())["timings_s"]
+    steps = timings["steps"]
+    for name in ("start-up", "reading", "registration: network grid", "registration: warping", "evaluation: Jacobian",
+                 "evaluation: PMM", "evaluation: Dice and HD95", "writing: pictures", "writing: images",
+                 "writing: displacement field", "writing: maps", "writing: waiting for the files"):
+        assert steps[name] >= 0.0, name
+    registration = sum(v for k, v in steps.items() if k.startswith("registration:"))
+    assert registration == pytest.approx(timings["register_s"], rel=1e-6)
+    background = ("writing: images", "writing: displacement field", "writing: maps")
+    own_thread = sum(v for k, v in steps.items() if k not in background and k != "start-up")
+    assert own_thread <= timings["total_s"] + 0.05
+    assert set(timings["cpu_steps"]) <= set(steps)
+
+
+def test_uncompressed_outputs_on_request(tmp_path, sample_pair, finished_run):
+    """``compress: false`` writes .nii files (the same kinds), which SimpleITK reads, larger than the .nii.gz ones."""
+    import SimpleITK as sitk
+
+    out = tmp_path / "plain"
+    code, events, stderr = run_worker(_job(sample_pair, out, compress=False), tmp_path)
+    assert code == 0, stderr[-3000:]
+    files = events[-1]["files"]
+    compressed, _ = finished_run
+    for kind in ("warped", "displacement", "jacobian", "pmm", "warped_seg"):
+        path = Path(files[kind])
+        assert path.name.endswith(".nii") and path.is_file(), kind
+        image = sitk.ReadImage(str(path))
+        assert image.GetSize() == sitk.ReadImage(str(compressed / f"{path.name}.gz")).GetSize()
+        assert path.stat().st_size > (compressed / f"{path.name}.gz").stat().st_size
+    assert not list(out.glob("*.nii.gz"))
+
+
 def test_progress_is_monotonic_and_time_left_converges(finished_run):
     _, events = finished_run
     progress = [e for e in events if e["event"] == "progress"]
