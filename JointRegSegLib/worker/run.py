@@ -149,7 +149,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     startup = process_age()
     if startup is not None:
         watch.add("start-up", startup, time.process_time())
-    timings: dict[str, Any] = {} if startup is None else {"startup_s": startup}
+    timings: dict[str, Any] = {}
     method = get_method(job.method)
     validate_options(job.method, job.options)
     device = resolve_device(job.device)
@@ -208,6 +208,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         files.update(write_metrics(staging.path, {**metrics, **({"failed_steps": failed} if failed else {})}, job.compress, watch))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
+        if startup is not None:  # provenance only: metrics.json keeps the job's own times
+            timings["startup_s"] = startup
         timings["steps"], timings["cpu_steps"] = watch.seconds, watch.cpu_seconds
         write_json(staging.path / PROVENANCE, provenance(job, method.info.name, result, device, timings, failed))
         files["provenance"] = PROVENANCE
