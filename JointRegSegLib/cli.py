@@ -13,22 +13,23 @@ STARTED = time.monotonic()
 
 import argparse  # noqa: E402 (after STARTED, so the wall time counts these imports)
 import math
-import os
 import signal
 import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from .errors import InputError
+from .timing import process_age
 from .methods import method_names
 from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
 from .worker.job import COMMAND_LINE, JACOBIAN_PARTS, Job, job_from_dict
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 DEMO_OUT = Path("jointregseg_demo")
 
@@ -46,6 +47,8 @@ class ProgressBar(EventWriter):
         self.bar: tqdm | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
+        from tqdm import tqdm  # here: `jointregseg --help` starts without it
+
         if event == "progress":
             if self.bar is None:
                 self.bar = tqdm(total=1000, desc=fields["stage"], bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)
@@ -102,6 +105,10 @@ def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) ->
         "scaling does not tint it; default) or the whole mapping. Folding and SDlogJ are always of the whole mapping",
     )
     parser.add_argument(
+        "--no-compress", action="store_true",
+        help="write uncompressed NIfTI (.nii instead of .nii.gz): faster to write and load, several times larger",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="write into an output folder that holds other files too: only JointRegSeg's own files there are replaced",
     )
@@ -132,6 +139,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
             "options": {**method_flags(args), **parse_options(args.option)},
             "pictures": not args.no_pictures,
             "jacobian": args.jacobian,
+            "compress": not args.no_compress,
             "threads": args.threads,
             "overwrite": args.overwrite,
             **inputs,
@@ -180,22 +188,12 @@ def wall_time_line(timings: dict[str, float]) -> str:
     The wall time runs from this process's start (the kernel's record of it where there is one, else
     `STARTED`); start-up is what the worker's own timings do not cover (Python, imports, the command line).
     """
-    wall = _process_age() or time.monotonic() - STARTED
+    wall = process_age() or time.monotonic() - STARTED
     parts = {"reading": timings.get("load_s"), "registration": timings.get("register_s"),
              "evaluation": timings.get("evaluate_s"), "writing": timings.get("write_s")}
     known = {k: v for k, v in parts.items() if v is not None}
     startup = max(0.0, wall - sum(known.values()))
     return f"  wall time {wall:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in {"start-up": startup, **known}.items()) + " s"
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started, from /proc (Linux); None where there is no /proc."""
-    try:
-        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _number(value: Any) -> str:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .imageio.intensity import percentiles as intensity_percentiles
+
 ROBUST_PERCENTILES: tuple[float, float] = (1.0, 99.0)
 
 JACOBIAN_RANGE: tuple[float, float] = (0.0, 2.0)
@@ -92,11 +94,12 @@ def pmm_control_points() -> list[tuple[float, float, float, float]]:
 
 def robust_window(array: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES) -> tuple[float, float]:
     """``(vmin, vmax)`` at the given percentiles of the finite values; a unit window if they coincide."""
-    values = np.asarray(array, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    values = np.asarray(array)
+    if np.issubdtype(values.dtype, np.floating):
+        values = values[np.isfinite(values)]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = (float(v) for v in np.percentile(values, percentiles))
+    low, high = (float(v) for v in intensity_percentiles(values, percentiles))
     if high <= low:
         return low - 0.5, low + 0.5
     return low, high

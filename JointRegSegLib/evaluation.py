@@ -6,15 +6,21 @@ part's, so a global scaling does not tint the map; folding and SDlogJ are of the
 the patch-wise NMI map (PMM, seed 004 appendix C) inside the fixed image's foreground, image
 similarity before and after (NMI as in the PMM, in [0, 1]), and Dice/HD95 per label when label
 maps are given.
+
+`Evaluation` holds what every result of one pair shares (the fixed image's normalised
+intensities and foreground, the moving image and label map as they lie on the fixed grid, the
+numbers before registration), computed once on first use: the worker checks, maps and scores a
+result with it, the benchmark every tool's result of a pair, and the pictures reuse its arrays.
+Its steps are timed under ``evaluation: ...`` (`timing`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
 from .errors import InputError
@@ -30,14 +36,16 @@ from .metrics import (
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
+    labels_in,
     mutual_information,
     ncc,
     pmm_map,
     pmm_mean,
     sdlogj,
 )
+from .metrics.foreground import foreground_mask
+from .timing import Stopwatch
 
-FOREGROUND_THRESHOLD = 0.05
 MIN_COVERAGE = 0.05
 
 
@@ -52,32 +60,124 @@ class Maps:
     mask: np.ndarray
 
 
-def foreground_mask(image: Volume) -> np.ndarray:
-    """The image's foreground: normalised intensity above 5 %, holes filled (the PMM domain mask)."""
-    mask = normalise_intensity(image.array) > FOREGROUND_THRESHOLD
-    return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+class Evaluation:
+    """The evaluation of results of one registration problem (see the module docstring).
+
+    ``device`` is where the Jacobian and the HD95 search run (a torch device name), ``workers`` the
+    CPU threads of the HD95 search, ``watch`` the stopwatch the steps are timed on.
+    """
+
+    def __init__(self, inputs: Inputs, device: str = "cpu", workers: int = 1, watch: Stopwatch | None = None) -> None:
+        self.inputs = inputs
+        self.device = device
+        self.workers = workers
+        self.watch = watch or Stopwatch()
+
+    @cached_property
+    def fixed_normalised(self) -> np.ndarray:
+        with self.watch.step("evaluation: foreground"):
+            return normalise_intensity(self.inputs.fixed.array)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """The fixed image's foreground (`foreground_mask`): the PMM's domain, where similarity is measured."""
+        normalised = self.fixed_normalised
+        with self.watch.step("evaluation: foreground"):
+            return foreground_mask(self.inputs.fixed, normalised)
+
+    @cached_property
+    def initial(self) -> Volume:
+        """The moving image as it lies (identity transform), on the fixed grid."""
+        with self.watch.step("evaluation: before registration"):
+            return resample(self.inputs.moving, self.inputs.fixed.geometry)
+
+    @cached_property
+    def initial_seg(self) -> np.ndarray | None:
+        """The moving label map as it lies, on the fixed grid (nearest neighbour); None without one."""
+        if self.inputs.moving_seg is None:
+            return None
+        with self.watch.step("evaluation: before registration"):
+            return resample(self.inputs.moving_seg, self.inputs.fixed.geometry, interpolation="nearest").array
+
+    @cached_property
+    def initial_numbers(self) -> dict[str, float]:
+        """NCC, MI, NMI and PMM mean of the fixed image and the moving image as it lies."""
+        fixed, mask, initial = self.fixed_normalised, self.mask, self.initial
+        with self.watch.step("evaluation: before registration"):
+            moving = normalise_intensity(initial.array)
+            return {
+                "ncc_initial": ncc(fixed, moving, mask),
+                "mi_initial": mutual_information(fixed, moving, mask=mask),
+                "nmi_initial": arithmetic_normalised_mutual_information(fixed, moving, mask=mask),
+                "pmm_mean_initial": pmm_mean(pmm_map(fixed, moving, mask), mask),
+            }
+
+    def check(self, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
+        """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.
+
+        A diverged optimisation (too large a learning rate) or broken weights give NaN or infinite
+        values; images that do not overlap after registration give an empty warped image. Both would
+        otherwise be written and scored as if they were results.
+        """
+        for name, volume in (("displacement field", result.displacement), ("warped image", result.warped)):
+            if not np.isfinite(volume.array).all():
+                raise InputError(
+                    f"the registration diverged: its {name} holds NaN or infinite values. Lower the learning rate "
+                    "(option lr) or check the method's weights."
+                )
+        mask = self.mask
+        covered = float(np.mean(result.warped.array[mask] != 0)) if mask.any() else 1.0
+        if covered < minimum_coverage:
+            raise InputError(
+                f"after registration the moving image covers only {covered:.0%} of the fixed image's foreground: the images "
+                "do not overlap. Check their origins and orientations, or try option affine=none; nothing was written."
+            )
+
+    def maps(self, result: Result, whole_jacobian: bool = False) -> Maps:
+        """Jacobian-determinant maps of the result's field (the module docstring) and the PMM of (fixed, warped)
+        inside the fixed foreground; ``whole_jacobian`` shows the whole mapping's det J instead."""
+        fixed, mask = self.fixed_normalised, self.mask
+        with self.watch.step("evaluation: PMM"):
+            pmm = pmm_map(fixed, normalise_intensity(result.warped.array), mask)
+        with self.watch.step("evaluation: Jacobian"):
+            whole = jacobian_determinant(result.displacement, self.device)
+            separate = not whole_jacobian and result.affine is not None
+            deformable = deformable_jacobian(whole, result.affine) if separate else whole
+        part = DEFORMABLE_PART if separate else WHOLE_MAPPING
+        return Maps(deformable, part, whole, self.inputs.fixed.with_array(pmm), mask)
+
+    def metrics(self, result: Result, maps: Maps) -> dict[str, Any]:
+        """Metrics of a result, with the same numbers before registration (moving resampled as it lies)."""
+        inputs, fixed, mask = self.inputs, self.fixed_normalised, maps.mask
+        with self.watch.step("evaluation: similarity"):
+            warped = normalise_intensity(result.warped.array)
+            metrics: dict[str, Any] = {
+                "ncc": ncc(fixed, warped, mask),
+                "mi": mutual_information(fixed, warped, mask=mask),
+                "nmi": arithmetic_normalised_mutual_information(fixed, warped, mask=mask),
+                "pmm_mean": pmm_mean(maps.pmm.array, mask),
+                "folding_percent": folding_percent(maps.whole_jacobian.array),
+                "sdlogj": sdlogj(maps.whole_jacobian.array),
+                "jacobian_min": float(maps.whole_jacobian.array.min()),
+                "jacobian_max": float(maps.whole_jacobian.array.max()),
+            }
+        metrics.update(self.initial_numbers)
+        if result.affine is not None:
+            metrics["affine_volume_ratio"] = float(np.linalg.det(np.asarray(result.affine)[:3, :3]))
+        if inputs.fixed_seg is not None and result.warped_seg is not None and inputs.moving_seg is not None:
+            initial_seg = self.initial_seg
+            with self.watch.step("evaluation: Dice and HD95"):
+                metrics.update(label_metrics(inputs.fixed_seg, result.warped_seg.array, initial_seg, self.device, self.workers))
+        with self.watch.step("evaluation: own segmentations"):
+            for side, given, produced in (("fixed", inputs.fixed_seg, result.fixed_seg), ("moving", inputs.moving_seg, result.moving_seg)):
+                if given is not None and produced is not None:
+                    metrics[f"seg_dice_{side}"] = segmentation_dice(given, produced)
+        return metrics
 
 
 def check_result(inputs: Inputs, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
-    """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.
-
-    A diverged optimisation (too large a learning rate) or broken weights give NaN or infinite
-    values; images that do not overlap after registration give an empty warped image. Both would
-    otherwise be written and scored as if they were results.
-    """
-    for name, volume in (("displacement field", result.displacement), ("warped image", result.warped)):
-        if not np.isfinite(volume.array).all():
-            raise InputError(
-                f"the registration diverged: its {name} holds NaN or infinite values. Lower the learning rate "
-                "(option lr) or check the method's weights."
-            )
-    mask = foreground_mask(inputs.fixed)
-    covered = float(np.mean(result.warped.array[mask] != 0)) if mask.any() else 1.0
-    if covered < minimum_coverage:
-        raise InputError(
-            f"after registration the moving image covers only {covered:.0%} of the fixed image's foreground: the images "
-            "do not overlap. Check their origins and orientations, or try option affine=none; nothing was written."
-        )
+    """`Evaluation.check` of one result."""
+    Evaluation(inputs).check(result, minimum_coverage)
 
 
 UNDEFINED = {
@@ -97,45 +197,14 @@ def undefined_metrics(metrics: dict[str, Any]) -> dict[str, str]:
 def quality_maps(
     fixed: Volume, warped: Volume, displacement: Volume, affine: np.ndarray | None = None, whole_jacobian: bool = False
 ) -> Maps:
-    """Jacobian-determinant maps of the field (see the module docstring) and PMM of (fixed, warped)
-    inside the fixed foreground; ``whole_jacobian`` shows the whole mapping's det J instead."""
-    mask = foreground_mask(fixed)
-    pmm = pmm_map(normalise_intensity(fixed.array), normalise_intensity(warped.array), mask)
-    whole = jacobian_determinant(displacement)
-    deformable = whole if whole_jacobian or affine is None else deformable_jacobian(whole, affine)
-    part = WHOLE_MAPPING if whole_jacobian or affine is None else DEFORMABLE_PART
-    return Maps(deformable, part, whole, fixed.with_array(pmm.astype(np.float32)), mask)
+    """`Evaluation.maps` of a field and warped image against ``fixed`` alone."""
+    inputs = Inputs(fixed, fixed)
+    return Evaluation(inputs).maps(Result(displacement, warped, affine), whole_jacobian)
 
 
 def evaluate(inputs: Inputs, result: Result, maps: Maps) -> dict[str, Any]:
-    """Metrics of a result, with the same numbers before registration (moving resampled as it lies)."""
-    fixed = normalise_intensity(inputs.fixed.array)
-    warped = normalise_intensity(result.warped.array)
-    initial = normalise_intensity(resample(inputs.moving, inputs.fixed.geometry).array)
-    mask = maps.mask
-    metrics: dict[str, Any] = {
-        "ncc": ncc(fixed, warped, mask),
-        "ncc_initial": ncc(fixed, initial, mask),
-        "mi": mutual_information(fixed, warped, mask=mask),
-        "mi_initial": mutual_information(fixed, initial, mask=mask),
-        "nmi": arithmetic_normalised_mutual_information(fixed, warped, mask=mask),
-        "nmi_initial": arithmetic_normalised_mutual_information(fixed, initial, mask=mask),
-        "pmm_mean": pmm_mean(maps.pmm.array, mask),
-        "pmm_mean_initial": pmm_mean(pmm_map(fixed, initial, mask), mask),
-        "folding_percent": folding_percent(maps.whole_jacobian.array),
-        "sdlogj": sdlogj(maps.whole_jacobian.array),
-        "jacobian_min": float(maps.whole_jacobian.array.min()),
-        "jacobian_max": float(maps.whole_jacobian.array.max()),
-    }
-    if result.affine is not None:
-        metrics["affine_volume_ratio"] = float(np.linalg.det(np.asarray(result.affine)[:3, :3]))
-    if inputs.fixed_seg is not None and result.warped_seg is not None and inputs.moving_seg is not None:
-        moving_seg_initial = resample(inputs.moving_seg, inputs.fixed.geometry, interpolation="nearest").array
-        metrics.update(label_metrics(inputs.fixed_seg, result.warped_seg.array, moving_seg_initial))
-    for side, given, produced in (("fixed", inputs.fixed_seg, result.fixed_seg), ("moving", inputs.moving_seg, result.moving_seg)):
-        if given is not None and produced is not None:
-            metrics[f"seg_dice_{side}"] = segmentation_dice(given, produced)
-    return metrics
+    """`Evaluation.metrics` of one result."""
+    return Evaluation(inputs).metrics(result, maps)
 
 
 def segmentation_dice(truth: Volume, predicted: Volume) -> float:
@@ -147,25 +216,28 @@ def segmentation_dice(truth: Volume, predicted: Volume) -> float:
     """
     if not predicted.geometry.same_as(truth.geometry):
         predicted = resample(predicted, truth.geometry, interpolation="nearest")
-    if set(np.unique(predicted.array).tolist()) <= {0, *TISSUE_LABELS}:
+    if set(labels_in(predicted.array)) <= {0, *TISSUE_LABELS}:
         truth = truth.with_array(tissue_of(truth.array))
-    present = sorted(set(np.unique(truth.array).tolist()) - {0})
+    present = sorted(set(labels_in(truth.array)) - {0})
     chosen = [label for label in present if label in EVALUATION_LABELS] or present
     dice = dice_per_label(truth.array, predicted.array, labels=chosen)
     return _mean([dice.get(label, 0.0) for label in chosen])
 
 
-def label_metrics(fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.ndarray) -> dict[str, Any]:
-    """Dice (after and before) and HD95 per label shared by both label maps, and their means.
+def label_metrics(
+    fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.ndarray, device: str = "cpu", workers: int = 1
+) -> dict[str, Any]:
+    """Dice (after and before) and HD95 per label shared by both label maps, and their means
+    (``device`` and ``workers``: where the HD95 search runs, `metrics.overlap.nearest_distances`).
 
     The mean Dice is over the 30 standard evaluation structures (../shared/data/README.md) where the
     label maps use FreeSurfer codes and share any of them, otherwise over all shared labels.
     """
     fixed = fixed_seg.array
-    shared = sorted(set(np.unique(fixed).tolist()) & set(np.unique(initial_seg).tolist()) - {0})
+    shared = sorted(set(labels_in(fixed)) & set(labels_in(initial_seg)) - {0})
     dice = dice_per_label(fixed, warped_seg, labels=shared)
     dice_initial = dice_per_label(fixed, initial_seg, labels=shared)
-    hd95 = hd95_per_label(fixed, warped_seg, fixed_seg.geometry.spacing, labels=shared)
+    hd95 = hd95_per_label(fixed, warped_seg, fixed_seg.geometry.spacing, labels=shared, device=device, workers=workers)
     evaluation = [label for label in shared if label in EVALUATION_LABELS]
     chosen = evaluation or shared
     per_label = {

@@ -227,8 +227,9 @@ def test_our_method_runs_through_the_worker_with_its_own_options(bench, tool):
     peers_done = [r for r in runs if r.kind == "peer" and r.status == "ok"]
     assert {row["peer"] for row in ratios} == {r.tool for r in peers_done}
     for row in ratios:
-        peer_time = next(r.time_s for r in peers_done if r.tool == row["peer"])
-        assert row["ratio"] == pytest.approx(run.time_s / peer_time)
+        peer = next(r for r in peers_done if r.tool == row["peer"])
+        assert row["ratio"] == pytest.approx(run.time_s / peer.time_s)
+        assert row["process_ratio"] == pytest.approx(run.process_s[0] / peer.process_s[0])
 
 
 def test_peers_use_the_thread_count_given(bench):

@@ -79,3 +79,28 @@ def test_jacobian_map_of_a_pure_affine_shows_no_deformation():
     np.testing.assert_allclose(maps.whole_jacobian.array, np.linalg.det(affine[:3, :3]), rtol=1e-5)
     whole = quality_maps(image, image, field, affine, whole_jacobian=True)
     assert whole.jacobian_part == "whole mapping" and np.allclose(whole.jacobian.array, 1.3 * 0.9 * 1.1, rtol=1e-5)
+
+
+def test_foreground_mask_equals_scipys_closing_and_hole_filling(sample_pair):
+    """The cropped, shifted-copy closing and the one-labelling hole filling give scipy's mask of the whole image:
+    on the sample images and on shapes with holes, a hollow shell, and foreground touching the border."""
+    from scipy import ndimage
+
+    from JointRegSegLib.imageio import read_image
+    from JointRegSegLib.imageio.intensity import normalise_intensity
+    from JointRegSegLib.metrics.foreground import FOREGROUND_THRESHOLD, foreground_mask
+
+    geometry = Geometry((40, 36, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    rng = np.random.default_rng(2)
+    shell = np.zeros(geometry.shape, np.float32)
+    shell[8:30, 6:28, 5:25] = 1.0
+    shell[11:27, 9:25, 8:22] = 0.0  # a cavity: a hole to fill
+    shell[20:24, 0:4, 10:14] = 1.0  # foreground at the border
+    noisy = (rng.random(geometry.shape) > 0.7).astype(np.float32)  # speckle: closing and holes everywhere
+    images = [read_image(sample_pair[key]) for key in ("fixed", "moving")]
+    images += [Volume(shell, geometry), Volume(noisy, geometry)]
+    for image in images:
+        normalised = normalise_intensity(image.array)
+        expected = ndimage.binary_fill_holes(ndimage.binary_closing(normalised > FOREGROUND_THRESHOLD, iterations=2))
+        np.testing.assert_array_equal(foreground_mask(image), expected)
+        np.testing.assert_array_equal(foreground_mask(image, normalised), expected)

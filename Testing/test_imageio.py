@@ -107,6 +107,48 @@ def test_oblique_anisotropic_nifti_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(point, OBLIQUE.index_to_physical(np.array(MARKER)), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("name", ["img.nii.gz", "img.nii"])
+def test_fast_nifti_writer_matches_what_simpleitk_writes(tmp_path: Path, dtype: type, name: str) -> None:
+    # Our NIfTI writer (header, voxel order, parallel gzip) against SimpleITK's own writer, read by SimpleITK and nibabel.
+    rng = np.random.default_rng(1)
+    volume = Volume((rng.random(SHAPE) * 200).astype(dtype), OBLIQUE)
+    write_volume(volume, tmp_path / name)
+    ours = sitk.ReadImage(str(tmp_path / name))
+    reference = sitk.ReadImage(str(_written_by_simpleitk(volume, tmp_path / f"itk_{name}")))
+    assert ours.GetPixelID() == reference.GetPixelID()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference))
+    assert_geometry_close(geometry_of(ours), geometry_of(reference), atol=1e-6)
+    ours_nib, reference_nib = nib.load(tmp_path / name), nib.load(tmp_path / f"itk_{name}")
+    np.testing.assert_allclose(ours_nib.affine, reference_nib.affine, atol=1e-5)
+    for key in ("sform_code", "qform_code", "xyzt_units", "datatype", "dim"):
+        assert ours_nib.header[key].tolist() == reference_nib.header[key].tolist(), key
+    np.testing.assert_array_equal(np.asanyarray(ours_nib.dataobj), volume.array)
+
+
+def _written_by_simpleitk(volume: Volume, path: Path) -> Path:
+    from JointRegSegLib.imageio import to_sitk
+
+    sitk.WriteImage(to_sitk(volume), str(path), useCompression=True)
+    return path
+
+
+@pytest.mark.parametrize("size", [0, 5, (1 << 22) - 3, 3 * (1 << 22) + 12345])
+def test_parallel_gzip_is_one_stream_every_reader_reads(size: int) -> None:
+    import gzip
+    import zlib
+
+    from JointRegSegLib.imageio.gzip_parallel import gzip_parts
+
+    rng = np.random.default_rng(size)
+    # incompressible (stored) and compressible blocks in one file
+    data = rng.random(size // 8 + 1).tobytes()[: size // 2] + bytes(np.arange(size - size // 2, dtype=np.int64) % 7)
+    joined = b"".join(gzip_parts(data, threads=3))
+    assert gzip.decompress(joined) == data
+    stream = zlib.decompressobj(31)  # a single gzip member: nothing follows its end
+    assert stream.decompress(joined) == data and stream.eof and stream.unused_data == b""
+
+
 @pytest.mark.parametrize("extension", [".nrrd", ".nhdr", ".mha", ".mhd"])
 def test_nifti_to_other_formats_is_exact(tmp_path: Path, extension: str) -> None:
     write_volume(smooth_volume(), tmp_path / "img.nii.gz")
@@ -429,6 +471,16 @@ def test_mismatched_grids() -> None:
 
 
 # --- intensity normalisation ------------------------------------------------------------------------
+
+
+def test_percentiles_equal_numpys_on_a_float64_copy() -> None:
+    from JointRegSegLib.imageio.intensity import percentiles
+
+    rng = np.random.default_rng(4)
+    for trial in range(300):
+        values = (rng.normal(size=int(rng.integers(1, 500))) * 50).astype([np.float32, np.float64, np.int16][trial % 3])
+        q = [*rng.uniform(0, 100, 3), 0.0, 0.5, 1.0, 99.0, 99.5, 100.0]
+        np.testing.assert_array_equal(percentiles(values, q), np.percentile(values.astype(np.float64), q))
 
 
 def test_normalise_intensity_maps_percentiles_to_unit_range() -> None:

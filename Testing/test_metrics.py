@@ -97,6 +97,52 @@ def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
     assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
 
 
+def _sample_label_maps(sample_pair) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """The sample pair's fixed labels and its moving labels resampled onto the fixed grid (many labels, cortex sheets)."""
+    from JointRegSegLib.imageio.io import read_labels
+    from JointRegSegLib.imageio.network_grid import resample
+
+    fixed = read_labels(sample_pair["fixed_seg"])
+    moving = resample(read_labels(sample_pair["moving_seg"]), fixed.geometry, "nearest")
+    return fixed.array, moving.array, fixed.geometry.spacing
+
+
+def test_dice_and_hd95_of_brain_labels_match_monai(sample_pair):
+    # Thirty-odd FreeSurfer structures of two subjects: thin cortex sheets, shared and unshared surface voxels.
+    a, b, spacing = _sample_label_maps(sample_pair)
+    labels = sorted(set(np.unique(a).tolist()) & set(np.unique(b).tolist()) - {0})
+    assert len(labels) > 20
+    dice, hd95 = dice_per_label(a, b, labels), hd95_per_label(a, b, spacing, labels)
+    monai_dice = DiceMetric(include_background=True, reduction="none")(_one_hot(a, labels), _one_hot(b, labels))[0].numpy()
+    monai_hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+        _one_hot(a, labels), _one_hot(b, labels), spacing=spacing
+    )[0].numpy()
+    np.testing.assert_allclose([dice[label] for label in labels], monai_dice, rtol=1e-6)
+    np.testing.assert_allclose([hd95[label] for label in labels], monai_hd95, rtol=1e-6)
+
+
+def test_dice_of_negative_and_widely_spread_labels_counts_each_value():
+    # Label values the counting by value cannot index directly are renumbered first.
+    rng = np.random.default_rng(3)
+    values = np.array([-7, 0, 5, 2**30], dtype=np.int64)
+    a, b = values[rng.integers(0, 4, (20, 20, 20))], values[rng.integers(0, 4, (20, 20, 20))]
+    expected = {int(v): 2.0 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in (-7, 5, 2**30)}
+    assert dice_per_label(a, b) == pytest.approx(expected)
+    assert mean_dice(a, b, labels=[5, 2**30, 9]) == pytest.approx((expected[5] + expected[2**30]) / 2)
+
+
+def test_dice_of_label_groups_equals_the_dice_of_the_merged_masks(label_pair):
+    from JointRegSegLib.metrics.overlap import LabelCounts
+
+    a, b = label_pair
+    counts = LabelCounts(a, b)
+    for group_a, group_b in (([1, 2], None), ([1], [2]), ([2, 3], [2, 4]), ([7], None)):
+        in_a, in_b = np.isin(a, group_a), np.isin(b, group_a if group_b is None else group_b)
+        total = in_a.sum() + in_b.sum()
+        expected = 2.0 * np.sum(in_a & in_b) / total if total else None
+        assert counts.group_dice(group_a, group_b) == pytest.approx(expected)
+
+
 def test_overlap_rejects_bad_input(label_pair):
     a, b = label_pair
     with pytest.raises(InputError, match="shapes"):
@@ -210,6 +256,19 @@ def test_jacobian_oblique_direction_matches_simpleitk_on_rotated_vectors():
     assert np.abs(ignoring_direction[inner] - ours[inner]).max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_jacobian_equals_the_dense_numpy_formula_across_slabs(dtype, tolerance):
+    # The definition written out with np.gradient and one 3x3 product per voxel, on a field longer
+    # than one slab along i (slab seams) on an oblique grid; float32 fields are computed in float32.
+    geometry = Geometry((70, 9, 11), (1.1, 0.7, 1.9), (5.0, -3.0, 2.0), _random_rotation(9))
+    u = _smooth_field(geometry.shape, 6.0, seed=10).astype(dtype)
+    d_index = np.stack(np.gradient(u.astype(np.float64), axis=(0, 1, 2)), axis=-1)
+    expected = np.linalg.det(d_index @ np.linalg.inv(geometry.direction @ np.diag(geometry.spacing)) + np.eye(3))
+    ours = jacobian_determinant(Volume(u, geometry)).array
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(ours, expected, atol=tolerance)
+
+
 @pytest.mark.parametrize("direction", [np.eye(3), _random_rotation(7)])
 def test_jacobian_of_uniform_scaling_is_s_cubed(direction):
     geometry = Geometry((9, 10, 11), (0.8, 1.7, 3.1), (12.0, -40.0, 7.5), direction)
@@ -305,18 +364,21 @@ def _pmm_reference(
 
 @pytest.mark.parametrize(
     ("shape", "use_mask", "min_fraction"),
-    [((30, 33, 36), False, 0.125), ((32, 32, 32), True, 0.125), ((34, 29, 31), True, 0.4), ((10, 20, 13), False, 0.1)],
+    [((30, 33, 36), False, 0.125), ((32, 32, 32), True, 0.125), ((34, 29, 31), True, 0.4), ((10, 20, 13), False, 0.1),
+     ((57, 46, 50), "small", 0.125)],
 )
 def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
+    # "small": a ball away from every border of a larger image, so the map is computed on a window of it
     rng = np.random.default_rng(9)
     fixed = gaussian_filter(rng.normal(size=shape), 2.0)
     warped = fixed**2 + 0.02 * rng.normal(size=shape)
-    mask = _ball(shape, tuple(n / 2 for n in shape), min(shape) / 2.2) if use_mask else None
+    centre, radius = ((31.0, 21.0, 27.0), 9.5) if use_mask == "small" else (tuple(n / 2 for n in shape), min(shape) / 2.2)
+    mask = _ball(shape, centre, radius) if use_mask else None
     ours = pmm_map(fixed, warped, mask, patch=16, stride=4, bins=16, min_fraction=min_fraction)
     reference = _pmm_reference(fixed, warped, mask, 16, 4, 16, min_fraction)
     assert ours.dtype == np.float32 and ours.shape == shape
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
-    assert np.isfinite(reference).mean() > 0.3
+    assert np.isfinite(reference[mask if mask is not None else ...]).mean() > 0.3
     if mask is not None:
         assert np.all(np.isnan(ours[~mask]))
         assert pmm_mean(ours, mask) == pytest.approx(np.nanmean(reference[mask]), rel=1e-5)

@@ -829,7 +829,8 @@ def _umask() -> int:
 
 
 def test_failing_evaluation_and_pictures_keep_the_registration(tmp_path, pair, capsys, monkeypatch):
-    """Faults injected into scipy (HD95's KD-tree runs out of memory) and matplotlib (a PNG cannot be rendered)."""
+    """Faults injected into HD95 (its search for the nearest surface voxels runs out of memory) and matplotlib
+    (a PNG cannot be rendered)."""
     import matplotlib.figure
 
     import JointRegSegLib.metrics.overlap as overlap
@@ -840,7 +841,7 @@ def test_failing_evaluation_and_pictures_keep_the_registration(tmp_path, pair, c
     def no_renderer(*args, **kwargs):
         raise RuntimeError("the renderer failed")
 
-    monkeypatch.setattr(overlap, "cKDTree", no_memory)
+    monkeypatch.setattr(overlap, "surface_distances", no_memory)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_renderer)
     out = tmp_path / "out"
     args = register(pair, out, "--fixed-seg", str(pair["fixed_seg"]), "--moving-seg", str(pair["moving_seg"]), *FAST[:-1])

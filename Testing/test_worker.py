@@ -63,6 +63,44 @@ def test_event_stream_and_result_files(finished_run):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.partial")]
 
 
+def test_provenance_times_every_step_within_the_run(finished_run):
+    """Named steps (`JointRegSegLib.timing`): the method's own add up to its registration time, the
+    ones on the run's own thread fit in its total, the background writing is there too."""
+    out, _ = finished_run
+    timings = json.loads((out / "provenance.json").read_text())["timings_s"]
+    steps = timings["steps"]
+    for name in ("start-up", "reading", "registration: network grid", "registration: warping", "evaluation: Jacobian",
+                 "evaluation: PMM", "evaluation: Dice and HD95", "writing: pictures", "writing: images",
+                 "writing: displacement field", "writing: maps", "writing: waiting for the files"):
+        assert steps[name] >= 0.0, name
+    registration = sum(v for k, v in steps.items() if k.startswith("registration:"))
+    assert registration == pytest.approx(timings["register_s"], rel=1e-6)
+    background = ("writing: images", "writing: displacement field", "writing: maps")
+    own_thread = sum(v for k, v in steps.items() if k not in background and k != "start-up")
+    assert own_thread <= timings["total_s"] + 0.05
+    assert set(timings["cpu_steps"]) <= set(steps)
+
+
+def test_uncompressed_outputs_on_request(tmp_path, sample_pair, finished_run):
+    """``compress: false`` writes .nii files (the same kinds), which SimpleITK reads; the warped image and label map
+    are larger than their .nii.gz (float fields and maps may hardly compress: those .nii.gz are stored, as large)."""
+    import SimpleITK as sitk
+
+    out = tmp_path / "plain"
+    code, events, stderr = run_worker(_job(sample_pair, out, compress=False), tmp_path)
+    assert code == 0, stderr[-3000:]
+    files = events[-1]["files"]
+    compressed, _ = finished_run
+    for kind in ("warped", "displacement", "jacobian", "pmm", "warped_seg"):
+        path = Path(files[kind])
+        assert path.name.endswith(".nii") and path.is_file(), kind
+        image = sitk.ReadImage(str(path))
+        assert image.GetSize() == sitk.ReadImage(str(compressed / f"{path.name}.gz")).GetSize()
+        if kind in ("warped", "warped_seg"):
+            assert path.stat().st_size > (compressed / f"{path.name}.gz").stat().st_size, kind
+    assert not list(out.glob("*.nii.gz"))
+
+
 def test_progress_is_monotonic_and_time_left_converges(finished_run):
     _, events = finished_run
     progress = [e for e in events if e["event"] == "progress"]
@@ -102,6 +140,21 @@ def _estimates(steps: list[tuple[float, float]]) -> list[tuple[float, float, flo
         writer.progress(fraction, "work")
         out.append((clock.now, fraction, json.loads(writer.stream.getvalue().splitlines()[-1])["seconds_left"]))
     return out
+
+
+def test_time_left_leaves_out_the_start_up_before_the_first_event():
+    """The worker's imports (before its first event, at fraction 0) are no part of the work: 10 s of them,
+    then a steady 1 % a second, and the estimate is exact."""
+    clock = _Clock()
+    writer = EventWriter(io.StringIO(), clock=clock)
+    clock.now = 10.0
+    writer.progress(0.0, "reading inputs")
+    for k in range(1, 100):
+        clock.now += 1.0
+        writer.progress(k / 100, "work")
+        event = json.loads(writer.stream.getvalue().splitlines()[-1])
+        if k >= 2:
+            assert event["seconds_left"] == pytest.approx(100 - k, abs=0.06) and event["elapsed"] == pytest.approx(10 + k)
 
 
 def test_time_left_is_exact_for_a_steady_rate_and_bounded_after_a_stall():

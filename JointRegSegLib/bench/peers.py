@@ -9,8 +9,9 @@ each field reproduces what the tool itself produced.
 Peers run in a child process (``python -m JointRegSegLib.bench.peers JOB.json``, started by
 `JointRegSegLib.bench.runner`) so that each gets a clean peak-memory figure and its own thread
 settings, and so that a peer may live in another Python environment (antspyx pins numpy < 2.4).
-This module therefore imports only numpy and SimpleITK at the top; each tool is imported inside
-its wrapper, and nothing here imports torch.
+This module therefore needs only numpy and SimpleITK, loaded on first use (the command line reads
+the peers' names from here without them); each tool is imported inside its wrapper, and nothing
+here imports torch.
 
 Settings (``preset``):
 
@@ -36,8 +37,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import SimpleITK as sitk
+
+def _on_first_use(name: str) -> Any:
+    """Module ``name``, executed when one of its attributes is first read (``importlib.util.LazyLoader``)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+np = _on_first_use("numpy")
+sitk = _on_first_use("SimpleITK")
 
 PRESETS = ("default", "fast")
 FIELD_FILE = "displacement.nii.gz"

@@ -4,7 +4,7 @@
   code behind ``jointregseg register`` and the Slicer module), which evaluates its result with
   `JointRegSegLib.evaluation` and writes ``metrics.json``.
 - Peers run in `peers` child processes. Their fields are warped here with our `warp_volume`,
-  evaluated by the same `evaluation.quality_maps` and `evaluation.evaluate`, and written with the
+  evaluated by the same `evaluation.Evaluation` (one per pair, shared by the tools), and written with the
   worker's `write_result`, so every tool's output folder has the same files and numbers.
 - A "before registration" row per pair evaluates the identity (the moving image as it lies) with
   the same code, so HD95 and the maps have a "before" value too.
@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
-from ..evaluation import evaluate, foreground_mask, quality_maps
+from ..evaluation import Evaluation, foreground_mask
 from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels, write_volume
 from ..imageio.network_grid import resample
@@ -81,6 +81,11 @@ METRICS = (
 # Run a file as __main__ without putting its folder on sys.path (another Python must not pick up
 # modules from our package folder or from our environment).
 _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def peer_command(python: str, job_file: Path) -> list[str]:
+    """The command that runs a peer's job file in its own process of ``python`` (`peers.main`)."""
+    return [python, "-c", _RUN_FILE, peers_module.__file__, str(job_file)]
 
 
 def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -238,15 +243,21 @@ def _with_epe(run: ToolRun, field_volume: Volume, truth: Volume | None, region: 
         run.metrics["epe_initial_mm"] = end_point_error(field_volume.with_array(np.zeros_like(truth.array)), truth, region)
 
 
-def before_run(pair: PairSpec, inputs: Inputs, truth: Volume | None, region: np.ndarray, folder: Path) -> ToolRun:
-    """The pair before registration: the identity field evaluated like every tool's field."""
+def before_run(
+    pair: PairSpec, inputs: Inputs, truth: Volume | None, region: np.ndarray, folder: Path, evaluation: Evaluation | None = None
+) -> ToolRun:
+    """The pair before registration: the identity field evaluated like every tool's field (by
+    ``evaluation``, the pair's, where given)."""
+    evaluation = evaluation or Evaluation(inputs)
     grid = inputs.fixed.geometry
     identity = Volume(np.zeros((*grid.shape, 3), np.float32), grid)
-    # Resampled exactly as `evaluate` resamples for its "initial" numbers, so the two agree.
-    warped_seg = resample(inputs.moving_seg, grid, "nearest") if inputs.moving_seg is not None else None
-    result = Result(displacement=identity, warped=resample(inputs.moving, grid), warped_seg=warped_seg)
-    maps = quality_maps(inputs.fixed, result.warped, identity)
-    metrics = evaluate(inputs, result, maps)
+    # The evaluation's own "initial" resampling, so the two agree.
+    warped_seg = evaluation.initial_seg
+    result = Result(
+        displacement=identity, warped=evaluation.initial, warped_seg=None if warped_seg is None else Volume(warped_seg, grid)
+    )
+    maps = evaluation.maps(result)
+    metrics = evaluation.metrics(result, maps)
     write_result(folder, result, maps, metrics)
     run = ToolRun(pair.name, BEFORE, "before", "ok", metrics=_flat_metrics(metrics), labels=metrics.get("labels", {}), folder=folder)
     _with_epe(run, identity, truth, region)
@@ -306,9 +317,10 @@ def run_method(
 
 def run_peer(
     name: str, pair: PairSpec, inputs: Inputs, staged: dict[str, Path], truth: Volume | None, region: np.ndarray,
-    settings: BenchSettings, folder: Path,
+    settings: BenchSettings, folder: Path, evaluation: Evaluation | None = None,
 ) -> ToolRun:
-    """A peer on one pair, in a child process of ``settings.peer_python``; skipped when not installed."""
+    """A peer on one pair, in a child process of ``settings.peer_python``; skipped when not installed.
+    Its field is evaluated by ``evaluation`` (the pair's, where given)."""
     info = PEERS[name]
     if not peer_module_available(settings.peer_python, info.module):
         return ToolRun(pair.name, name, "peer", "skipped", note=skipped_note(name, settings.peer_python))
@@ -329,7 +341,7 @@ def run_peer(
         job_file = folder / f"job{repeat}.json"
         job_file.write_text(json.dumps(job, indent=2))
         log = folder / f"peer{repeat}.log"
-        command = [settings.peer_python, "-c", _RUN_FILE, peers_module.__file__, str(job_file)]
+        command = peer_command(settings.peer_python, job_file)
         done = spawn(command, env, log, settings.timeout_s)
         if done.returncode != 0:
             return ToolRun(pair.name, name, "peer", "failed", note=f"exit {done.returncode}: {last_error(log)}", folder=folder)
@@ -341,8 +353,9 @@ def run_peer(
             run.version = report.get("version", "")
             field_volume = read_displacement_field(output / FIELD_FILE)
             result = _result_from_field(inputs, field_volume)
-            maps = quality_maps(inputs.fixed, result.warped, field_volume)
-            metrics = evaluate(inputs, result, maps)
+            evaluation = evaluation or Evaluation(inputs)
+            maps = evaluation.maps(result)
+            metrics = evaluation.metrics(result, maps)
             write_result(output, result, maps, metrics)
             run.metrics = _flat_metrics(metrics)
             run.labels = metrics.get("labels", {})
@@ -388,7 +401,8 @@ def run_benchmark(
         inputs, staged = stage_pair(pair, staging)
         truth = read_displacement_field(pair.true_field) if pair.true_field else None
         region = epe_region(pair, inputs)
-        runs.append(before_run(pair, inputs, truth, region, base / "before"))
+        evaluation = Evaluation(inputs)
+        runs.append(before_run(pair, inputs, truth, region, base / "before", evaluation))
         log(f"[{pair.name}] {BEFORE}: {_describe(runs[-1])}")
         for method in settings.methods:
             folder = base / folder_name(method)
@@ -400,7 +414,7 @@ def run_benchmark(
             folder = base / peer
             folder.mkdir(parents=True, exist_ok=True)
             log(f"[{pair.name}] {peer} ...")
-            runs.append(run_peer(peer, pair, inputs, staged, truth, region, settings, folder))
+            runs.append(run_peer(peer, pair, inputs, staged, truth, region, settings, folder, evaluation))
             log(f"[{pair.name}] {peer}: {_describe(runs[-1])}")
     write_tables(runs, out, settings)
     make_figures(runs, out)

@@ -4,7 +4,9 @@ Files written by `write_tables`:
 
 - ``results.csv``: one row per pair and tool (`RESULT_COLUMNS`), the before-registration row included;
 - ``labels.csv``: Dice (after, before) and HD95 per pair, tool and label;
-- ``ratios.csv``: our registration time divided by each peer's, per pair (`RATIO_COLUMNS`), plus an
+- ``ratios.csv``: our registration time divided by each peer's, and our whole process's wall time
+  divided by the peer's whole process's (start-up, reading, registration and, for ours, the
+  evaluation and writing too: the call a user waits for), per pair (`RATIO_COLUMNS`), plus an
   ``all`` row per method and peer with the geometric mean over the pairs (ratios multiply, so
   they are averaged geometrically);
 - ``results.md``: the mean (± standard deviation over pairs where there are several) of each
@@ -41,7 +43,7 @@ RESULT_COLUMNS = (
     "note",
 )
 LABEL_COLUMNS = ("pair", "tool", "label", "name", "dice", "dice_initial", "hd95")
-RATIO_COLUMNS = ("pair", "method", "peer", "method_time_s", "peer_time_s", "ratio")
+RATIO_COLUMNS = ("pair", "method", "peer", "method_time_s", "peer_time_s", "ratio", "method_process_s", "peer_process_s", "process_ratio")
 
 # Markdown summary: (column title, metric key, decimals).
 SUMMARY = (
@@ -96,8 +98,14 @@ def value(run: ToolRun, key: str) -> float:
     return float(run.metrics.get(key, float("nan")))
 
 
+def _process_s(run: ToolRun) -> float:
+    """Median whole-process wall time over the repeats (NaN when the tool did not run)."""
+    return float(np.median(run.process_s)) if run.process_s else float("nan")
+
+
 def time_ratios(runs: list[ToolRun]) -> list[dict[str, Any]]:
-    """Our time / each peer's time, per pair, then the geometric mean over pairs (``pair = "all"``)."""
+    """Our time / each peer's time (registration alone, and whole processes), per pair, then the
+    geometric mean over pairs (``pair = "all"``)."""
     ok = [run for run in runs if run.status == "ok"]
     rows = []
     for ours in (run for run in ok if run.kind == "ours"):
@@ -110,6 +118,9 @@ def time_ratios(runs: list[ToolRun]) -> list[dict[str, Any]]:
                     "method_time_s": ours.time_s,
                     "peer_time_s": peer.time_s,
                     "ratio": ours.time_s / peer.time_s,
+                    "method_process_s": _process_s(ours),
+                    "peer_process_s": _process_s(peer),
+                    "process_ratio": _process_s(ours) / _process_s(peer),
                 }
             )
     summary = []
@@ -120,9 +131,9 @@ def time_ratios(runs: list[ToolRun]) -> list[dict[str, Any]]:
                 "pair": "all",
                 "method": method,
                 "peer": peer,
-                "method_time_s": float(np.mean([row["method_time_s"] for row in chosen])),
-                "peer_time_s": float(np.mean([row["peer_time_s"] for row in chosen])),
-                "ratio": float(np.exp(np.mean(np.log([row["ratio"] for row in chosen])))),
+                **{key: float(np.mean([row[key] for row in chosen]))
+                   for key in ("method_time_s", "peer_time_s", "method_process_s", "peer_process_s")},
+                **{key: float(np.exp(np.mean(np.log([row[key] for row in chosen])))) for key in ("ratio", "process_ratio")},
             }
         )
     return rows + summary
@@ -203,13 +214,16 @@ def markdown(runs: list[ToolRun], settings: BenchSettings) -> str:
         *lines,
     ]
     ratios = [row for row in time_ratios(runs) if row["pair"] == "all"]
-    if ratios:
+    for key, what in (("ratio", "Time ratio, ours / peer"), ("process_ratio", "Whole-process time ratio (the call a user waits for: "
+                      "start-up, reading, registration, and for ours evaluation and writing too), ours / peer")):
+        if not ratios:
+            break
         peers = list(dict.fromkeys(row["peer"] for row in ratios))
-        text += ["", "Time ratio, ours / peer (below 1: ours is faster; geometric mean over pairs):", ""]
+        text += ["", f"{what} (below 1: ours is faster; geometric mean over pairs):", ""]
         text.append("| method | " + " | ".join(peers) + " |")
         text.append("|---|" + "---:|" * len(peers))
         for method in dict.fromkeys(row["method"] for row in ratios):
-            cells = {row["peer"]: f"{row['ratio']:.2f}" for row in ratios if row["method"] == method}
+            cells = {row["peer"]: f"{row[key]:.2f}" for row in ratios if row["method"] == method}
             text.append(f"| {method} | " + " | ".join(cells.get(peer, "–") for peer in peers) + " |")
     if problems:
         text += ["", "Not run:", "", *problems]

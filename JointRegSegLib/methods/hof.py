@@ -25,7 +25,6 @@ optimisation (the paper has none); ``options.iterations`` and ``options.time_bud
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -39,11 +38,12 @@ from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..labels import EVALUATION_LABELS
 from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
+from ..timing import Stopwatch
 from ..weights import load_into
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import prepare_pair, result_from_network_field
+from .common import class_map, prepare_pair, result_from_network_field
 from .options import validate_options
 
 # Segmentation classes: background plus the 28 of the 30 evaluation structures that the SynthSeg
@@ -91,7 +91,7 @@ def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device:
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
-        classes = net.segment(image).argmax(dim=1)[0].cpu().numpy()
+        classes = class_map(net.segment(image), 1)[0].cpu().numpy()
     return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
 
 
@@ -111,55 +111,51 @@ class HOFMethod:
                 low, high = _STAGES[stage]
                 progress(low + (high - low) * min(1.0, max(0.0, fraction)), stage)
 
-        timings: dict[str, float] = {}
-        tick = time.perf_counter()
+        watch = Stopwatch()
         report(0.0, "preparing")
-        net = build_net()
-        checksum = load_into(net, s["weights"])
-        net = net.to(device).eval()
-        pair = prepare_pair(inputs, device, spacing=s["spacing"])
+        with watch.step("weights"):
+            net = build_net()
+            checksum = load_into(net, s["weights"])
+            net = net.to(device).eval()
+        with watch.step("network grid"):
+            pair = prepare_pair(inputs, device, spacing=s["spacing"])
         shape = pair.grid.shape
         report(1.0, "preparing")
-        timings["preparing"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        if s["affine"] == "none":
-            affine_index = np.eye(4)
-        else:
-            affine_index = fit_affine(
-                pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                progress=lambda f, _stage: report(f, "affine"),
-            )
-        affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
-        moved = warp(pair.moving, affine_disp)
+        with watch.step("affine stage"):
+            if s["affine"] == "none":
+                affine_index = np.eye(4)
+            else:
+                affine_index = fit_affine(
+                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
+                    progress=lambda f, _stage: report(f, "affine"),
+                )
+            affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
+            moved = warp(pair.moving, affine_disp)
         report(1.0, "affine")
-        timings["affine"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        with torch.no_grad():
-            psi = net.register(moved, pair.fixed)  # eq. 2: psi = f_r(F_moving, F_fixed)
-        total = compose(affine_disp, psi)
+        with watch.step("network"):
+            with torch.no_grad():
+                psi = net.register(moved, pair.fixed)  # eq. 2: psi = f_r(F_moving, F_fixed)
+            total = compose(affine_disp, psi)
         report(1.0, "inference")
-        timings["inference"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device)
-        report(0.5, "segmentation")
-        moving_seg = segment_volume(net, inputs.moving, s["spacing"], device)
+        with watch.step("segmentation"):
+            fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device)
+            report(0.5, "segmentation")
+            moving_seg = segment_volume(net, inputs.moving, s["spacing"], device)
         report(1.0, "segmentation")
-        timings["segmentation"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        result = result_from_network_field(inputs, pair.grid, total, affine_index)
+        result = result_from_network_field(inputs, pair.grid, total, affine_index, watch)
         result.fixed_seg, result.moving_seg = fixed_seg, moving_seg
         report(1.0, "resampling")
-        timings["resampling"] = time.perf_counter() - tick
         result.weights = {s["weights"]: checksum}
         result.details = {
             "weights": s["weights"],
             "network_grid": {"shape": list(shape), "spacing_mm": s["spacing"]},
             "settings": {k: s[k] for k in sorted(s)},
-            "timings": timings,
+            "timings": watch.seconds,
+            "cpu_timings": watch.cpu_seconds,
         }
         return result
 

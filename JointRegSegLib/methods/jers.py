@@ -35,7 +35,6 @@ matter (`atlas.TISSUE_CODES`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +50,13 @@ from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..nets.jers import JERS
 from ..spatial.affine import normalised_affine_to_index
-from ..spatial.physical import warp_volume
+from ..spatial.physical import mapped_coordinates, warp_volume
 from ..labels import TISSUE_LABELS
+from ..timing import Stopwatch
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
+from .common import class_map
 from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
@@ -109,11 +110,17 @@ def physical_affine(theta: torch.Tensor, atlas_grid: Geometry, raw_grid: Geometr
 
 
 def affine_displacement(matrix: np.ndarray, grid: Geometry) -> Volume:
-    """Physical displacement ``u(x) = M x - x`` (LPS mm) on ``grid`` of an LPS affine ``M``."""
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid.shape], indexing="ij"), axis=-1)
-    points = grid.index_to_physical(index)
-    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
-    return Volume((moved - points).astype(np.float32), grid)
+    """Physical displacement ``u(x) = M x - x`` (LPS mm) on ``grid`` of an LPS affine ``M``.
+
+    ``u`` is affine in the voxel index ``p`` (``x = G p``): ``u = (M - I) G p``, summed axis by axis in
+    float64 with broadcasting, one component at a time (no array of every voxel's position).
+    """
+    b = (np.asarray(matrix, dtype=np.float64) - np.eye(4)) @ grid.index_to_physical_matrix
+    i, j, k = (np.arange(n, dtype=np.float64) for n in grid.shape)
+    field = np.empty((*grid.shape, 3), dtype=np.float32)
+    for c in range(3):
+        field[..., c] = b[c, 0] * i[:, None, None] + (b[c, 1] * j[:, None] + (b[c, 2] * k + b[c, 3]))
+    return Volume(field, grid)
 
 
 def build_model() -> JERS:
@@ -147,47 +154,50 @@ class JERSMethod:
         check_head(inputs.moving)
         report = progress or (lambda fraction, stage: None)
         device = resolve_device(options.device)
-        timings: dict[str, float] = {}
-        tick = time.perf_counter()
+        watch = Stopwatch()
         report(0.0, "preparing")
-        model = build_model()
-        checksum = load_into(model, s["weights"])
-        model = model.to(device).eval()
-        raw = to_network_image(inputs.moving, device)
-        atlas, onehot = atlas_on_grid(inputs.fixed, inputs.fixed_seg, device)
-        timings["preparing"] = time.perf_counter() - tick
+        with watch.step("weights"):
+            model = build_model()
+            checksum = load_into(model, s["weights"])
+            model = model.to(device).eval()
+        with watch.step("network grid"):
+            raw = to_network_image(inputs.moving, device)
+            atlas, onehot = atlas_on_grid(inputs.fixed, inputs.fixed_seg, device)
         report(0.2, "extraction, registration, segmentation")
 
-        tick = time.perf_counter()
         use_network = s["segmentation"] == "network" and onehot is not None
-        with torch.no_grad():
+        with watch.step("network"), torch.no_grad():
             out = model(
                 raw.tensor, atlas.tensor, None, s["extraction_stages"], s["registration_stages"], hard=True,
                 extraction=s["extraction"], segmentation=use_network,
             )
-        timings["networks"] = time.perf_counter() - tick
         report(0.6, "resampling")
 
-        tick = time.perf_counter()
-        mask_net = torch.stack(out.masks).prod(dim=0)[0, 0].cpu().numpy().astype(np.uint8)
-        brain_mask = from_network(mask_net, raw.grid, inputs.moving.geometry, labels=True)
-        brain_mask = brain_mask.with_array(brain_mask.array.astype(np.uint8))
-        extracted = inputs.moving.with_array((inputs.moving.array * brain_mask.array).astype(np.float32))
-        matrix = physical_affine(out.affine, atlas.grid, raw.grid)
-        field = affine_displacement(matrix, inputs.fixed.geometry)
-        warped = warp_volume(extracted, field)
-        if use_network:
-            seg_net = out.segmentation_logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-            moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
-        elif inputs.fixed_seg is not None:
-            inverse = affine_displacement(np.linalg.inv(matrix), inputs.moving.geometry)
-            moving_seg = warp_volume(inputs.fixed_seg, inverse, interpolation="nearest")
-        else:
-            moving_seg = None
-        if moving_seg is not None and onehot is not None:  # tissue classes -> FreeSurfer's FSL-FAST codes
-            moving_seg = moving_seg.with_array(tissue_codes(moving_seg.array))
-        warped_seg = warp_volume(inputs.moving_seg, field, interpolation="nearest") if inputs.moving_seg is not None else None
-        timings["resampling"] = time.perf_counter() - tick
+        with watch.step("brain mask"):
+            mask_net = torch.stack(out.masks).prod(dim=0)[0, 0].cpu().numpy().astype(np.uint8)
+            brain_mask = from_network(mask_net, raw.grid, inputs.moving.geometry, labels=True)
+            brain_mask = brain_mask.with_array(brain_mask.array.astype(np.uint8))
+            extracted = inputs.moving.with_array((inputs.moving.array * brain_mask.array).astype(np.float32))
+        with watch.step("field to fixed grid"):
+            matrix = physical_affine(out.affine, atlas.grid, raw.grid)
+            field = affine_displacement(matrix, inputs.fixed.geometry)
+        with watch.step("warping"):  # the extracted image and the moving label map (on the moving grid): one set of points
+            coordinates = mapped_coordinates(field, inputs.moving.geometry, device)
+            warped = warp_volume(extracted, field, coordinates=coordinates)
+            warped_seg = None
+            if inputs.moving_seg is not None:
+                warped_seg = warp_volume(inputs.moving_seg, field, "nearest", coordinates=coordinates)
+        with watch.step("segmentation"):
+            if use_network:
+                seg_net = class_map(out.segmentation_logits, 1)[0].cpu().numpy().astype(np.uint8)
+                moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
+            elif inputs.fixed_seg is not None:
+                inverse = affine_displacement(np.linalg.inv(matrix), inputs.moving.geometry)
+                moving_seg = warp_volume(inputs.fixed_seg, inverse, interpolation="nearest")
+            else:
+                moving_seg = None
+            if moving_seg is not None and onehot is not None:  # tissue classes -> FreeSurfer's FSL-FAST codes
+                moving_seg = moving_seg.with_array(tissue_codes(moving_seg.array))
         report(1.0, "resampling")
         details: dict[str, Any] = {
             "settings": {k: s[k] for k in sorted(s)},
@@ -195,7 +205,8 @@ class JERSMethod:
             "network_grid": {"shape": list(GRID_SHAPE), "spacing_mm": SPACING},
             "index_affine": index_affine(out.affine).tolist(),
             "stage_affines_normalised": [a[0].cpu().numpy().tolist() for a in out.stage_affines],
-            "timings": timings,
+            "timings": watch.seconds,
+            "cpu_timings": watch.cpu_seconds,
         }
         return Result(
             displacement=field, warped=warped, affine=matrix, moving_seg=moving_seg, warped_seg=warped_seg,

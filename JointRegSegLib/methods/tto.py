@@ -88,17 +88,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..device import resolve_device, threads_for
+from ..device import resolve_device
 from ..errors import InputError
 from ..imageio.geometry import Geometry
 from ..imageio.network_grid import RAS_DIRECTION, corner_points
 from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
 from ..nets import RegistrationUNet, student_unet, teacher_unet
 from ..spatial import affine_to_displacement, compose, index_affine_to_physical, warp
+from ..timing import Stopwatch
 from ..weights import load_into
 from . import refinement
 from .adam import Adam
-from .affine_stage import DEFAULT_SAMPLES as AFFINE_SAMPLES
 from .affine_stage import fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
@@ -295,20 +295,21 @@ class TTOMethod:
             s["spacing"] = DEFAULT_SPACING.get(device.type, DEFAULT_SPACING["cuda"])
         use_network = s["network"] != "none"
         report = _Progress(progress)
-        timings: dict[str, float] = {}
+        watch = Stopwatch()
         generator = torch.Generator().manual_seed(int(options.seed))
         torch.manual_seed(int(options.seed))
         deadline = Deadline(s["time_budget"])
 
-        tick = time.perf_counter()
         report(0.0, "preparing")
-        spacing, shape = network_grid_shape(inputs.fixed.geometry, s["spacing"])
-        pair = prepare_pair(inputs, device, spacing=spacing, shape=shape)
+        with watch.step("network grid"):
+            spacing, shape = network_grid_shape(inputs.fixed.geometry, s["spacing"])
+            pair = prepare_pair(inputs, device, spacing=spacing, shape=shape)
         checksum = None
         if use_network:
-            net = build_network(s["network"])
-            checksum = load_into(net, WEIGHT_NAMES[s["network"]])
-            net = net.to(device).eval()
+            with watch.step("weights"):
+                net = build_network(s["network"])
+                checksum = load_into(net, WEIGHT_NAMES[s["network"]])
+                net = net.to(device).eval()
         report(1.0, "preparing")
         step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))
         tto_steps = s["iterations"] if use_network and s["tto"] else 0
@@ -319,19 +320,16 @@ class TTOMethod:
             "refinement": _refinement_cost(inputs, refine_settings, device.type),
             "resampling": _COST_RESAMPLING_PER_VOXEL * float(np.prod(inputs.fixed.geometry.shape)) + 0.5,
         })
-        timings["preparing"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        if s["affine"] == "none":
-            affine_index = np.eye(4)
-        else:
-            with threads_for(AFFINE_SAMPLES, device):
+        with watch.step("affine stage"):
+            if s["affine"] == "none":
+                affine_index = np.eye(4)
+            else:
                 affine_index = fit_affine(
                     pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
                     progress=lambda f, _stage: report(f, "affine"),
                 )
-        affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
-        timings["affine"] = time.perf_counter() - tick
+            affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
 
         details: dict[str, Any] = {
             "network": s["network"],
@@ -345,9 +343,8 @@ class TTOMethod:
             details["stages"].append("network")
             moved = warp(pair.moving, affine_disp)
             if tto_steps > 0:
-                tick = time.perf_counter()
-                net, history = self._optimise(net, pair.fixed, moved, s, generator, report, deadline)
-                timings["test-time optimisation"] = time.perf_counter() - tick
+                with watch.step("test-time optimisation"):
+                    net, history = self._optimise(net, pair.fixed, moved, s, generator, report, deadline)
                 details["stages"].append("test-time optimisation")
                 details["iterations_done"] = len(history)
                 details["loss_history"] = [h["loss"] for h in history]
@@ -356,8 +353,7 @@ class TTOMethod:
                 if history:
                     details["initial_loss"] = history[0]["loss"]
                     details["initial_terms"] = {k: v for k, v in history[0].items() if k != "loss"}
-            tick = time.perf_counter()
-            with torch.no_grad():
+            with watch.step("network"), torch.no_grad():
                 disp = predict(net.eval(), pair.fixed, moved)
                 if tto_steps > 0:
                     loss, terms = tto_loss(
@@ -365,33 +361,31 @@ class TTOMethod:
                     )
                     details["final_loss"], details["final_terms"] = loss.item(), terms
             report(1.0, "inference")
-            timings["inference"] = time.perf_counter() - tick
 
         if refine_settings is not None:
-            tick = time.perf_counter()
             affine = index_affine_to_physical(affine_index, pair.grid, pair.grid)
-            refined = refinement.refine(
-                inputs.fixed, inputs.moving, affine, None if disp is None else (disp, pair.grid), refine_settings, device,
-                seed=int(options.seed), progress=lambda f: report(f, "refinement"), allows=deadline.allows,
-            )
+            with watch.step("refinement"):
+                refined = refinement.refine(
+                    inputs.fixed, inputs.moving, affine, None if disp is None else (disp, pair.grid), refine_settings, device,
+                    seed=int(options.seed), progress=lambda f: report(f, "refinement"), allows=deadline.allows,
+                )
             report(1.0, "refinement")
-            timings["refinement"] = time.perf_counter() - tick
             details["stages"].append("refinement")
             details["refinement"] = {"similarity": refined.similarity, "levels": refined.levels}
             done, planned = sum(level["iterations"] for level in refined.levels), sum(refine_settings.iterations)
             if done < planned:
                 deadline.cut.append(f"refinement after {done} of {planned} steps")
 
-        tick = time.perf_counter()
         report(0.0, "resampling")
         if refine_settings is not None:
-            result = result_from_field(inputs, refined.whole_field(inputs.fixed.geometry), affine)
+            with watch.step("field to fixed grid"):
+                whole = refined.whole_field(inputs.fixed.geometry)
+            result = result_from_field(inputs, whole, affine, watch, device)
         else:
             total = affine_disp if disp is None else compose(affine_disp, disp.detach())
-            result = result_from_network_field(inputs, pair.grid, total, affine_index)
-        timings["resampling"] = time.perf_counter() - tick
+            result = result_from_network_field(inputs, pair.grid, total, affine_index, watch)
         report(1.0, "resampling")
-        details["timings"] = timings
+        details["timings"], details["cpu_timings"] = watch.seconds, watch.cpu_seconds
         details["stopped_by"] = "time budget" if deadline.cut else "iterations"
         if deadline.cut:
             result.messages.append(

@@ -53,7 +53,6 @@ Choices where the paper is silent (ours):
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -68,12 +67,12 @@ from ..labels import label_info
 from ..losses import lncc_loss, soft_dice_loss
 from ..nets.uresnet import UReSNet, index_affine, total_displacement
 from ..spatial import warp
-from ..spatial.physical import warp_volume
-from ..spatial.warp import sample_at_indices
+from ..spatial.physical import sample_on, warp_volume
+from ..timing import Stopwatch
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import prepare_pair, result_from_network_field
+from .common import class_map, prepare_pair, result_from_network_field
 from .options import validate_options
 
 WEIGHT_NAME = "uresnet"
@@ -176,45 +175,47 @@ def network_grid(geometry: Geometry, spacing: float) -> Geometry:
     return network_geometry(geometry, spacing=spacing, multiple=GRID_MULTIPLE)
 
 
-def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 16) -> Volume:
+def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 32) -> Volume:
     """Softmax ``(C, I, J, K)`` on the network grid -> FreeSurfer label map on ``target``.
 
     The probabilities are sampled trilinearly at ``target``'s voxel centres (zero outside the network
-    grid, i.e. background) and the class is their argmax, ``slab`` planes of ``target`` at a time;
-    a voxel gets the left code of its class where it lies left of the predicted brain's centre of
-    mass along the patient's left-right axis (LPS x), the right code otherwise (module docstring).
+    grid, i.e. background; `spatial.physical.sample_on`, ``slab`` planes of ``target`` at a time, on
+    the probabilities' device) and the class is their argmax; a voxel gets the left code of its class
+    where it lies left of the predicted brain's centre of mass along the patient's left-right axis
+    (LPS x), the right code otherwise (module docstring).
     """
-    probs = probabilities.detach().float().cpu()[None]
-    brain = probs[0].argmax(dim=0) > 0
-    index = np.argwhere(brain.numpy()).mean(axis=0) if bool(brain.any()) else (np.asarray(grid.shape) - 1.0) / 2.0
+    probs = probabilities.detach().float()[None]
+    brain = (class_map(probs[0], 0) > 0).cpu().numpy()
+    index = np.argwhere(brain).mean(axis=0) if brain.any() else (np.asarray(grid.shape) - 1.0) / 2.0
     centre_x = (grid.index_to_physical_matrix @ np.append(index, 1.0))[0]
-    to_grid = torch.as_tensor(grid.physical_to_index_matrix @ target.index_to_physical_matrix, dtype=torch.float32)
-    to_physical_x = torch.as_tensor(target.index_to_physical_matrix[0], dtype=torch.float64)
+    to_x = target.index_to_physical_matrix[0]  # LPS x of index (i, j, k): +x is the patient's left
+    jk_x = to_x[1] * np.arange(target.shape[1])[:, None] + to_x[2] * np.arange(target.shape[2])[None, :] + to_x[3]
     out = np.zeros(target.shape, dtype=np.int16)
-    j, k = torch.meshgrid(torch.arange(target.shape[1]), torch.arange(target.shape[2]), indexing="ij")
     for start in range(0, target.shape[0], slab):
-        i = torch.arange(start, min(start + slab, target.shape[0]))
-        points = torch.stack(torch.broadcast_tensors(i[:, None, None], j[None], k[None]), dim=-1).float()
-        indices = points @ to_grid[:3, :3].T + to_grid[:3, 3]
-        sampled = sample_at_indices(probs, indices[None])[0]
+        rows = slice(start, min(start + slab, target.shape[0]))
+        sampled = sample_on(probs, grid, target, rows=rows)[0]
         sampled[0] += 1e-6  # outside the network grid every class is 0: background wins
-        classes = sampled.argmax(dim=0)
-        x = points.double() @ to_physical_x[:3] + to_physical_x[3]  # LPS x: +x is the patient's left
-        out[start:start + len(i)] = classes_to_codes(classes.numpy(), (x > centre_x).numpy())
+        classes = class_map(sampled, 0).cpu().numpy()
+        x = to_x[0] * np.arange(rows.start, rows.stop)[:, None, None] + jk_x[None]
+        out[rows] = classes_to_codes(classes, x > centre_x)
     return Volume(out, target)
 
 
 def segmentation_dice(predicted: Volume, given: Volume) -> dict[str, Any]:
-    """Dice of a predicted label map against given FreeSurfer labels: per output code and per merged class."""
-    from ..metrics import dice_per_label
+    """Dice of a predicted label map against given FreeSurfer labels: per output code and per merged class
+    (both from one table of how the two maps overlap, `metrics.overlap.LabelCounts`)."""
+    from ..metrics.overlap import LabelCounts
 
-    lookup = class_lookup().numpy()
-    given_codes = np.asarray(given.array).astype(np.int64)
-    codes = sorted({c for _, _, left, right in CLASSES[1:] for c in (left, right)} & set(np.unique(given_codes).tolist()))
-    merged_given = lookup[np.clip(given_codes, 0, _MAX_CODE - 1)]
-    merged_pred = lookup[np.clip(np.asarray(predicted.array).astype(np.int64), 0, _MAX_CODE - 1)]
-    per_code = dice_per_label(given_codes, np.asarray(predicted.array), labels=codes)
-    per_class = dice_per_label(merged_given, merged_pred, labels=list(range(1, N_CLASSES)))
+    counts = LabelCounts(np.asarray(given.array), np.asarray(predicted.array))
+    given_codes = {code for code in counts.values.tolist() if counts.a[counts.index(code)] > 0}
+    codes = sorted({c for _, _, left, right in CLASSES[1:] for c in (left, right)} & given_codes)
+    per_code = {code: counts.dice(code) for code in codes}
+    merged = {name: set(members) | {left, right} for name, members, left, right in CLASSES[1:]}
+    per_class = {
+        index: score
+        for index, (name, _, _, _) in enumerate(CLASSES)
+        if index > 0 and (score := counts.group_dice(merged[name])) is not None
+    }
     paper = [per_class[i] for i in (1, 2, 3) if i in per_class]
     return {
         "per_label": {str(c): {"name": label_info(c).name, "dice": per_code[c]} for c in codes},
@@ -233,36 +234,35 @@ def run_network(
     segment_fixed: bool = False,
     warped_seg: str = "auto",
     progress: ProgressCallback | None = None,
+    watch: Stopwatch | None = None,
 ) -> Result:
-    """Register and segment with a given network (see the module docstring); ``details`` holds the numbers."""
+    """Register and segment with a given network (see the module docstring); ``details`` holds the numbers
+    and the seconds of each step (`timing`, on ``watch``)."""
     report = progress or (lambda fraction, stage: None)
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
+    watch = watch or Stopwatch()
     report(0.0, "preparing")
-    grid = network_grid(inputs.fixed.geometry, spacing)
-    pair = prepare_pair(inputs, device, spacing=spacing, shape=grid.shape)
-    timings["preparing"] = time.perf_counter() - tick
+    with watch.step("network grid"):
+        grid = network_grid(inputs.fixed.geometry, spacing)
+        pair = prepare_pair(inputs, device, spacing=spacing, shape=grid.shape)
     report(0.1, "inference")
 
-    tick = time.perf_counter()
-    net = net.to(device).eval()
-    with torch.no_grad():
-        out = forward(net, pair.moving, pair.fixed)
-        fixed_probs = net(pair.fixed, pair.moving)["seg"][0] if segment_fixed else None
-    timings["inference"] = time.perf_counter() - tick
+    with watch.step("network"):
+        net = net.to(device).eval()
+        with torch.no_grad():
+            out = forward(net, pair.moving, pair.fixed)
+            fixed_probs = net(pair.fixed, pair.moving)["seg"][0] if segment_fixed else None
     report(0.4, "resampling")
 
-    tick = time.perf_counter()
     affine_index = out["affine"][0].double().cpu().numpy()
-    result = result_from_network_field(inputs, pair.grid, out["disp"], affine_index)
-    result.moving_seg = segmentation_volume(out["seg"][0], pair.grid, inputs.moving.geometry)
-    if warped_seg == "given" and inputs.moving_seg is None:
-        raise InputError("uresnet option warped_seg='given' needs a moving label map (--moving-seg)")
-    if warped_seg == "predicted" or (warped_seg == "auto" and inputs.moving_seg is None):
-        result.warped_seg = warp_volume(result.moving_seg, result.displacement, interpolation="nearest")  # eq. 3
-    if fixed_probs is not None:
-        result.fixed_seg = segmentation_volume(fixed_probs, pair.grid, inputs.fixed.geometry)
-    timings["resampling"] = time.perf_counter() - tick
+    result = result_from_network_field(inputs, pair.grid, out["disp"], affine_index, watch)
+    with watch.step("segmentation"):
+        result.moving_seg = segmentation_volume(out["seg"][0], pair.grid, inputs.moving.geometry)
+        if warped_seg == "given" and inputs.moving_seg is None:
+            raise InputError("uresnet option warped_seg='given' needs a moving label map (--moving-seg)")
+        if warped_seg == "predicted" or (warped_seg == "auto" and inputs.moving_seg is None):
+            result.warped_seg = warp_volume(result.moving_seg, result.displacement, interpolation="nearest")  # eq. 3
+        if fixed_probs is not None:
+            result.fixed_seg = segmentation_volume(fixed_probs, pair.grid, inputs.fixed.geometry)
     report(0.9, "resampling")
 
     details: dict[str, Any] = {
@@ -271,11 +271,12 @@ def run_network(
         "warped_seg": "predicted" if warped_seg == "predicted" or inputs.moving_seg is None else "given labels warped",
         "classes": [c[0] for c in CLASSES],
     }
-    if inputs.moving_seg is not None:
-        details["moving_segmentation_dice"] = segmentation_dice(result.moving_seg, inputs.moving_seg)
-    if inputs.fixed_seg is not None and result.fixed_seg is not None:
-        details["fixed_segmentation_dice"] = segmentation_dice(result.fixed_seg, inputs.fixed_seg)
-    details["timings"] = timings
+    with watch.step("segmentation scores"):
+        if inputs.moving_seg is not None:
+            details["moving_segmentation_dice"] = segmentation_dice(result.moving_seg, inputs.moving_seg)
+        if inputs.fixed_seg is not None and result.fixed_seg is not None:
+            details["fixed_segmentation_dice"] = segmentation_dice(result.fixed_seg, inputs.fixed_seg)
+    details["timings"], details["cpu_timings"] = watch.seconds, watch.cpu_seconds
     result.details = details
     report(1.0, "resampling")
     return result
@@ -291,9 +292,11 @@ class UReSNetMethod:
         s = _settings(options)
         device = resolve_device(options.device)
         torch.manual_seed(int(options.seed))
-        net = build_network()
-        checksum = load_into(net, WEIGHT_NAME)
-        result = run_network(net, inputs, s["spacing"], device, s["segment_fixed"], s["warped_seg"], progress)
+        watch = Stopwatch()
+        with watch.step("weights"):
+            net = build_network()
+            checksum = load_into(net, WEIGHT_NAME)
+        result = run_network(net, inputs, s["spacing"], device, s["segment_fixed"], s["warped_seg"], progress, watch)
         result.weights = {WEIGHT_NAME: checksum}
         result.details["settings"] = s
         return result

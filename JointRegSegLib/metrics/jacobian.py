@@ -7,7 +7,7 @@ taken with respect to PHYSICAL coordinates:
     du/dx = (du/dindex) @ inv(direction @ diag(spacing)),
 
 du/dindex from central differences inside the grid and one-sided differences on the outermost
-voxels (``np.gradient``, edge_order=1).
+voxels (as ``np.gradient``, edge_order=1), in torch (on the GPU with ``device``).
 
 Relation to SimpleITK's ``DisplacementFieldJacobianDeterminant`` (ITK 5, checked against
 SimpleITK 2.5): ITK divides the index differences by the spacing but IGNORES the direction
@@ -21,25 +21,43 @@ difference; this function uses the full one-sided difference there. Interiors ag
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
 from .similarity import as_array
 
-_SLAB = 32  # voxels along i per chunk: bounds the (slab, J, K, 3, 3) float64 temporaries
+_SLAB = 32  # voxels along i per chunk: bounds the temporaries (9 derivative planes of the chunk)
 
 
-def _determinant(m: np.ndarray) -> np.ndarray:
-    """det of (..., 3, 3) matrices by cofactor expansion along the first row."""
+def _extended(x: torch.Tensor, dim: int, front: bool = True, back: bool = True) -> torch.Tensor:
+    """``x`` with one plane added before and/or after along ``dim``, linearly extrapolated (``2 x_0 - x_1``),
+    so that a central difference at the first or last plane is the one-sided difference there."""
+    n = x.shape[dim]
+    planes = [2.0 * x.narrow(dim, 0, 1) - x.narrow(dim, 1, 1)] if front else []
+    planes.append(x)
+    if back:
+        planes.append(2.0 * x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1))
+    return torch.cat(planes, dim)
+
+
+def _determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
+    """det of 3x3 matrices given entry by entry, by cofactor expansion along the first row."""
     return (
-        m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
-        - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
-        + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0])
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
     )
 
 
-def jacobian_determinant(field: Volume) -> Volume:
-    """det(I + du/dx) of a physical displacement field, as a float64 `Volume` on the field's grid."""
+def jacobian_determinant(field: Volume, device: str | torch.device | None = None) -> Volume:
+    """det(I + du/dx) of a physical displacement field, as a `Volume` on the field's grid.
+
+    With ``L = direction @ diag(spacing)`` (index steps to mm) and ``D = du/dindex``,
+    ``I + D L^-1 = (L + D) L^-1``, so ``det = det(L + D) / det(L)``: nine derivative planes and no
+    per-voxel matrix product. Computed in slabs along i on ``device`` (default the CPU), in the
+    field's own precision (float32 for a float32 field, the worker's; float64 for float64 fields).
+    """
     if not isinstance(field, Volume):
         raise InputError(f"the displacement field must be a Volume (array + grid), got {type(field).__name__}")
     u = field.array
@@ -48,18 +66,27 @@ def jacobian_determinant(field: Volume) -> Volume:
     if min(u.shape[:3]) < 2:
         raise InputError(f"a displacement field needs at least 2 voxels along each axis, got {u.shape[:3]}")
     geometry = field.geometry
-    index_to_mm = np.linalg.inv(geometry.direction @ np.diag(geometry.spacing))
-    det = np.empty(u.shape[:3], dtype=np.float64)
-    for start in range(0, u.shape[0], _SLAB):
-        stop = min(start + _SLAB, u.shape[0])
-        lo, hi = max(start - 1, 0), min(stop + 1, u.shape[0])  # one halo row each side
-        chunk = u[lo:hi].astype(np.float64)
-        # d_index[..., c, a] = du_c / dindex_a
-        d_index = np.stack(np.gradient(chunk, axis=(0, 1, 2)), axis=-1)
-        jac = d_index @ index_to_mm + np.eye(3)
-        det[start:stop] = _determinant(jac[start - lo : start - lo + stop - start])
-    return Volume(det, geometry)
-
+    linear = geometry.direction @ np.diag(geometry.spacing)
+    scale = 1.0 / float(np.linalg.det(linear))
+    dtype = torch.float64 if u.dtype == np.float64 else torch.float32
+    source = torch.from_numpy(np.ascontiguousarray(u))
+    det = torch.empty(u.shape[:3], dtype=dtype)
+    n = u.shape[0]
+    for start in range(0, n, _SLAB):
+        stop = min(start + _SLAB, n)
+        rows = stop - start
+        # rows start-1 .. stop (one halo row each side; extrapolated at the image's first and last row)
+        chunk = source[max(start - 1, 0) : min(stop + 1, n)].to(device=device, dtype=dtype).permute(3, 0, 1, 2)
+        chunk = _extended(_extended(_extended(chunk, 1, start == 0, stop == n), 2), 3)  # (3, rows + 2, J + 2, K + 2)
+        # d[a][c] = du_c / dindex_a: central differences (one-sided on the image's outermost voxels)
+        d = [
+            chunk[:, 2 : rows + 2, 1:-1, 1:-1] - chunk[:, :rows, 1:-1, 1:-1],
+            chunk[:, 1 : rows + 1, 2:, 1:-1] - chunk[:, 1 : rows + 1, :-2, 1:-1],
+            chunk[:, 1 : rows + 1, 1:-1, 2:] - chunk[:, 1 : rows + 1, 1:-1, :-2],
+        ]
+        m = [[d[a][c].mul_(0.5).add_(float(linear[c, a])) for a in range(3)] for c in range(3)]
+        det[start:stop] = (_determinant(m) * scale).cpu()
+    return Volume(det.numpy(), geometry)
 
 
 def deformable_jacobian(jacobian: Volume, affine: np.ndarray | None) -> Volume:

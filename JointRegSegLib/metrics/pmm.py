@@ -73,6 +73,42 @@ def pmm_map(
     if not domain.any():
         raise InputError("the PMM mask is empty: give a mask with at least one voxel inside")
 
+    window = tuple(_window(axis_mask, patch, stride) for axis_mask in _extents(domain))
+    out = np.full(f.shape, np.nan, dtype=np.float32)
+    out[window] = _pmm_in_window(f[window], w[window], domain[window], patch, stride, bins, min_fraction, quantised(f, w, domain, bins))
+    return out
+
+
+def _extents(domain: np.ndarray) -> list[tuple[int, int, int]]:
+    """Per axis: (first, last) index holding domain voxels, and the axis length."""
+    extents = []
+    for axis in range(3):
+        occupied = np.flatnonzero(domain.any(axis=tuple(a for a in range(3) if a != axis)))
+        extents.append((int(occupied[0]), int(occupied[-1]), domain.shape[axis]))
+    return extents
+
+
+def _window(extent: tuple[int, int, int], patch: int, stride: int) -> slice:
+    """The part of an axis whose patches reach the domain: from the first patch corner (a multiple of
+    ``stride``) whose patch reaches the domain's first voxel, to a patch beyond its last voxel.
+
+    Every patch that holds a domain voxel lies inside it with its corner at the same multiple of the
+    stride, and no patch that lies inside it is cut short anywhere but at the image's end, so the map
+    computed on the window equals the map of the whole image there (and is NaN elsewhere either way).
+    """
+    first, last, length = extent
+    start = max(0, (first - patch + 1) // stride * stride)
+    return slice(start, min(length, last + patch))
+
+
+def quantised(f: np.ndarray, w: np.ndarray, domain: np.ndarray, bins: int) -> np.ndarray:
+    """Joint bin code ``bins * q_f + q_w`` of every domain voxel (each image binned over its own range in the domain)."""
+    return quantise(f[domain], bins) * bins + quantise(w[domain], bins)
+
+
+def _pmm_in_window(
+    f: np.ndarray, w: np.ndarray, domain: np.ndarray, patch: int, stride: int, bins: int, min_fraction: float, joint: np.ndarray
+) -> np.ndarray:
     nbb = bins * bins
     per_block = nbb + 1  # the last slot of each block collects the voxels outside the domain
     width = patch // stride
@@ -80,7 +116,7 @@ def pmm_map(
     padded = tuple(nb * stride for nb in n_blocks)
     codes = np.full(padded, nbb, dtype=np.int64)
     inner = codes[: f.shape[0], : f.shape[1], : f.shape[2]]
-    inner[domain] = quantise(f[domain], bins) * bins + quantise(w[domain], bins)
+    inner[domain] = joint
 
     # block index within one i-row of blocks, for every (j, k) voxel
     jk_block = (np.arange(padded[1]) // stride)[:, None] * n_blocks[2] + (np.arange(padded[2]) // stride)[None, :]

@@ -19,7 +19,6 @@ Undefined cases (every voxel in one bin for both images) give NaN.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import xlogy
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
@@ -85,6 +84,12 @@ def joint_histogram(
     return np.bincount(codes, minlength=bins * bins).reshape(bins, bins)
 
 
+def _c_log_c(c: np.ndarray) -> np.ndarray:
+    """``c log c``, 0 where ``c`` is 0 (``scipy.special.xlogy(c, c)``, without importing scipy.special)."""
+    positive = c > 0
+    return np.where(positive, c * np.log(np.where(positive, c, 1.0)), 0.0)
+
+
 def entropies(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Marginal and joint entropies (nats) of joint histograms ``(..., B, B)`` of counts.
 
@@ -97,10 +102,10 @@ def entropies(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cells = joint.reshape(*joint.shape[:-2], -1)
     if np.issubdtype(joint.dtype, np.integer) and 0 < n.size and 0 <= joint.min() and n.max() <= _TABLE_MAX:
         # small integer counts (patches): c log c from a lookup table, much faster than xlogy
-        table = xlogy(np.arange(n.max() + 1.0), np.arange(n.max() + 1.0))
+        table = _c_log_c(np.arange(n.max() + 1.0))
         sum_ab, sum_a, sum_b = (table[c].sum(axis=-1) for c in (cells, row, col))
     else:
-        sum_ab, sum_a, sum_b = (xlogy(c, c.astype(np.float64)).sum(axis=-1) for c in (cells, row, col))
+        sum_ab, sum_a, sum_b = (_c_log_c(c.astype(np.float64)).sum(axis=-1) for c in (cells, row, col))
     n = n.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_n = np.log(n)

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import patheffects
+from contourpy import LineType, contour_generator
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.path import Path as MplPath
 
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
@@ -35,16 +38,20 @@ from ..colour_scales import (
 )
 from ..labels import label_info
 from .colormaps import JacobianNorm, jacobian_colormap, pmm_colormap
-from .slices import Index3, checkerboard, default_index, orthogonal_aspects, orthogonal_slices
+from .slices import Index3, default_index, orthogonal_aspects, orthogonal_slices, tile_parity
 
 VIEW_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
 # (left, right, top, bottom) patient directions at the edges of each view (see slices.py).
 _EDGE_LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
 _ROW_INCHES = 2.0
 _SIDE_COLUMN = 1.6  # width ratio of the column holding colour bars and legends
+_LEGEND_POINTS = 7
+_MARGINS = (0.35, 0.05, 0.22, 0.05)  # inches left (row labels), right, top (view names), bottom: a fixed layout,
+# which costs a fraction of matplotlib's constrained layout (a third of each picture's time)
 MAP_ALPHA = 0.65  # opacity of a Jacobian or PMM map over the grey fixed image
 LEGEND_LABELS = 12  # outlines: the largest structures named in the legend (a left/right pair counts once)
 _TITLE_CHARACTERS = 22  # row titles and colour-bar labels are wrapped to lines this long (they run along one row)
+PNG_COMPRESSION = 1  # zlib level of the PNG files: fast (the default 6 costs more time than the pictures are worth)
 
 
 @dataclass
@@ -82,9 +89,23 @@ def _check_same_grid(arrays: dict[str, np.ndarray]) -> None:
             )
 
 
-def _normalised(array: np.ndarray) -> np.ndarray:
-    low, high = robust_window(array)
+def _windowed(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    low, high = window
     return np.clip((np.asarray(array, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+class _Windows:
+    """The robust window of each 3D array drawn, computed once per array (a percentile of every voxel)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
+
+    def __call__(self, array: np.ndarray) -> tuple[float, float]:
+        known = self._known.get(id(array))
+        if known is None or known[0] is not array:
+            known = (array, robust_window(array))
+            self._known[id(array)] = known
+        return known[1]
 
 
 def _jacobian_legend() -> tuple[tuple[tuple[float, ...], str], ...]:
@@ -98,19 +119,29 @@ def _label_color(label: int) -> tuple[float, ...]:
 
 
 def _draw_contours(ax, labels_2d: np.ndarray) -> None:
+    """Each label's outline (the 0.5 level of its mask, as ``ax.contour`` draws it), all in one line collection.
+
+    The lines come from contourpy, the generator behind ``ax.contour``, with matplotlib's algorithm
+    (``mpl2014``): the same lines without building a contour set per label.
+    """
+    paths, colours = [], []
     for label in np.unique(labels_2d):
         if label == 0:
             continue
         mask = (labels_2d == label).astype(np.float64)
         if mask.min() == mask.max():
             continue
-        ax.contour(mask, levels=[0.5], colors=[_label_color(label)], linewidths=0.8)
+        points, codes = contour_generator(z=mask, name="mpl2014", line_type=LineType.SeparateCode).lines(0.5)
+        paths += [MplPath(p, c) for p, c in zip(points, codes)]
+        colours += [_label_color(label)] * len(points)
+    if paths:
+        ax.add_collection(PathCollection(paths, facecolors="none", edgecolors=colours, linewidths=0.8), autolim=False)
 
 
 def _render(rows: list[_Row], aspects: tuple[float, float, float], path: str | Path, title: str, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _figure(rows, aspects, title).savefig(path, dpi=dpi, facecolor="white")
+    _figure(rows, aspects, title).savefig(path, dpi=dpi, facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
 
 
@@ -119,12 +150,15 @@ def _figure(rows: list[_Row], aspects: tuple[float, float, float], title: str) -
     widths = [view.shape[1] / (view.shape[0] * aspect) for view, aspect in zip(rows[0].views, aspects)]
     has_side = any(row.colorbar or row.legend for row in rows)
     ratios = widths + ([_SIDE_COLUMN] if has_side else [])
-    figure = Figure(
-        figsize=(_ROW_INCHES * sum(ratios) + 0.6, _ROW_INCHES * len(rows) + (0.4 if title else 0.0)),
-        layout="constrained",
-    )
+    left, right, top, bottom = _MARGINS
+    right += _legend_overflow(rows)
+    size = (_ROW_INCHES * sum(ratios) + left + right, _ROW_INCHES * len(rows) + top + bottom + (0.3 if title else 0.0))
+    figure = Figure(figsize=size)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(len(rows), len(ratios), width_ratios=ratios)
+    grid = figure.add_gridspec(
+        len(rows), len(ratios), width_ratios=ratios, left=left / size[0], right=1 - right / size[0],
+        top=1 - (top + (0.3 if title else 0.0)) / size[1], bottom=bottom / size[1], wspace=0.04, hspace=0.06,
+    )
     for r, row in enumerate(rows):
         image = None
         for c, (view, aspect) in enumerate(zip(row.views, aspects)):
@@ -162,7 +196,7 @@ def _figure(rows: list[_Row], aspects: tuple[float, float, float], title: str) -
                     handles=handles,
                     loc="center left",
                     bbox_to_anchor=(0.3, 0.5),
-                    fontsize=7,
+                    fontsize=_LEGEND_POINTS,
                     frameon=False,
                     handlelength=1.0,
                 )
@@ -176,6 +210,14 @@ def _wrapped(text: str) -> str:
     return "\n".join(textwrap.fill(line, _TITLE_CHARACTERS) for line in text.split("\n"))
 
 
+def _legend_overflow(rows: list[_Row]) -> float:
+    """Inches a legend reaches past the side column (it starts 30 % into it): its longest name at the
+    legend's font size, about 0.6 em a character, after the colour patch."""
+    longest = max((len(text) for row in rows for _, text in row.legend), default=0)
+    needed = 0.3 * _ROW_INCHES * _SIDE_COLUMN + 0.35 + longest * _LEGEND_POINTS * 0.6 / 72.0
+    return max(0.0, needed - _ROW_INCHES * _SIDE_COLUMN) if longest else 0.0
+
+
 def _edge_letters(ax, letters: tuple[str, str, str, str]) -> None:
     outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
     style = dict(transform=ax.transAxes, color="yellow", fontsize=6, fontweight="bold", path_effects=outline)
@@ -186,28 +228,34 @@ def _edge_letters(ax, letters: tuple[str, str, str, str]) -> None:
     ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
 
 
-def _grey_row(label: str, array: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
-    low, high = robust_window(array)
+def _grey_row(label: str, array: np.ndarray, index: Index3, geometry: Geometry | None, windows: _Windows) -> _Row:
+    low, high = windows(array)
     return _Row(label, orthogonal_slices(array, index, geometry), "gray", Normalize(low, high))
 
 
-def _checkerboard_row(fixed: np.ndarray, warped: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
-    board = checkerboard(_normalised(fixed), _normalised(warped))
-    return _Row("checkerboard fixed / warped", orthogonal_slices(board, index, geometry), "gray", Normalize(0.0, 1.0))
+def _checkerboard_row(fixed: np.ndarray, warped: np.ndarray, index: Index3, geometry: Geometry | None, windows: _Windows) -> _Row:
+    """Each image windowed by its own robust window, in alternating tiles (`checkerboard`), cut from the slices alone."""
+    parity = orthogonal_slices(tile_parity(fixed.shape), index, geometry)
+    views = tuple(
+        np.where(p == 1, _windowed(w, windows(warped)), _windowed(f, windows(fixed)))
+        for p, f, w in zip(parity, orthogonal_slices(fixed, index, geometry), orthogonal_slices(warped, index, geometry))
+    )
+    return _Row("checkerboard fixed / warped", views, "gray", Normalize(0.0, 1.0))
 
 
-def _within(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """``values`` as float, NaN (drawn transparent) outside ``mask``."""
-    values = values.astype(np.float64)
-    return values if mask is None else np.where(mask, values, np.nan)
+def _within(values: tuple[np.ndarray, ...], mask: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...]:
+    """Slices of ``values`` as float, NaN (drawn transparent) outside the slices of ``mask``."""
+    floats = tuple(v.astype(np.float64) for v in values)
+    return floats if mask is None else tuple(np.where(m, v, np.nan) for v, m in zip(floats, mask))
 
 
 def _jacobian_row(
     jacobian: np.ndarray, index: Index3, geometry: Geometry | None, fixed: np.ndarray, part: str, mask: np.ndarray | None
 ) -> _Row:
+    masked = None if mask is None else orthogonal_slices(mask, index, geometry)
     return _Row(
         f"Jacobian ({part.split()[0]})\nover fixed",
-        orthogonal_slices(_within(jacobian, mask), index, geometry),
+        _within(orthogonal_slices(jacobian, index, geometry), masked),
         jacobian_colormap(),
         JacobianNorm(),
         colorbar=f"det J ({part})",
@@ -222,17 +270,17 @@ def _jacobian_row(
 
 
 def _pmm_row(pmm: np.ndarray, index: Index3, geometry: Geometry | None, fixed: np.ndarray) -> _Row:
-    views = orthogonal_slices(pmm.astype(np.float64), index, geometry)  # NaN outside its domain: transparent
+    views = tuple(v.astype(np.float64) for v in orthogonal_slices(pmm, index, geometry))  # NaN outside its domain: transparent
     return _Row(
         "PMM over fixed", views, pmm_colormap(), Normalize(*PMM_RANGE), colorbar="patch NMI (higher = better aligned)",
         extend="max", underlay=orthogonal_slices(fixed, index, geometry), alpha=MAP_ALPHA,
     )
 
 
-def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None) -> _Row:
+def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None, windows: _Windows) -> _Row:
     """Outlines of every label over the grey image; the largest structures named in the legend."""
-    row = _grey_row(label, image, index, geometry)
-    labels = np.rint(seg).astype(np.int64)
+    row = _grey_row(label, image, index, geometry, windows)
+    labels = seg if np.issubdtype(seg.dtype, np.integer) else np.rint(seg).astype(np.int64)
     row.contours = orthogonal_slices(labels, index, geometry)
     row.legend = _legend_entries(labels)
     return row
@@ -241,7 +289,7 @@ def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, 
 def _legend_entries(labels: np.ndarray) -> tuple[tuple[tuple[float, ...], str], ...]:
     """The `LEGEND_LABELS` largest structures of a label map, in code order; a left/right pair, drawn in one
     colour, is named once ("Cerebral-Cortex (left, right)")."""
-    codes, counts = np.unique(labels[labels > 0], return_counts=True)
+    codes, counts = _label_counts(labels)
     groups: dict[tuple[str, tuple[float, ...]], tuple[int, int, list[str]]] = {}
     for code, count in zip(codes.tolist(), counts.tolist()):
         name = label_info(code).name
@@ -253,6 +301,18 @@ def _legend_entries(labels: np.ndarray) -> tuple[tuple[tuple[float, ...], str], 
         (colour, f"{base} (left, right)" if len(names) > 1 else names[0])
         for (base, colour), (_, _, names) in sorted(largest, key=lambda item: item[1][1])
     )
+
+
+def _label_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positive labels of an integer map and their voxel counts (as ``np.unique(..., return_counts=True)``)."""
+    positive = labels[labels > 0]
+    if positive.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if int(positive.max()) >= 1 << 22:
+        return np.unique(positive, return_counts=True)
+    counts = np.bincount(positive.astype(np.intp, copy=False))
+    codes = np.flatnonzero(counts)
+    return codes, counts[codes]
 
 
 def save_registration_figure(
@@ -284,20 +344,21 @@ def save_registration_figure(
     geometry = fixed.geometry if isinstance(fixed, Volume) else None
     if index is None:
         index = default_index(arrays["fixed_seg"] if "fixed_seg" in arrays else arrays["fixed"])
+    windows = _Windows()
     rows = [
-        _grey_row("fixed", arrays["fixed"], index, geometry),
-        _grey_row("moving", arrays["moving"], index, geometry),
-        _grey_row("warped moving", arrays["warped"], index, geometry),
-        _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
+        _grey_row("fixed", arrays["fixed"], index, geometry, windows),
+        _grey_row("moving", arrays["moving"], index, geometry, windows),
+        _grey_row("warped moving", arrays["warped"], index, geometry, windows),
+        _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry, windows),
     ]
     if "jacobian" in arrays:
         rows.append(_jacobian_row(arrays["jacobian"], index, geometry, arrays["fixed"], jacobian_part, mask))
     if "pmm" in arrays:
         rows.append(_pmm_row(arrays["pmm"], index, geometry, arrays["fixed"]))
     if "fixed_seg" in arrays:
-        rows.append(_contour_row("warped + fixed seg", arrays["warped"], arrays["fixed_seg"], index, geometry))
+        rows.append(_contour_row("warped + fixed seg", arrays["warped"], arrays["fixed_seg"], index, geometry, windows))
     if "warped_seg" in arrays:
-        rows.append(_contour_row("fixed + warped seg", arrays["fixed"], arrays["warped_seg"], index, geometry))
+        rows.append(_contour_row("fixed + warped seg", arrays["fixed"], arrays["warped_seg"], index, geometry, windows))
     return _render(rows, orthogonal_aspects(geometry), path, title, dpi)
 
 
@@ -348,11 +409,12 @@ def save_individual_pictures(
     index = default_index(arrays["fixed"]) if index is None else index
     aspects = orthogonal_aspects(geometry)
     out_dir = Path(out_dir)
+    windows = _Windows()
     rows = {
-        "fixed": _grey_row("fixed", arrays["fixed"], index, geometry),
-        "moving": _grey_row("moving (on the fixed grid)", arrays["moving"], index, geometry),
-        "warped": _grey_row("warped moving", arrays["warped"], index, geometry),
-        "checkerboard": _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry),
+        "fixed": _grey_row("fixed", arrays["fixed"], index, geometry, windows),
+        "moving": _grey_row("moving (on the fixed grid)", arrays["moving"], index, geometry, windows),
+        "warped": _grey_row("warped moving", arrays["warped"], index, geometry, windows),
+        "checkerboard": _checkerboard_row(arrays["fixed"], arrays["warped"], index, geometry, windows),
     }
     if "jacobian" in arrays:
         rows["jacobian"] = _jacobian_row(arrays["jacobian"], index, geometry, arrays["fixed"], jacobian_part, mask)
@@ -360,16 +422,18 @@ def save_individual_pictures(
         rows["pmm"] = _pmm_row(arrays["pmm"], index, geometry, arrays["fixed"])
     written = {name: _render([row], aspects, out_dir / f"{name}.png", "", dpi) for name, row in rows.items()}
     for name, (image, seg, title) in (segmentations or {}).items():
-        written[name] = save_segmentation_picture(out_dir / f"{name}.png", image, seg, title, dpi=dpi)
+        written[name] = save_segmentation_picture(out_dir / f"{name}.png", image, seg, title, dpi=dpi, windows=windows)
     return written
 
 
-def save_segmentation_picture(path: str | Path, image: Volume, seg: Volume, title: str, dpi: int = 110) -> Path:
+def save_segmentation_picture(
+    path: str | Path, image: Volume, seg: Volume, title: str, dpi: int = 110, windows: _Windows | None = None
+) -> Path:
     """One row of three views: the outlines of ``seg``'s labels over ``image`` (both on one grid, which
     may differ from the fixed image's), through the segmentation's centre of mass, main structures named."""
     arrays = {"image": _array_of(image, "image"), "segmentation": _array_of(seg, "segmentation")}
     _check_same_grid(arrays)
     geometry = image.geometry if isinstance(image, Volume) else None
     index = default_index(arrays["segmentation"])
-    row = _contour_row(title, arrays["image"], arrays["segmentation"], index, geometry)
+    row = _contour_row(title, arrays["image"], arrays["segmentation"], index, geometry, windows or _Windows())
     return _render([row], orthogonal_aspects(geometry), path, "", dpi)

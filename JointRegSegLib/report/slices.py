@@ -60,11 +60,19 @@ def canonical_index(index: Index3, shape: Index3, geometry: Geometry | None = No
 
 
 def default_index(array: np.ndarray) -> Index3:
-    """The rounded centre of mass of the nonzero voxels of a 3D array, or its centre if all are zero."""
-    nonzero = np.argwhere(np.nan_to_num(np.asarray(array)[..., 0] if array.ndim > 3 else array) != 0)
-    if nonzero.size == 0:
+    """The rounded centre of mass of the nonzero voxels of a 3D array, or its centre if all are zero.
+
+    From the count of nonzero voxels in each plane along each axis (no list of their indices).
+    """
+    nonzero = np.nan_to_num(np.asarray(array)[..., 0] if array.ndim > 3 else array) != 0
+    total = int(np.count_nonzero(nonzero))
+    if total == 0:
         return tuple(int(n // 2) for n in array.shape[:3])
-    return tuple(int(round(c)) for c in nonzero.mean(axis=0))
+    centre = []
+    for axis in range(3):
+        per_plane = np.count_nonzero(nonzero, axis=tuple(a for a in range(3) if a != axis))
+        centre.append(int(round(float(np.dot(per_plane.astype(np.float64), np.arange(nonzero.shape[axis]))) / total)))
+    return tuple(centre)
 
 
 def orthogonal_slices(
@@ -113,10 +121,16 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
         raise InputError(f"checkerboard needs two arrays of the same shape, got {a.shape} and {b.shape}.")
     if a.ndim not in (2, 3):
         raise InputError(f"checkerboard needs 2D or 3D arrays, got shape {a.shape}.")
+    return np.where(tile_parity(a.shape, tiles) == 1, b, a)
+
+
+def tile_parity(shape: tuple[int, ...], tiles: int = 8) -> np.ndarray:
+    """Which image each voxel of a `checkerboard` shows (0: the first, 1: the second), as a read-only
+    broadcast view: slicing it costs nothing, so the slices of a 3D checkerboard need no 3D array."""
     if int(tiles) < 1:
         raise InputError(f"checkerboard needs at least one tile per axis, got tiles={tiles}.")
-    parity = np.zeros(a.shape, dtype=np.int64)
-    for axis, n in enumerate(a.shape):
+    parity = np.zeros((1,) * len(shape), dtype=np.int64)
+    for axis, n in enumerate(shape):
         tile = (np.arange(n) * int(tiles)) // n
-        parity = parity + tile.reshape([-1 if d == axis else 1 for d in range(a.ndim)])
-    return np.where(parity % 2 == 1, b, a)
+        parity = parity + tile.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    return np.broadcast_to(parity % 2, tuple(shape))

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
+from ..imageio.io import write_nifti
 from ..imageio.sitk_bridge import from_sitk, to_sitk
 
 SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+DISPLACEMENT_INTENT = 1006  # NIFTI_INTENT_DISPVECT
 
 
 def _check_field(field: Volume) -> None:
@@ -32,8 +33,12 @@ def _check_suffix(path: Path) -> None:
         raise InputError(f"{path}: a displacement field file must end with one of {', '.join(SUFFIXES)}")
 
 
-def write_displacement_field(field: Volume, path: str | Path) -> None:
-    """Write a physical field ``(I, J, K, 3)`` LPS mm as a float32 vector image (.nii.gz, .nrrd, .mha ...)."""
+def write_displacement_field(field: Volume, path: str | Path, threads: int | None = None) -> None:
+    """Write a physical field ``(I, J, K, 3)`` LPS mm as a float32 vector image (.nii.gz, .nrrd, .mha ...).
+
+    NIfTI files are written by `imageio.io.write_nifti` (``.nii.gz`` compressed fast on ``threads``
+    threads: most of a float field is stored, its mantissas do not compress).
+    """
     _check_field(field)
     path = Path(path)
     _check_suffix(path)
@@ -42,10 +47,8 @@ def write_displacement_field(field: Volume, path: str | Path) -> None:
     vectors = np.asarray(field.array, dtype=np.float32)
     if str(path).lower().endswith((".nii", ".nii.gz")):
         ras = vectors * np.float32([-1.0, -1.0, 1.0])  # LPS -> RAS components
-        image = nib.Nifti1Image(ras[:, :, :, None, :], field.geometry.index_to_ras_matrix)
-        image.header.set_intent(1006)
-        image.header.set_xyzt_units("mm")
-        nib.save(image, str(path))
+        affine = field.geometry.index_to_ras_matrix
+        write_nifti(path, ras[:, :, :, None, :], affine, intent=DISPLACEMENT_INTENT, units=("mm", "unknown"), codes=(0, 2), threads=threads)
         return
     sitk.WriteImage(to_sitk(field.with_array(vectors)), str(path), useCompression=True)
 

@@ -67,8 +67,9 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     resampled. For each fixed voxel ``x``: ``c`` = its index on ``grid``, ``u_idx`` = ``disp``
     interpolated trilinearly at ``c`` (edge values outside ``grid``), ``u = direction @ diag(spacing) @ u_idx``
     of ``grid`` (the network point ``c`` maps to ``c + u_idx``, i.e. ``x`` maps to ``x + u``).
+    Sampled on ``disp``'s device (a GPU's where the network ran); the field comes back to the CPU.
     """
-    disp = torch.as_tensor(disp).detach().cpu().float()
+    disp = torch.as_tensor(disp).detach().float()
     if disp.ndim == 5 and disp.shape[0] == 1:
         disp = disp[0]
     if disp.ndim != 4 or disp.shape[0] != 3 or tuple(disp.shape[1:]) != grid.shape:
@@ -79,9 +80,24 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     if fixed.same_as(grid):
         u_idx = disp
     else:
-        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape)[0]
+        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape, disp.device)[0]
         u_idx = _sample(disp[None], coordinates, "bilinear", "border")[0]
     return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
+
+
+def sample_on(
+    values: torch.Tensor, source: Geometry, target: Geometry, mode: str = "bilinear", padding_mode: str = "zeros",
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """``values (1, C, *source.shape)`` sampled at the voxel centres of ``target`` in one ``grid_sample``
+    pass: ``(1, C, *target.shape)``, or only the planes ``rows`` of ``target`` along i (``mode``
+    "bilinear" or "nearest", ``padding_mode`` "zeros" or "border", as `spatial.warp`). Stays on ``values``'s device."""
+    start, stop, _ = (rows or slice(0, target.shape[0])).indices(target.shape[0])
+    offset = np.eye(4)
+    offset[0, 3] = start
+    shape = (stop - start, *target.shape[1:])
+    coordinates = _sampling_grid(shape, _index_map(target, source) @ offset, source.shape, values.device)[0]
+    return _sample(values, coordinates.to(values.dtype), mode, padding_mode)
 
 
 def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
@@ -91,8 +107,8 @@ def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
 
 def grid_steps_to_physical(u_idx: torch.Tensor, grid: Geometry, fixed: Geometry) -> Volume:
     """The LPS mm field on ``fixed`` of displacements ``u_idx (I, J, K, 3)`` given in voxels of ``grid``, at fixed's voxels."""
-    linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32)
-    u_phys = u_idx.detach().cpu().float() @ linear.T
+    linear = torch.as_tensor(_linear_part(grid), dtype=torch.float32, device=u_idx.device)
+    u_phys = (u_idx.detach().float() @ linear.T).cpu()
     return Volume(np.ascontiguousarray(u_phys.numpy(), dtype=np.float32), fixed)
 
 
@@ -133,14 +149,31 @@ def physical_to_voxel_field(field: Volume, grid: Geometry) -> torch.Tensor:
     return torch.einsum("rc,cijk->rijk", inverse, u_phys).contiguous()
 
 
-def warp_volume(moving: Volume, field: Volume, interpolation: str = "linear", default: float = 0.0) -> Volume:
+def mapped_coordinates(field: Volume, moving: Geometry, device: torch.device | str | None = None) -> torch.Tensor:
+    """``grid_sample`` coordinates ``(1, I, J, K, 3)``, normalised for ``moving``, of the mapped point
+    ``x + u(x)`` of every voxel ``x`` of a physical field's (fixed) grid: what `warp_volume` samples at,
+    computed once (on ``device``) for an image and its label map alike."""
+    _check_physical_field(field)
+    coordinates, index_to_coordinate = _sampling_grid(field.geometry.shape, _index_map(field.geometry, moving), moving.shape, device)
+    u = torch.as_tensor(np.asarray(field.array, dtype=np.float32)).to(coordinates.device)
+    mm_to_coordinate = torch.as_tensor(
+        index_to_coordinate @ np.linalg.inv(_linear_part(moving)), dtype=torch.float32, device=coordinates.device
+    )
+    return coordinates.add_(u @ mm_to_coordinate.T)
+
+
+def warp_volume(
+    moving: Volume, field: Volume, interpolation: str = "linear", default: float = 0.0, coordinates: torch.Tensor | None = None
+) -> Volume:
     """Warp a moving `Volume` (on its own grid) by a physical field: ``out(x) = moving(x + u(x))``.
 
     The output lies on the field's (fixed) grid. The moving image is sampled at the continuous index
     ``moving.geometry.physical_to_index(x + u(x))`` by ``grid_sample``; ``interpolation`` is
-    ``"linear"`` (float32 output) or ``"nearest"`` (label maps; integer and boolean dtypes are kept). Outside the
-    moving image the value blends to ``default`` as a linear sample with zero padding would blend to 0.
-    Arrays with components last (``(I, J, K, C)``) are warped component by component.
+    ``"linear"`` (float32 output) or ``"nearest"`` (label maps; integer and boolean dtypes are kept,
+    sampled directly, without a one-hot map). Outside the moving image the value blends to
+    ``default`` as a linear sample with zero padding would blend to 0. Arrays with components last
+    (``(I, J, K, C)``) are warped component by component. ``coordinates``: `mapped_coordinates` of
+    ``field`` for ``moving``'s grid, where already at hand (the sampling runs on their device).
     """
     _check_physical_field(field)
     modes = {"linear": "bilinear", "nearest": "nearest"}
@@ -149,17 +182,13 @@ def warp_volume(moving: Volume, field: Volume, interpolation: str = "linear", de
     array = np.asarray(moving.array)
     if array.ndim not in (3, 4):
         raise InputError(f"the moving image must be a 3D array (or 3D with components last); got shape {array.shape}")
-    coordinates, index_to_coordinate = _sampling_grid(
-        field.geometry.shape, _index_map(field.geometry, moving.geometry), moving.geometry.shape
-    )
-    u = torch.as_tensor(np.asarray(field.array, dtype=np.float32))
-    mm_to_coordinate = torch.as_tensor(index_to_coordinate @ np.linalg.inv(_linear_part(moving.geometry)), dtype=torch.float32)
-    coordinates = coordinates + u @ mm_to_coordinate.T
-    image = torch.as_tensor(array.astype(np.float32) - np.float32(default))
+    if coordinates is None:
+        coordinates = mapped_coordinates(field, moving.geometry)
+    image = torch.as_tensor(array.astype(np.float32) - np.float32(default)).to(coordinates.device)
     image = image[None, None] if array.ndim == 3 else image.permute(3, 0, 1, 2)[None]
     out = _sample(image, coordinates, modes[interpolation], "zeros")[0] + float(default)
     out = out[0] if array.ndim == 3 else out.permute(1, 2, 3, 0)
-    result = out.numpy()
+    result = out.cpu().numpy()
     if interpolation == "nearest" and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         result = result.astype(array.dtype)
     return Volume(np.ascontiguousarray(result), field.geometry)

@@ -9,10 +9,12 @@ reaches it through `training.command`.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..methods.base import ProgressCallback
+
+if TYPE_CHECKING:  # the command line imports this package to list the networks: no numpy for that
+    from ..methods.base import ProgressCallback
 
 NETWORKS: dict[str, str] = {
     "tto": "JointRegSegLib.training.tto",

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..methods.options import parse_options
 from . import NETWORKS
 
@@ -88,6 +86,8 @@ def run(args: argparse.Namespace) -> None:
         "threads": args.threads, "output": args.output, "workers": args.workers,
         "time_limit": None if args.minutes is None else 60.0 * args.minutes,
     }
+    from tqdm import tqdm
+
     bar = tqdm(total=1000, desc=f"train {args.network}", file=sys.stderr)
 
     def progress(fraction: float, stage: str) -> None:

@@ -33,6 +33,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     pictures: bool = True
     jacobian: str = JACOBIAN_PARTS[0]
+    compress: bool = True
     threads: int | None = None
     overwrite: bool = False
 
@@ -76,6 +77,7 @@ def job_from_dict(data: Any, source: str = "job") -> Job:
     _check_type(data, "device", str, source)
     _check_type(data, "options", dict, source)
     _check_type(data, "pictures", bool, source)
+    _check_type(data, "compress", bool, source)
     _check_type(data, "overwrite", bool, source)
     _check_type(data, "jacobian", str, source)
     if data.get("jacobian", JACOBIAN_PARTS[0]) not in JACOBIAN_PARTS:

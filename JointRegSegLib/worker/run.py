@@ -23,21 +23,29 @@ import torch
 from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError
-from ..evaluation import Maps, check_result, evaluate, quality_maps, undefined_metrics
+from ..evaluation import Evaluation, Maps, undefined_metrics
 from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels
-from ..imageio.network_grid import resample
 from ..imageio.validate import check_same_grid
 from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
 from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
-from ..report import save_individual_pictures
+from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
-from .outputs import FILES, device_description, versions, write_json, write_result
+from .outputs import (
+    BackgroundWriter,
+    device_description,
+    output_files,
+    versions,
+    write_json,
+    write_maps,
+    write_metrics,
+    write_registration,
+)
 from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run).
@@ -125,37 +133,58 @@ def seed_everything(seed: int) -> None:
 
 
 def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
-    """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written)."""
+    """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
+
+    The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
+    the result is evaluated, the maps while the pictures are drawn; then the run waits for them.
+
+    ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
+    the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
+    start), ``steps`` and ``cpu_steps``, the wall-clock and CPU seconds of every named step (`timing`),
+    the method's own under ``registration: ...`` (the background writing's overlap the evaluation's
+    and the pictures'; ``writing: waiting for the files`` is what the run waited for them at the end).
+    """
     started = time.time()
-    timings: dict[str, float] = {}
+    watch = Stopwatch()
+    startup = process_age()
+    if startup is not None:
+        watch.add("start-up", startup, time.process_time())
+    timings: dict[str, Any] = {}
     method = get_method(job.method)
     validate_options(job.method, job.options)
     device = resolve_device(job.device)
     resolve_inputs(job, method.info)
-    staging = Staging(job.output, job.inputs(), job.overwrite, (*FILES.values(), MANIFEST, PROVENANCE))
+    staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
+    writer = BackgroundWriter()
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
-        inputs = read_inputs(job, events)
+        with watch.step("reading"):
+            inputs = read_inputs(job, events)
         timings["load_s"] = time.monotonic() - tick
 
-        tick = time.monotonic()
+        tick, cpu = time.monotonic(), time.process_time()
         seed_everything(job.seed)
         if job.threads is not None:
             torch.set_num_threads(job.threads)
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
-        check_result(inputs, result)
         timings["register_s"] = time.monotonic() - tick
+        _add_method_steps(watch, result.details, timings["register_s"], time.process_time() - cpu)
+        threads = torch.get_num_threads()
+        evaluation = Evaluation(inputs, str(device), threads, watch)
+        tick = time.monotonic()
+        evaluation.check(result)
+        writer.submit(partial(write_registration, staging.path, result, job.compress, watch, threads))
         for message in result.messages:
             events.log(message, "warning")
 
         failed: dict[str, str] = {}
-        tick = time.monotonic()
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(inputs, result, job.jacobian == "whole"))
+        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(evaluation, result, job.jacobian == "whole"))
         maps, metrics = evaluated or (None, {})
+        writer.submit(partial(write_maps, staging.path, maps, job.compress, watch, threads))
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
             metrics["messages"] = result.messages
@@ -167,14 +196,21 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         events.progress(STAGES["write"][0], "writing results")
         files: dict[str, str] = {}
         if job.pictures:
-            pictures = partial(_pictures, staging.path, inputs, result, maps, method.info.name)
-            files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
+            pictures = partial(_pictures, staging.path, evaluation, result, maps, method.info.name)
+            with watch.step("writing: pictures"):
+                files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
         if extra_outputs is not None:
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
-            files.update(_kept_on_failure("overview", failed, events, extra) or {})
-        files.update(write_result(staging.path, result, maps, {**metrics, **({"failed_steps": failed} if failed else {})}))
+            with watch.step("writing: overview"):
+                files.update(_kept_on_failure("overview", failed, events, extra) or {})
+        with watch.step("writing: waiting for the files"):
+            files.update(writer.finish())
+        files.update(write_metrics(staging.path, {**metrics, **({"failed_steps": failed} if failed else {})}, job.compress, watch))
         timings["write_s"] = time.monotonic() - tick
         timings["total_s"] = time.time() - started
+        if startup is not None:  # provenance only: metrics.json keeps the job's own times
+            timings["startup_s"] = startup
+        timings["steps"], timings["cpu_steps"] = watch.seconds, watch.cpu_seconds
         record = provenance(job, method.info.name, result, device, timings, failed)
         if maps is not None:
             record["jacobian_part"] = maps.jacobian_part
@@ -183,8 +219,10 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
     except BaseException:
+        writer.close()
         staging.discard()
         raise
+    writer.close()
     events.progress(1.0, "done")
     summary = {"output": str(output), "files": {k: str(output / v) for k, v in files.items()}, "metrics": metrics, "timings": timings}
     if failed:
@@ -193,14 +231,26 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     return summary
 
 
-def _evaluate(inputs: Inputs, result: Result, whole_jacobian: bool) -> tuple[Maps, dict[str, Any]]:
-    maps = quality_maps(inputs.fixed, result.warped, result.displacement, result.affine, whole_jacobian)
-    return maps, evaluate(inputs, result, maps)
+def _add_method_steps(watch: Stopwatch, details: dict[str, Any], seconds: float, cpu_seconds: float) -> None:
+    """The method's own steps (``details["timings"]``, ``details["cpu_timings"]``) as ``registration: ...``,
+    and what the registration spent outside them as ``registration: other``."""
+    own, own_cpu = details.get("timings", {}), details.get("cpu_timings", {})
+    for name, step_seconds in own.items():
+        watch.add(f"registration: {name}", step_seconds, own_cpu.get(name))
+    watch.add("registration: other", seconds - sum(own.values()), cpu_seconds - sum(own_cpu.values()))
 
 
-def _pictures(folder: Path, inputs: Inputs, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+def _evaluate(evaluation: Evaluation, result: Result, whole_jacobian: bool) -> tuple[Maps, dict[str, Any]]:
+    maps = evaluation.maps(result, whole_jacobian)
+    return maps, evaluation.metrics(result, maps)
+
+
+def _pictures(folder: Path, evaluation: Evaluation, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
+    from ..report import save_individual_pictures  # matplotlib: only for a run that draws pictures
+
+    inputs = evaluation.inputs
     pictures = save_individual_pictures(
-        folder / "pictures", inputs.fixed, _on_fixed_grid(inputs), result.warped,
+        folder / "pictures", inputs.fixed, evaluation.initial, result.warped,
         maps.jacobian if maps is not None else None, maps.pmm if maps is not None else None,
         jacobian_part=maps.jacobian_part if maps is not None else "whole mapping",
         segmentations=segmentation_pictures(inputs, result, method), mask=maps.mask if maps is not None else None,
@@ -238,11 +288,6 @@ def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[s
         "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
     }
     return {name: entry for name, entry in candidates.items() if entry[1] is not None}
-
-
-def _on_fixed_grid(inputs: Inputs) -> Volume:
-    """The moving image as it lies, resampled onto the fixed grid (for pictures)."""
-    return resample(inputs.moving, inputs.fixed.geometry)
 
 
 def provenance(
