@@ -99,7 +99,7 @@ from ..timing import Stopwatch
 from ..weights import load_into
 from . import refinement
 from .adam import Adam
-from .affine_stage import fit_affine
+from .affine_stage import expected_seconds, fit_affine
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_field, result_from_network_field
@@ -114,13 +114,13 @@ GRID_MULTIPLE = 16
 
 # Rough costs (seconds, one busy CPU core) used to give each stage a share of the progress bar
 # proportional to its expected duration, so a time-left estimate from the bar's rate holds:
-# an affine iteration (8000 samples), a TTO step per network voxel, resampling per fixed voxel, a refinement
-# step per voxel of its level before the crop to the foreground (measured on the benchmark pair: 13-16 s
-# for 40 steps at 4 mm and 20 at 2 mm at load 8, about half that on a quieter machine).
-_COST_AFFINE_STEP = 0.025
-_COST_STEP_PER_VOXEL = {"cpu": 8e-6, "cuda": 2e-7}
+# the affine stage (`affine_stage.expected_seconds`), a TTO step per network voxel, resampling per fixed voxel,
+# a refinement step per voxel of its level before the crop to the foreground (measured on one CPU core beside a
+# training run: a TTO step 2.1 s at 48 x 64 x 48, the sample pair's refinement 7.6 s; on the benchmark pair
+# 13-16 s for 40 steps at 4 mm and 20 at 2 mm at load 8).
+_COST_STEP_PER_VOXEL = {"cpu": 1.4e-5, "cuda": 2e-7}
 _COST_RESAMPLING_PER_VOXEL = 5e-7
-_COST_REFINE_STEP_PER_VOXEL = {"cpu": 3e-7, "cuda": 2e-8}
+_COST_REFINE_STEP_PER_VOXEL = {"cpu": 4.5e-7, "cuda": 2e-8}
 _STAGE_ORDER = ("preparing", "affine", "test-time optimisation", "inference", "refinement", "resampling")
 
 
@@ -314,7 +314,7 @@ class TTOMethod:
         step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))
         tto_steps = s["iterations"] if use_network and s["tto"] else 0
         report.plan({
-            "affine": 0.0 if s["affine"] == "none" else _COST_AFFINE_STEP * float(sum(s["affine_iterations"])),
+            "affine": 0.0 if s["affine"] == "none" else expected_seconds(shape, s["affine_iterations"]),
             "test-time optimisation": tto_steps * step,
             "inference": step / 2.0 if use_network else 0.0,
             "refinement": _refinement_cost(inputs, refine_settings, device.type),
