@@ -226,3 +226,14 @@ def test_outline_legend_names_a_left_right_pair_once():
     names = [name for _, name in _legend_entries(labels)]
     assert names == ["Cerebral-White-Matter (left, right)", label_info(10).name]
     assert label_info(2).rgb == label_info(41).rgb
+
+
+def test_outline_legend_takes_given_names_before_freesurfers():
+    """A brain mask's label 1 is "brain" in its picture's legend, not FreeSurfer's name for code 1 (or "Label-1")."""
+    from JointRegSegLib.labels import label_info
+    from JointRegSegLib.report.figures import _legend_entries
+
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[2:8, 2:8, 2:8] = 1
+    assert [name for _, name in _legend_entries(mask, {1: "brain"})] == ["brain"]
+    assert [name for _, name in _legend_entries(mask)] == [label_info(1).name]

@@ -277,22 +277,26 @@ def _pmm_row(pmm: np.ndarray, index: Index3, geometry: Geometry | None, fixed: n
     )
 
 
-def _contour_row(label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None, windows: _Windows) -> _Row:
-    """Outlines of every label over the grey image; the largest structures named in the legend."""
+def _contour_row(
+    label: str, image: np.ndarray, seg: np.ndarray, index: Index3, geometry: Geometry | None, windows: _Windows,
+    names: dict[int, str] | None = None,
+) -> _Row:
+    """Outlines of every label over the grey image; the largest structures named in the legend (``names`` before
+    FreeSurfer's)."""
     row = _grey_row(label, image, index, geometry, windows)
     labels = seg if np.issubdtype(seg.dtype, np.integer) else np.rint(seg).astype(np.int64)
     row.contours = orthogonal_slices(labels, index, geometry)
-    row.legend = _legend_entries(labels)
+    row.legend = _legend_entries(labels, names)
     return row
 
 
-def _legend_entries(labels: np.ndarray) -> tuple[tuple[tuple[float, ...], str], ...]:
-    """The `LEGEND_LABELS` largest structures of a label map, in code order; a left/right pair, drawn in one
-    colour, is named once ("Cerebral-Cortex (left, right)")."""
+def _legend_entries(labels: np.ndarray, names: dict[int, str] | None = None) -> tuple[tuple[tuple[float, ...], str], ...]:
+    """The `LEGEND_LABELS` largest structures of a label map, in code order, named by ``names`` or else by
+    FreeSurfer's table; a left/right pair, drawn in one colour, is named once ("Cerebral-Cortex (left, right)")."""
     codes, counts = _label_counts(labels)
     groups: dict[tuple[str, tuple[float, ...]], tuple[int, int, list[str]]] = {}
     for code, count in zip(codes.tolist(), counts.tolist()):
-        name = label_info(code).name
+        name = (names or {}).get(code) or label_info(code).name
         key = (re.sub(r"^(Left|Right)-", "", name), _label_color(code))
         size, first, names = groups.get(key, (0, code, []))
         groups[key] = (size + count, min(first, code), [*names, name])
@@ -394,14 +398,14 @@ def save_individual_pictures(
     index: Index3 | None = None,
     dpi: int = 110,
     jacobian_part: str = "deformable part",
-    segmentations: dict[str, tuple[Volume, Volume, str]] | None = None,
+    segmentations: dict[str, tuple[Volume, Volume, str, dict[int, str] | None]] | None = None,
     mask: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write fixed.png, moving.png, warped.png, checkerboard.png, jacobian.png and pmm.png (the last
     two only when given; the maps over the fixed image, the Jacobian inside ``mask`` where given) into
     ``out_dir``, all through the same point,
-    and ``<name>.png`` for each of ``segmentations`` (``name: (image, label map, title)``, outlines on
-    that image's own grid); returns name -> path."""
+    and ``<name>.png`` for each of ``segmentations`` (``name: (image, label map, title, legend names or None)``,
+    outlines on that image's own grid); returns name -> path."""
     arrays = {name: _array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
     arrays.update({name: _array_of(v, name) for name, v in (("jacobian", jacobian), ("pmm", pmm)) if v is not None})
     _check_same_grid(arrays)
@@ -421,19 +425,21 @@ def save_individual_pictures(
     if "pmm" in arrays:
         rows["pmm"] = _pmm_row(arrays["pmm"], index, geometry, arrays["fixed"])
     written = {name: _render([row], aspects, out_dir / f"{name}.png", "", dpi) for name, row in rows.items()}
-    for name, (image, seg, title) in (segmentations or {}).items():
-        written[name] = save_segmentation_picture(out_dir / f"{name}.png", image, seg, title, dpi=dpi, windows=windows)
+    for name, (image, seg, title, names) in (segmentations or {}).items():
+        written[name] = save_segmentation_picture(out_dir / f"{name}.png", image, seg, title, dpi=dpi, windows=windows, names=names)
     return written
 
 
 def save_segmentation_picture(
-    path: str | Path, image: Volume, seg: Volume, title: str, dpi: int = 110, windows: _Windows | None = None
+    path: str | Path, image: Volume, seg: Volume, title: str, dpi: int = 110, windows: _Windows | None = None,
+    names: dict[int, str] | None = None,
 ) -> Path:
     """One row of three views: the outlines of ``seg``'s labels over ``image`` (both on one grid, which
-    may differ from the fixed image's), through the segmentation's centre of mass, main structures named."""
+    may differ from the fixed image's), through the segmentation's centre of mass, main structures named
+    (by ``names`` where given, else by FreeSurfer's table)."""
     arrays = {"image": _array_of(image, "image"), "segmentation": _array_of(seg, "segmentation")}
     _check_same_grid(arrays)
     geometry = image.geometry if isinstance(image, Volume) else None
     index = default_index(arrays["segmentation"])
-    row = _contour_row(title, arrays["image"], arrays["segmentation"], index, geometry, windows or _Windows())
+    row = _contour_row(title, arrays["image"], arrays["segmentation"], index, geometry, windows or _Windows(), names)
     return _render([row], orthogonal_aspects(geometry), path, "", dpi)

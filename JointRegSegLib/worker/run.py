@@ -280,14 +280,16 @@ def _kept_on_failure(step: str, failed: dict[str, str], events: EventWriter, wor
     return None
 
 
-def segmentation_pictures(inputs: Inputs, result: Result, method: str) -> dict[str, tuple[Volume, Volume, str]]:
+def segmentation_pictures(
+    inputs: Inputs, result: Result, method: str
+) -> dict[str, tuple[Volume, Volume, str, dict[int, str] | None]]:
     """Outline pictures: the warped label map over the fixed image, and the method's own segmentations
-    (and brain mask) over the image each lies on."""
+    (and brain mask, its label 1 named "brain") over the image each lies on."""
     candidates = {
-        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed"),
-        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed"),
-        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving"),
-        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving"),
+        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed", None),
+        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed", None),
+        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving", None),
+        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving", {1: "brain"}),
     }
     return {name: entry for name, entry in candidates.items() if entry[1] is not None}
 
