@@ -71,9 +71,14 @@ def test_weights_are_written_only_when_validation_improves(tmp_path):
     provenance = read_manifest(tmp_path)["scripted"]["provenance"]
     assert provenance["validation"]["score"] == 0.7 and provenance["iterations"] == 2
     assert provenance["seed"] == 0 and provenance["data"] == "scripted" and "cpu" in provenance["device"]
-    with open(tmp_path / "scripted_validation.csv") as handle:
+    with open(tmp_path / "logs" / "scripted_validation.csv") as handle:  # the run's curves: every validation
         assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.4, 0.7, 0.6, 0.65]
+    with open(tmp_path / "scripted_validation.csv") as handle:  # beside the weights: up to the weights' validation
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.4, 0.7]
+    with open(tmp_path / "scripted_loss.csv") as handle:
+        assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [1, 2]
     assert (tmp_path / "scripted_training.png").stat().st_size > 0
+    assert (tmp_path / "logs" / "scripted_training.png").read_bytes() != (tmp_path / "scripted_training.png").read_bytes()
     saved = torch.load(tmp_path / "scripted.pt", weights_only=True)
     assert set(saved) == {"weight", "bias"}
 
@@ -83,12 +88,16 @@ def test_weights_are_written_only_when_validation_improves(tmp_path):
 
 
 def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
-    first = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.3, 0.8])
+    first = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9, log_every=1), [0.3, 0.8])
     fit(first, log=open("/dev/null", "w"))
     (tmp_path / "checkpoints" / "scripted.pt").unlink()  # a fresh run, the weights above still shipped
     second = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.8, 0.5, 0.6])
+    shipped_curves = {name: (tmp_path / name).read_bytes() for name in ("scripted_loss.csv", "scripted_validation.csv", "scripted_training.png")}
     summary = fit(second, log=open("/dev/null", "w"))
     assert summary["best_score"] == 0.8  # the shipped weights scored 0.8; 0.5 and 0.6 wrote nothing
+    assert {name: (tmp_path / name).read_bytes() for name in shipped_curves} == shipped_curves  # nor their curves
+    with open(tmp_path / "logs" / "scripted_validation.csv") as handle:  # the second run's own curves
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.6]
     provenance = read_manifest(tmp_path)["scripted"]["provenance"]
     assert provenance["iterations"] == 1 and provenance["validation"]["score"] == 0.8
 
@@ -104,7 +113,7 @@ def test_tto_teacher_resumes_and_records_provenance(tmp_path):
     provenance = read_manifest(tmp_path)["tto_teacher"]["provenance"]
     assert provenance["seed"] == 5 and provenance["stage"] == "teacher"
     assert provenance["validation"]["score"] == pytest.approx(resumed["best_score"], abs=1e-4)
-    with open(tmp_path / "tto_teacher_validation.csv") as handle:
+    with open(tmp_path / "logs" / "tto_teacher_validation.csv") as handle:
         assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [0, 2, 3]
 
 
