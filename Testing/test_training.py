@@ -23,7 +23,7 @@ from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
 from JointRegSegLib.training.all import adopt, train_all
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
-from JointRegSegLib.weights import load_weights, read_manifest
+from JointRegSegLib.weights import load_weights, read_manifest, record_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = {"sources": {"noise": 1.0}, "shape": [32, 32, 32], "threads": 1}
@@ -100,6 +100,18 @@ def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
         assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.6]
     provenance = read_manifest(tmp_path)["scripted"]["provenance"]
     assert provenance["iterations"] == 1 and provenance["validation"]["score"] == 0.8
+
+
+def test_shipped_weights_that_do_not_fit_leave_a_fresh_network_fresh(tmp_path):
+    """Weights of another architecture (one extra tensor) do not count as shipped, and the tensors that would fit are
+    not loaded into the fresh network either (torch copies them before it raises)."""
+    torch.save({"weight": torch.full((1, 1), 5.0), "bias": torch.zeros(1), "extra": torch.zeros(2)}, tmp_path / "scripted.pt")
+    record_weights("scripted", tmp_path / "scripted.pt", {"note": "another architecture"})
+    trainer = Scripted(CommonConfig(iterations=0, output=str(tmp_path), validate_every=1e9), [0.2])
+    fresh = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    assert fit(trainer, log=open("/dev/null", "w"))["best_score"] == 0.2
+    saved = torch.load(tmp_path / "scripted.pt", weights_only=True)
+    assert set(saved) == {"weight", "bias"} and all(torch.equal(saved[k], fresh[k]) for k in fresh)
 
 
 def test_tto_teacher_resumes_and_records_provenance(tmp_path):

@@ -249,16 +249,15 @@ def _shipped_score(trainer: Trainer, folder: Path) -> tuple[float | None, str | 
     none, or they do not fit the network)."""
     if trainer.name not in read_manifest(folder):
         return None, None
+    current = copy.deepcopy(trainer.net.state_dict())
     try:
         state, checksum = load_weights(trainer.name, folder)
-        current = copy.deepcopy(trainer.net.state_dict())
         fit_state(trainer.net, state, trainer.name)
-    except WeightsError:
-        return None, None
-    try:
         with torch.no_grad():
             return float(trainer.validate()["score"]), checksum
-    finally:
+    except WeightsError:
+        return None, None
+    finally:  # also after a misfit: torch copies the tensors that fit before it raises
         trainer.net.load_state_dict(current)
 
 
