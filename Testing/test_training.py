@@ -23,7 +23,7 @@ from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
 from JointRegSegLib.training.all import adopt, train_all
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
-from JointRegSegLib.weights import load_weights, read_manifest
+from JointRegSegLib.weights import load_weights, read_manifest, record_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = {"sources": {"noise": 1.0}, "shape": [32, 32, 32], "threads": 1}
@@ -71,9 +71,14 @@ def test_weights_are_written_only_when_validation_improves(tmp_path):
     provenance = read_manifest(tmp_path)["scripted"]["provenance"]
     assert provenance["validation"]["score"] == 0.7 and provenance["iterations"] == 2
     assert provenance["seed"] == 0 and provenance["data"] == "scripted" and "cpu" in provenance["device"]
-    with open(tmp_path / "scripted_validation.csv") as handle:
+    with open(tmp_path / "logs" / "scripted_validation.csv") as handle:  # the run's curves: every validation
         assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.4, 0.7, 0.6, 0.65]
+    with open(tmp_path / "scripted_validation.csv") as handle:  # beside the weights: up to the weights' validation
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.4, 0.7]
+    with open(tmp_path / "scripted_loss.csv") as handle:
+        assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [1, 2]
     assert (tmp_path / "scripted_training.png").stat().st_size > 0
+    assert (tmp_path / "logs" / "scripted_training.png").read_bytes() != (tmp_path / "scripted_training.png").read_bytes()
     saved = torch.load(tmp_path / "scripted.pt", weights_only=True)
     assert set(saved) == {"weight", "bias"}
 
@@ -83,14 +88,30 @@ def test_weights_are_written_only_when_validation_improves(tmp_path):
 
 
 def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
-    first = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.3, 0.8])
+    first = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9, log_every=1), [0.3, 0.8])
     fit(first, log=open("/dev/null", "w"))
     (tmp_path / "checkpoints" / "scripted.pt").unlink()  # a fresh run, the weights above still shipped
     second = Scripted(CommonConfig(iterations=1, output=str(tmp_path), validate_every=1e9), [0.8, 0.5, 0.6])
+    shipped_curves = {name: (tmp_path / name).read_bytes() for name in ("scripted_loss.csv", "scripted_validation.csv", "scripted_training.png")}
     summary = fit(second, log=open("/dev/null", "w"))
     assert summary["best_score"] == 0.8  # the shipped weights scored 0.8; 0.5 and 0.6 wrote nothing
+    assert {name: (tmp_path / name).read_bytes() for name in shipped_curves} == shipped_curves  # nor their curves
+    with open(tmp_path / "logs" / "scripted_validation.csv") as handle:  # the second run's own curves
+        assert [float(r["score"]) for r in csv.DictReader(handle)] == [0.5, 0.6]
     provenance = read_manifest(tmp_path)["scripted"]["provenance"]
     assert provenance["iterations"] == 1 and provenance["validation"]["score"] == 0.8
+
+
+def test_shipped_weights_that_do_not_fit_leave_a_fresh_network_fresh(tmp_path):
+    """Weights of another architecture (one extra tensor) do not count as shipped, and the tensors that would fit are
+    not loaded into the fresh network either (torch copies them before it raises)."""
+    torch.save({"weight": torch.full((1, 1), 5.0), "bias": torch.zeros(1), "extra": torch.zeros(2)}, tmp_path / "scripted.pt")
+    record_weights("scripted", tmp_path / "scripted.pt", {"note": "another architecture"})
+    trainer = Scripted(CommonConfig(iterations=0, output=str(tmp_path), validate_every=1e9), [0.2])
+    fresh = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    assert fit(trainer, log=open("/dev/null", "w"))["best_score"] == 0.2
+    saved = torch.load(tmp_path / "scripted.pt", weights_only=True)
+    assert set(saved) == {"weight", "bias"} and all(torch.equal(saved[k], fresh[k]) for k in fresh)
 
 
 def test_tto_teacher_resumes_and_records_provenance(tmp_path):
@@ -104,7 +125,7 @@ def test_tto_teacher_resumes_and_records_provenance(tmp_path):
     provenance = read_manifest(tmp_path)["tto_teacher"]["provenance"]
     assert provenance["seed"] == 5 and provenance["stage"] == "teacher"
     assert provenance["validation"]["score"] == pytest.approx(resumed["best_score"], abs=1e-4)
-    with open(tmp_path / "tto_teacher_validation.csv") as handle:
+    with open(tmp_path / "logs" / "tto_teacher_validation.csv") as handle:
         assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [0, 2, 3]
 
 

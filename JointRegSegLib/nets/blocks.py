@@ -15,15 +15,17 @@ UPSAMPLE_MODES = ("nearest", "trilinear")
 
 
 class ConvBlock(nn.Module):
-    """3x3x3 convolution (stride 1, zero padding 1) followed by LeakyReLU(``negative_slope``)."""
+    """3x3x3 convolution (stride 1, zero padding 1), optionally instance normalisation (learned scale and shift, as
+    the 3D U-Net's batch normalisation for batches of one or two), then LeakyReLU(``negative_slope``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.2, norm: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm = nn.InstanceNorm3d(out_channels, affine=True) if norm else nn.Identity()
         self.act = nn.LeakyReLU(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
+        return self.act(self.norm(self.conv(x)))
 
 
 class UpBlock(nn.Module):
@@ -41,12 +43,13 @@ class UpBlock(nn.Module):
         out_channels: int,
         mode: str = "nearest",
         negative_slope: float = 0.2,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         if mode not in UPSAMPLE_MODES:
             raise InputError(f"upsampling mode {mode!r} is not one of {UPSAMPLE_MODES}")
         self.mode = mode
-        self.conv = ConvBlock(in_channels + skip_channels, out_channels, negative_slope)
+        self.conv = ConvBlock(in_channels + skip_channels, out_channels, negative_slope, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if self.mode == "nearest":

@@ -22,7 +22,14 @@ Section 3 of the paper, with the choices recorded here:
   from ``E^M`` with ``A_c^k`` (never from ``W^{k-1}``), as the paper requires;
 - inverse warping (section 3.3.1, eq. 7): the one-hot atlas labels are warped trilinearly into the
   raw image's network grid by ``(A_c^N)^{-1}``, giving soft per-class targets ``V``;
-- segmentation (section 3.3.2, eq. 8): a U-Net ``f_s`` (1 -> C logits) on the raw image ``S``.
+- segmentation (section 3.3.2, eq. 8): a U-Net ``f_s`` (1 -> C logits) on the raw image ``S``, every
+  convolution followed by instance normalisation (the 3D U-Net of Cicek et al. normalises each
+  convolution; batches of one or two call for instance rather than batch statistics). Without it the
+  network, on images in [0, 1] whose tissues differ by a tenth of the range, needs weights that Adam
+  (steps of about ``lr``) reaches only after thousands of iterations: overfitting one head's tissue
+  classes reached Dice 0.49 in 200 steps, 0.90 with the normalisation. Encoder 16, 32, 32, 64 (the
+  paper's has 128-512 filters; our earlier 8, 16, 16, 32 reached Dice 0.76 in 150 steps of that
+  overfit, this one 0.92).
 
 Both network grids (the raw image's and the atlas's) have the same shape, so a normalised affine is
 also a map between their index spaces: ``A_index = N^-1 theta N`` (`spatial.normalised_affine_to_index`)
@@ -42,7 +49,7 @@ from ..errors import InputError
 from .unet import RegistrationUNet
 
 EXTRACTION_ENCODER = (8, 16, 16, 32)
-SEGMENTATION_ENCODER = (8, 16, 16, 32)
+SEGMENTATION_ENCODER = (16, 32, 32, 64)
 AFFINE_CHANNELS = (8, 16, 32, 64, 64)
 DEFAULT_SLOPE = 10.0
 
@@ -67,11 +74,14 @@ class ExtractionNet(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """``f_s``: a 1 -> ``classes`` U-Net giving segmentation logits of the raw image."""
+    """``f_s``: a 1 -> ``classes`` U-Net giving segmentation logits of the raw image, instance-normalised (module
+    docstring)."""
 
     def __init__(self, classes: int, encoder: Sequence[int] = SEGMENTATION_ENCODER) -> None:
         super().__init__()
-        self.unet = RegistrationUNet(in_channels=1, encoder=encoder, final=(encoder[0],), out_channels=classes, head_std=1e-2)
+        self.unet = RegistrationUNet(
+            in_channels=1, encoder=encoder, final=(encoder[0],), out_channels=classes, head_std=1e-2, norm=True
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.unet(image)

@@ -58,6 +58,7 @@ class RegistrationUNet(nn.Module):
         upsample: ``"nearest"`` or ``"trilinear"``.
         negative_slope: LeakyReLU slope.
         head_std: standard deviation of the head's initial weights (zero bias).
+        norm: instance normalisation in every ConvBlock (`blocks.ConvBlock`); off for the registration networks.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class RegistrationUNet(nn.Module):
         upsample: str = "nearest",
         negative_slope: float = 0.2,
         head_std: float = 1e-5,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         encoder = tuple(int(c) for c in encoder)
@@ -88,19 +90,19 @@ class RegistrationUNet(nn.Module):
         self.encoder = nn.ModuleList()
         previous = self.in_channels
         for channels in encoder:
-            self.encoder.append(ConvBlock(previous, channels, negative_slope))
+            self.encoder.append(ConvBlock(previous, channels, negative_slope, norm))
             previous = channels
-        self.bottleneck = ConvBlock(previous, bottleneck, negative_slope)
+        self.bottleneck = ConvBlock(previous, bottleneck, negative_slope, norm)
         previous = bottleneck
 
         self.decoder = nn.ModuleList()
         for channels, skip in zip(decoder, reversed(encoder)):
-            self.decoder.append(UpBlock(previous, skip, channels, upsample, negative_slope))
+            self.decoder.append(UpBlock(previous, skip, channels, upsample, negative_slope, norm))
             previous = channels
 
         self.final = nn.Sequential()
         for channels in final:
-            self.final.append(ConvBlock(previous, channels, negative_slope))
+            self.final.append(ConvBlock(previous, channels, negative_slope, norm))
             previous = channels
         self.head = FlowHead(previous, out_channels, head_std)
 

@@ -17,8 +17,10 @@ A network's training module supplies a `Trainer` (its data, its optimisation ste
   are written only when the score beats every earlier one of this network, the weights that were
   shipped before this run's first validation included;
 - **curves**: ``<name>_loss.csv`` (mean of every ``log_every`` iterations: loss terms, seconds of data
-  generation and of the network step), ``<name>_validation.csv`` and ``<name>_training.png`` (both),
-  beside the weights.
+  generation and of the network step), ``<name>_validation.csv`` and ``<name>_training.png`` (both)
+  of the whole run, rewritten at every validation in the run's logs (`log_dir`: ``<output>/logs``,
+  else ``.training/logs``), and copied beside the weights whenever weights are written: the curves
+  next to shipped weights always end at those weights' validation.
 
 The split of each iteration into data generation and network step (``data_s``, ``step_s``) is what
 the throughput table reports (`training.throughput`); on a GPU the loop synchronises the device
@@ -49,6 +51,7 @@ from ..weights import fit_state, load_weights, read_manifest, record_weights, we
 from .bank import training_dir
 from .common import (
     atomic_torch_save,
+    atomic_write_bytes,
     device_name,
     plot_running_mean,
     pyplot,
@@ -180,6 +183,12 @@ def checkpoint_dir(output: str | None) -> Path:
     return Path(output) / "checkpoints" if output else training_dir() / "checkpoints"
 
 
+def log_dir(output: str | None) -> Path:
+    """Where a run's curves go as it trains: ``<output>/logs`` for a run with its own output folder, else
+    ``.training/logs`` (`bank.training_dir`)."""
+    return Path(output) / "logs" if output else training_dir() / "logs"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -248,16 +257,15 @@ def _shipped_score(trainer: Trainer, folder: Path) -> tuple[float | None, str | 
     none, or they do not fit the network)."""
     if trainer.name not in read_manifest(folder):
         return None, None
+    current = copy.deepcopy(trainer.net.state_dict())
     try:
         state, checksum = load_weights(trainer.name, folder)
-        current = copy.deepcopy(trainer.net.state_dict())
         fit_state(trainer.net, state, trainer.name)
-    except WeightsError:
-        return None, None
-    try:
         with torch.no_grad():
             return float(trainer.validate()["score"]), checksum
-    finally:
+    except WeightsError:
+        return None, None
+    finally:  # also after a misfit: torch copies the tensors that fit before it raises
         trainer.net.load_state_dict(current)
 
 
@@ -268,8 +276,10 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint_path = checkpoint_dir(cfg.output) / f"{trainer.name}.pt"
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-    loss_csv, validation_csv = folder / f"{trainer.name}_loss.csv", folder / f"{trainer.name}_validation.csv"
-    plot_path = folder / f"{trainer.name}_training.png"
+    logs = log_dir(cfg.output)
+    logs.mkdir(parents=True, exist_ok=True)
+    curves = [f"{trainer.name}{suffix}" for suffix in ("_loss.csv", "_validation.csv", "_training.png")]
+    loss_csv, validation_csv, plot_path = (logs / name for name in curves)
     modules, optimisers = trainer.modules(), trainer.optimisers()
     for module in modules.values():
         fast_layout(module, trainer.device)
@@ -284,8 +294,9 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
         iteration, wall_before = int(checkpoint["iteration"]), float(checkpoint["wall_seconds"])
         best, replaced = float(checkpoint["best"]), checkpoint.get("replaced")
         trainer.load_state(checkpoint["trainer"])
-        history = [r for r in read_history(loss_csv) if r["iteration"] <= iteration]
-        validation = [r for r in read_history(validation_csv) if r["iteration"] <= iteration]
+        # a run checkpointed before the logs folder existed kept its curves beside the weights
+        history = [r for r in read_history(loss_csv) or read_history(folder / curves[0]) if r["iteration"] <= iteration]
+        validation = [r for r in read_history(validation_csv) or read_history(folder / curves[1]) if r["iteration"] <= iteration]
     else:
         history, validation = [], []
         score, checksum = _shipped_score(trainer, folder)
@@ -317,6 +328,9 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
             module.train()
         row = {"iteration": iteration, "wall_s": round(wall(), 1), **{k: round(float(v), 5) for k, v in scores.items()}}
         validation.append(row)
+        write_history(history, loss_csv)
+        write_history(validation, validation_csv)
+        plot_curves(trainer.name, history, validation, plot_path)
         if scores["score"] > best:
             best = float(scores["score"])
             weights = folder / f"{trainer.name}.pt"
@@ -335,12 +349,12 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
                 "wall_seconds": round(wall(), 1),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
+            for name in curves:
+                if (logs / name).is_file():
+                    atomic_write_bytes(folder / name, (logs / name).read_bytes())
             print(f"{trainer.name} iteration {iteration}: validation {best:.4f}, weights written", file=log, flush=True)
         else:
             print(f"{trainer.name} iteration {iteration}: validation {scores['score']:.4f} (best {best:.4f})", file=log, flush=True)
-        write_history(history, loss_csv)
-        write_history(validation, validation_csv)
-        plot_curves(trainer.name, history, validation, plot_path)
         save_checkpoint()
         return scores
 
