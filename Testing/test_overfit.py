@@ -10,7 +10,9 @@ can learn:
 
 - registration: the Dice of the moving labels warped by the network reaches (within 0.03) the
   Dice of an instance optimisation of a free field with the same similarity and regulariser on the
-  same pair, and is well above the Dice before registration;
+  same pair, and is well above the Dice before registration (tto: Dice of the three tissue classes;
+  at 4 mm its MultiAxisMI reference gains only 0.047 on the 30 structures, too little to tell
+  learning apart);
 - segmentation: Dice > 0.9 on the image the network was shown.
 
 A loop with a sign error, a frozen head, a broken integration or a detached target fails them.
@@ -166,10 +168,16 @@ def _registration_dice(pair: dict[str, torch.Tensor], disp: torch.Tensor) -> flo
     return _mean_dice(pair["fixed_seg"], warped)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17, open: on the re-oriented sample pair (2 mm, LIA) the reference itself, a free field "
-                   "optimised for MultiAxisMI at 4 mm, gains only 0.047 Dice (0.250 -> 0.297; 0.207 -> 0.264 on a known random "
-                   "deformation of one image), below the 0.05 this check needs to tell learning apart: the pair needs a coarser "
-                   "label grouping or a finer grid")
+def _tissue(codes: torch.Tensor) -> torch.Tensor:
+    """FreeSurfer codes grouped into tissue classes: 0 background, 1 CSF, 2 grey, 3 white matter (`labels.tissue_of`)."""
+    return torch.from_numpy(np.searchsorted((0, *TISSUE_LABELS), tissue_of(codes.numpy())))
+
+
+def _tissue_dice(pair: dict[str, torch.Tensor], disp: torch.Tensor) -> float:
+    """Mean Dice of the three tissue classes after warping the moving labels by ``disp``."""
+    return _registration_dice({"fixed_seg": _tissue(pair["fixed_seg"]), "moving_seg": _tissue(pair["moving_seg"])}, disp)
+
+
 @pytest.mark.parametrize("stage", ["teacher", "student"])
 def test_tto_networks_overfit_one_pair(tmp_path, pair, stage):
     """MultiAxisMI + smoothness (eq. 1, and L_KD for the student): the network's field matches a free field's Dice."""
@@ -177,7 +185,7 @@ def test_tto_networks_overfit_one_pair(tmp_path, pair, stage):
     reference = _instance_optimisation(  # the bar first: it is cheap, and the check means nothing without it
         lambda u: multi_axis_mi(pair["fixed"], warp(pair["moving"], u), 32, 2, generator) + 0.3 * gradient_l2(u)
     )
-    before, instance = (_registration_dice(pair, d) for d in (torch.zeros_like(reference), reference))
+    before, instance = (_tissue_dice(pair, d) for d in (torch.zeros_like(reference), reference))
     assert instance > before + 0.05, (before, instance)
     output = str(tmp_path)
     if stage == "student":  # a teacher to distil: the network of a teacher trainer after the same overfitting
@@ -192,7 +200,7 @@ def test_tto_networks_overfit_one_pair(tmp_path, pair, stage):
     assert np.mean(losses[-10:]) < losses[0]
     with torch.no_grad():
         disp = trainer.net.eval()(torch.cat([pair["moving"], pair["fixed"]], dim=1).contiguous(memory_format=torch.channels_last_3d))
-    network = _registration_dice(pair, disp.float())
+    network = _tissue_dice(pair, disp.float())
     assert network >= instance - 0.03, (before, network, instance)
 
 
@@ -248,8 +256,6 @@ def test_segreg_network_overfits_one_region_pair(tmp_path, pair):
     assert network >= instance - 0.03, (before, network, instance)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17, open: on the re-oriented sample pair the follower reaches segmentation Dice 0.871 "
-                   "after 450 steps, short of 0.9")
 def test_hof_overfits_one_pair(tmp_path, pair):
     """Pretraining (sim + smo) reaches a free field's Dice; the follower (Dice + CE) then segments the labelled image, Dice > 0.9."""
     from JointRegSegLib.methods.hof import N_CLASSES as HOF_CLASSES
@@ -257,7 +263,7 @@ def test_hof_overfits_one_pair(tmp_path, pair):
     from JointRegSegLib.training.hof import one_hot, smoothness
 
     trainer = make_trainer("hof", {
-        "iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "phases": [250, 0, 450], "output": str(tmp_path),
+        "iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "phases": [250, 0, 750], "output": str(tmp_path),
         "alpha": 3e-3, "lr_follower": 1e-2,
     })
     x_l, x_u = _both_ways(pair["moving"], pair["fixed"])
@@ -274,7 +280,7 @@ def test_hof_overfits_one_pair(tmp_path, pair):
     classes = torch.from_numpy(codes_to_classes(pair["moving_seg"].numpy()))
     y_l = one_hot(torch.cat([classes, classes]), HOF_CLASSES)
     batch = {"x_l": torch.cat([pair["moving"]] * 2), "y_l": y_l, "x_u": x_u, "gamma": torch.zeros(2)}
-    _train(trainer, batch, 450, start=250)
+    _train(trainer, batch, 750, start=250)  # Dice 0.69, 0.81, 0.87, 0.89, 0.92 after 150 ... 750 steps
     with torch.no_grad():
         predicted = trainer.net.eval().segment(fast_layout(pair["moving"], CPU)).argmax(dim=1, keepdim=True)
     segmentation = _mean_dice(classes, predicted)
