@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ def sample_pair() -> dict[str, Path]:
     from JointRegSegLib.sample_data import sample_pair as pair
 
     return pair()
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: Ctrl-C reaches it as it reaches a terminal's
+    foreground job (a test run started in the background, ``pytest &``, passes SIGINT on ignored, and Python
+    keeps an ignored SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_worker(job: dict, tmp_path: Path, env: dict | None = None, timeout: float = 300) -> tuple[int, list[dict], str]:

@@ -31,6 +31,7 @@ import pytest
 
 pytest.importorskip("distributed", reason="jointregseg batch needs Dask (pip install -e '.[test]' on Python 3.10+)")
 import psutil  # a dependency of Dask's distributed
+from conftest import sigint_as_in_a_terminal
 
 from JointRegSegLib.batch.pairlist import cohort_pairs
 from JointRegSegLib.batch.resume import Checksums, foreign_files
@@ -253,7 +254,7 @@ def test_ctrl_c_stops_cleanly(cohort, tmp_path):
     long_tto = ["--methods", "tto[spacing=4;affine_iterations=[15,6,3]]", "--iterations", "100000", "--time-budget", "600"]
     process = subprocess.Popen(
         [sys.executable, "-m", "JointRegSegLib.cli", "batch", str(cohort), "--out", str(out), "--workers", "2", "--threads", "1", "--no-pictures", *long_tto],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 300

@@ -29,6 +29,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import sigint_as_in_a_terminal
+
 from JointRegSegLib.cli import main
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.evaluation import check_result
@@ -674,10 +676,8 @@ def test_stopping_the_command_line_says_so_and_leaves_nothing(tmp_path, pair, si
     results.mkdir()
     before = tree(tmp_path / "inputs")
     args = register(pair, results / "run", "--iterations", "500", "--time-budget", "120", "--no-pictures")
-    # As a terminal's foreground job: Ctrl-C reaches it (a test run started in the background, `pytest &`, would pass
-    # SIGINT on ignored, and Python keeps an ignored SIGINT ignored).
     proc = subprocess.Popen([sys.executable, "-m", "JointRegSegLib.cli", *args], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not any(results.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # the staging folder appears once the inputs are checked

@@ -203,14 +203,14 @@ def _texts_outside(figure) -> list[str]:
 def test_single_row_pictures_keep_long_titles_and_colour_bar_labels_inside():
     """A one-row picture (e.g. pictures/pmm.png, a method's segmentation) is as tall as its views: a long row
     title or colour-bar label must be wrapped, not cut off at the picture's edges."""
-    from JointRegSegLib.report.figures import _contour_row, _figure, _pmm_row
+    from JointRegSegLib.report.figures import _contour_row, _figure, _pmm_row, _Windows
 
     geometry = Geometry((40, 48, 56), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     image = np.random.default_rng(0).random(geometry.shape).astype(np.float32)
     labels = np.zeros(geometry.shape, np.int16)
     labels[5:35, 5:20, 5:50], labels[5:35, 25:45, 5:50] = 2, 41
     index = (20, 24, 28)
-    rows = [_pmm_row(image * 0.5, index, geometry, image), _contour_row("uresnet's segmentation of the moving image", image, labels, index, geometry)]
+    rows = [_pmm_row(image * 0.5, index, geometry, image), _contour_row("uresnet's segmentation of the moving image", image, labels, index, geometry, _Windows())]
     for row in rows:
         assert _texts_outside(_figure([row], (1.0, 1.0, 1.0), "")) == []
 
@@ -229,11 +229,13 @@ def test_outline_legend_names_a_left_right_pair_once():
 
 
 def test_outline_legend_takes_given_names_before_freesurfers():
-    """A brain mask's label 1 is "brain" in its picture's legend, not FreeSurfer's name for code 1 (or "Label-1")."""
+    """A brain mask's label 1 is "brain" in its picture's legend, not FreeSurfer's name for code 1 (or "Label-1");
+    labels without a given name keep FreeSurfer's."""
     from JointRegSegLib.labels import label_info
     from JointRegSegLib.report.figures import _legend_entries
 
     mask = np.zeros((10, 10, 10), np.uint8)
-    mask[2:8, 2:8, 2:8] = 1
-    assert [name for _, name in _legend_entries(mask, {1: "brain"})] == ["brain"]
-    assert [name for _, name in _legend_entries(mask)] == [label_info(1).name]
+    mask[2:8, 2:8, 2:8], mask[8:, 8:, 8:], mask[:2, :2, :2], mask[:2, 8:, 8:] = 1, 2, 41, 60  # a left/right pair, one more
+    pair_and_more = ["Cerebral-White-Matter (left, right)", label_info(60).name]
+    assert [name for _, name in _legend_entries(mask, {1: "brain"})] == ["brain", *pair_and_more]
+    assert [name for _, name in _legend_entries(mask)] == [label_info(1).name, *pair_and_more]

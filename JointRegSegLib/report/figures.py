@@ -290,13 +290,13 @@ def _contour_row(
     return row
 
 
-def _legend_entries(labels: np.ndarray, names: dict[int, str] | None = None) -> tuple[tuple[tuple[float, ...], str], ...]:
-    """The `LEGEND_LABELS` largest structures of a label map, in code order, named by ``names`` or else by
+def _legend_entries(labels: np.ndarray, given: dict[int, str] | None = None) -> tuple[tuple[tuple[float, ...], str], ...]:
+    """The `LEGEND_LABELS` largest structures of a label map, in code order, named by ``given`` or else by
     FreeSurfer's table; a left/right pair, drawn in one colour, is named once ("Cerebral-Cortex (left, right)")."""
     codes, counts = _label_counts(labels)
     groups: dict[tuple[str, tuple[float, ...]], tuple[int, int, list[str]]] = {}
     for code, count in zip(codes.tolist(), counts.tolist()):
-        name = (names or {}).get(code) or label_info(code).name
+        name = (given or {}).get(code) or label_info(code).name
         key = (re.sub(r"^(Left|Right)-", "", name), _label_color(code))
         size, first, names = groups.get(key, (0, code, []))
         groups[key] = (size + count, min(first, code), [*names, name])
