@@ -207,6 +207,16 @@ def expected_seconds(
     return sum(n * step_cost(shape, f, samples) for f, n in zip(levels, counts))
 
 
+def affine_or_identity(
+    fixed: torch.Tensor, moving: torch.Tensor, loss: str, iterations: int | Sequence[int], seed: int,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """`fit_affine` with ``loss``, or the identity when a method's ``affine`` option is ``"none"``."""
+    if loss == "none":
+        return np.eye(4)
+    return fit_affine(fixed, moving, iterations=iterations, loss=loss, seed=seed, progress=progress)
+
+
 def fit_affine(
     fixed: torch.Tensor,
     moving: torch.Tensor,

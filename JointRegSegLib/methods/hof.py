@@ -40,7 +40,7 @@ from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
 from ..timing import Stopwatch
 from ..weights import load_into
-from .affine_stage import fit_affine
+from .affine_stage import affine_or_identity
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import class_map, prepare_pair, result_from_network_field
@@ -123,13 +123,10 @@ class HOFMethod:
         report(1.0, "preparing")
 
         with watch.step("affine stage"):
-            if s["affine"] == "none":
-                affine_index = np.eye(4)
-            else:
-                affine_index = fit_affine(
-                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                    progress=lambda f, _stage: report(f, "affine"),
-                )
+            affine_index = affine_or_identity(
+                pair.fixed, pair.moving, s["affine"], s["affine_iterations"], int(options.seed),
+                progress=lambda f, _stage: report(f, "affine"),
+            )
             affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
             moved = warp(pair.moving, affine_disp)
         report(1.0, "affine")

@@ -99,7 +99,7 @@ from ..timing import Stopwatch
 from ..weights import load_into
 from . import refinement
 from .adam import Adam
-from .affine_stage import expected_seconds, fit_affine
+from .affine_stage import affine_or_identity, expected_seconds
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
 from .common import prepare_pair, result_from_field, result_from_network_field
@@ -322,13 +322,10 @@ class TTOMethod:
         })
 
         with watch.step("affine stage"):
-            if s["affine"] == "none":
-                affine_index = np.eye(4)
-            else:
-                affine_index = fit_affine(
-                    pair.fixed, pair.moving, iterations=s["affine_iterations"], loss=s["affine"], seed=int(options.seed),
-                    progress=lambda f, _stage: report(f, "affine"),
-                )
+            affine_index = affine_or_identity(
+                pair.fixed, pair.moving, s["affine"], s["affine_iterations"], int(options.seed),
+                progress=lambda f, _stage: report(f, "affine"),
+            )
             affine_disp = affine_to_displacement(torch.as_tensor(affine_index, dtype=torch.float32, device=device), shape)
 
         details: dict[str, Any] = {
