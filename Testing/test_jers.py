@@ -20,7 +20,7 @@ from JointRegSegLib.methods.jers import affine_displacement, tissue_codes
 from JointRegSegLib.nets.jers import JERS, affine_warp
 from JointRegSegLib.spatial import affine_matrix
 from JointRegSegLib.spatial.physical import warp_volume
-from JointRegSegLib.training.jers import mask_gradient_l2
+from JointRegSegLib.training.jers import mask_gradient_l2, reference_brain
 
 
 def _model_with_moving_affine(seed: int = 0) -> JERS:
@@ -205,3 +205,18 @@ def test_cli_defaults_to_the_shipped_atlas(tmp_path, one_thread) -> None:
     for name in ("brain_mask.nii.gz", "moving_seg.nii.gz", "extracted.nii.gz", "warped.nii.gz", "affine.tfm"):
         assert (out / name).exists(), name
     assert main(["register", "--method", "tto", "--moving", str(atlas_image), "--out", str(tmp_path / "tto")]) == 2
+
+
+def test_reference_brain_of_a_skull_stripped_scan_is_its_filled_support() -> None:
+    """A stripped head (zero outside the brain, zero-valued voxels inside it) -> scipy's filled support;
+    a label map's reference is its brain codes (1-499), the skull's codes (>= 500) left out."""
+    rng = np.random.default_rng(3)
+    brain = np.zeros((24, 28, 20), bool)
+    brain[4:20, 5:23, 3:17] = True
+    image = np.where(brain, rng.uniform(10.0, 100.0, brain.shape), 0.0)
+    image[10:13, 12:15, 8:11] = 0.0  # zero-valued voxels inside the brain stay brain
+    assert not (image > 0).all(where=brain)
+    np.testing.assert_array_equal(reference_brain(image, np.zeros_like(image, np.int32), "support"), ndimage.binary_fill_holes(image > 0))
+    labels = np.where(brain, 2, 0).astype(np.int32)
+    labels[0:3] = 516  # skull
+    np.testing.assert_array_equal(reference_brain(image, labels, "labels"), brain)

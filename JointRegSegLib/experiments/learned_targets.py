@@ -14,7 +14,7 @@ For each worker output folder (a benchmark run of tto, uresnet or hof on ``../sh
 ``jers`` is affine only and trained for its atlas: `atlas_route` runs it on a labelled scan against the
 shipped atlas and scores the atlas tissue labels brought into the scan by its affine (``reg_dice``)
 against the same labels placed without registration (``reg_dice_initial``: the atlas grid's centre on
-the scan grid's centre), and its brain mask against a reference mask (``dice_ext``, target >= 0.90).
+the scan grid's centre), and its brain mask against the scan's reference mask (``dice_ext``, target >= 0.90; `training.jers.reference_brain`).
 
 Usage::
 
@@ -94,26 +94,23 @@ def score(result: Path, truth: Path) -> dict[str, Any]:
     return row
 
 
-SCANS = {
-    "pair_fixed": ("pair/fixed_img.nii.gz", "pair/fixed_seg.nii.gz", None),
-    "fs_subject": ("fs_subject/norm.mgz", "fs_subject/aparc.a2009s+aseg.mgz", "fs_subject/fs_brainmask.mgz"),
-}
-
-
 def atlas_route(shared: Path) -> dict[str, Any]:
     """jers on labelled scans against the shipped atlas (module docstring)."""
     from ..atlas import load_atlas
     from ..methods import get_method
     from ..methods.base import Inputs, Options
     from ..methods.jers import GRID_SHAPE, affine_displacement, physical_affine, tissue_codes, to_network_image
+    from ..training.jers import REAL_SCANS, reference_brain
 
     atlas_image, atlas_labels = load_atlas()
     method = get_method("jers")
     report = {}
-    for name, (image_file, labels_file, mask_file) in SCANS.items():
+    for name, (image_file, labels_file, brain_source) in REAL_SCANS.items():
+        if labels_file is None:
+            continue
         image, labels = read_image(shared / image_file), read_labels(shared / labels_file).array
         truth = tissue_of(labels)
-        mask = read_image(shared / mask_file).array > 0 if mask_file else truth > 0
+        mask = reference_brain(image.array, labels, brain_source)
         result = method.register(Inputs(atlas_image, image, atlas_labels), Options(extra={"segmentation": "atlas"}))
         raw_grid = to_network_image(image, torch.device("cpu")).grid
         atlas_grid = to_network_image(atlas_image, torch.device("cpu")).grid
