@@ -69,7 +69,7 @@ def own_segmentation_dice(truth: Volume, predicted: Volume, codes: tuple[int, ..
 def affine_only(moving_seg: Volume, fixed: Volume, transform_file: Path) -> np.ndarray:
     """``moving_seg`` resampled onto ``fixed``'s grid through the affine of ``transform_file`` (nearest)."""
     transform = sitk.ReadTransform(str(transform_file))
-    reference = to_sitk(fixed.with_array(np.zeros(fixed.shape, np.uint8)))
+    reference = to_sitk(fixed.with_array(np.zeros(fixed.array.shape, np.uint8)))
     moved = sitk.Resample(to_sitk(moving_seg), reference, transform, sitk.sitkNearestNeighbor, 0)
     return sitk.GetArrayFromImage(moved).transpose(2, 1, 0)
 
