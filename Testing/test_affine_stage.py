@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 from JointRegSegLib.errors import InputError
-from JointRegSegLib.methods.affine_stage import fit_affine
+from JointRegSegLib.methods.affine_stage import NMI_BINS, NMI_SIGMA_RATIO, _Draws, _ParzenNMI, fit_affine
 from JointRegSegLib.spatial import affine_matrix, affine_to_displacement, warp
 
 SHAPE = (48, 48, 48)
@@ -97,3 +98,23 @@ def test_rejects_bad_inputs():
         fit_affine(image, image, iterations=(5, 5))
     with pytest.raises(InputError, match="too small"):
         fit_affine(image, image, levels=(16,), iterations=(5,))
+
+
+def test_windowed_parzen_weights_match_the_whole_gaussian_window() -> None:
+    """Each sample's weights over every bin, from scipy's normal density normalised per sample; samples
+    at the ends, on bin centres and half-way between them included."""
+    values = np.concatenate([np.random.default_rng(1).uniform(0.0, 1.0, 500), [0.0, 1.0, 0.5, 1 / 62, 2 / 31, -0.1, 1.2]])
+    centres = np.linspace(0.0, 1.0, NMI_BINS)
+    density = norm.pdf(np.clip(values, 0.0, 1.0)[:, None], loc=centres, scale=NMI_SIGMA_RATIO / (NMI_BINS - 1))
+    expected = density / density.sum(axis=1, keepdims=True)
+    weights = _ParzenNMI(torch.zeros(4))._weights(torch.as_tensor(values, dtype=torch.float32))
+    np.testing.assert_allclose(weights.numpy(), expected, atol=2e-5)
+
+
+def test_draws_are_subsets_without_repeats_within_a_pass() -> None:
+    draw = _Draws(100, 30, torch.Generator().manual_seed(0))
+    first_pass = [draw() for _ in range(3)]
+    assert all(len(set(d.tolist())) == 30 for d in first_pass)
+    assert len(set(torch.cat(first_pass).tolist())) == 90  # three calls of one pass share no voxel
+    assert len(set(draw().tolist())) == 30  # the next pass: a new permutation
+    assert torch.equal(_Draws(20, 30, torch.Generator())(), torch.arange(20))  # fewer voxels than samples: all

@@ -33,10 +33,12 @@ an affine stage; these are ours):
   0.2 voxel; with sd 0.35 the error is 0.04 voxel); narrower kernels (0.25) made the benchmark pair
   noisier (Dice 0.48-0.61 over seeds);
 - sampling: each iteration evaluates the loss at ``samples`` voxels of the pooled fixed grid (all
-  when there are fewer) drawn afresh without replacement from a seeded generator (deterministic):
-  the Parzen window costs voxels x bins per evaluation, and re-drawing every iteration averages
-  the sampling noise out (a fixed sample set gave Dice 0.58-0.62 over seeds on the benchmark pair,
-  re-drawing 0.61-0.63; ANTs affine: 0.61). The moving image is sampled at the mapped points
+  when there are fewer) drawn afresh without replacement from a seeded generator (deterministic;
+  successive slices of one permutation, `_Draws`): the Parzen window costs samples x bins per
+  evaluation (only the 5 bins around a sample's own get a weight, the rest are below float32's
+  rounding: `_ParzenNMI._weights`), and re-drawing every iteration averages the sampling noise out
+  (a fixed sample set gave Dice 0.58-0.62 over seeds on the benchmark pair, re-drawing 0.61-0.63;
+  ANTs affine: 0.61). The moving image is sampled at the mapped points
   only. Outside the moving image the warped value is the nearest edge value (border padding):
   zero padding adds an intensity class that the moving image's background may not have (e.g. an
   inverted contrast), which biased the fit on the test volume by almost 2 voxels;
@@ -45,11 +47,11 @@ an affine stage; these are ours):
   112) in 3-6 s on one busy CPU core;
 - threads: every step works on ``samples`` points, so it runs on one CPU thread (`device.threads_for`;
   with two, every small operation waits at a barrier, twice as slow on a busy machine);
-- progress: an iteration counts by its expected cost (`step_cost`), so the bar moves at one pace
-  through the cheap coarse levels and the finest one. Measured per step on one CPU core beside a
-  training run (network grids of the sample and the benchmark pair at 3 and 2 mm): 13-33 ms at
-  pooling 4, 32-37 ms at 2, 35-99 ms at 1; fitted as 6 ms + 3 us per sample + 0.077 us per voxel
-  of the pooled grid (drawing the samples from all of its voxels).
+- progress: an iteration counts by its expected cost (`step_cost`). Measured per step on one CPU
+  core beside two training runs (network grids of the sample and the benchmark pair at 3 and 2 mm,
+  pooling 4, 2 and 1: 15-39 ms, without a trend in the grid's size since the windowed Parzen weights
+  and the permutation per pass): fitted as 10 ms + 2 us per sample. (Before, a Parzen weight per bin
+  and a permutation of the pooled grid per step cost 35-99 ms at pooling 1.)
 """
 
 from __future__ import annotations
@@ -72,12 +74,13 @@ from .options import AFFINE_ITERATIONS
 LOSSES = ("nmi", "mi", "ncc")
 NMI_BINS = 32
 NMI_SIGMA_RATIO = 0.35
+PARZEN_REACH = 2  # bins each side of a sample's nearest bin that get a Parzen weight (`_ParzenNMI._weights`)
 DEFAULT_ITERATIONS = AFFINE_ITERATIONS
 DEFAULT_LEVELS = (4, 2, 1)
 DEFAULT_LR = 0.02
 DEFAULT_SAMPLES = 8000
 CACHED_WEIGHTS = 16_000_000
-STEP_SECONDS = (6e-3, 3e-6, 7.7e-8)  # one iteration: fixed, per sample, per voxel of the pooled grid (`step_cost`)
+STEP_SECONDS = (1.0e-2, 2.0e-6)  # one iteration: fixed, per sample (`step_cost`)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -149,9 +152,20 @@ class _ParzenNMI:
         return self
 
     def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(samples, bins) Parzen weights, each row summing to 1."""
-        k = torch.exp(-0.5 * ((x.reshape(-1, 1).clamp(0.0, 1.0) - self.centres) / self.sigma) ** 2)
-        return k / k.sum(dim=1, keepdim=True)
+        """(samples, bins) Parzen weights, each row summing to 1.
+
+        Only the ``2 PARZEN_REACH + 1`` bins around a sample's nearest one get a weight: a sample lies at
+        most half a bin from its nearest centre, so every bin left out is at least ``PARZEN_REACH + 0.5``
+        bins away, where the kernel is below ``exp(-0.5 (2.5 / 0.35)^2) = 8e-12`` of the nearest bin's
+        (float32 rounding); ``2 PARZEN_REACH + 1`` exponentials per sample instead of one per bin.
+        """
+        bins = self.centres.numel()
+        position = x.reshape(-1, 1).clamp(0.0, 1.0) * (bins - 1)  # in bins
+        window = position.detach().round().long() + torch.arange(-PARZEN_REACH, PARZEN_REACH + 1, device=x.device)
+        inside = (window >= 0) & (window < bins)
+        k = torch.exp(-0.5 * ((position - window) / (self.sigma * (bins - 1))) ** 2) * inside
+        k = k / k.sum(dim=1, keepdim=True)
+        return torch.zeros(k.shape[0], bins, dtype=k.dtype, device=k.device).scatter_add(1, window.clamp(0, bins - 1), k)
 
     @staticmethod
     def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -163,11 +177,26 @@ class _ParzenNMI:
         return -(self.fixed_entropy + self._entropy(joint.sum(dim=0))) / self._entropy(joint)
 
 
-def _draw(voxels: int, samples: int, generator: torch.Generator) -> torch.Tensor:
-    """Flat indices of ``samples`` voxels drawn without replacement (all voxels when there are fewer)."""
-    if voxels <= samples:
-        return torch.arange(voxels)
-    return torch.randperm(voxels, generator=generator)[: int(samples)]
+class _Draws:
+    """Flat indices of ``samples`` voxels per call, drawn without replacement (all voxels when there are fewer).
+
+    Successive calls take successive slices of one random permutation of the voxels, and a new permutation
+    when it runs out: each call's set is a uniform random subset, and the calls of one pass never repeat
+    a voxel. One permutation serves ``voxels // samples`` calls (a permutation per call cost more than the
+    rest of the step at the finest level of a 2 mm grid).
+    """
+
+    def __init__(self, voxels: int, samples: int, generator: torch.Generator) -> None:
+        self.voxels, self.samples, self.generator = voxels, min(int(samples), voxels), generator
+        self.order, self.next = torch.arange(voxels), voxels
+
+    def __call__(self) -> torch.Tensor:
+        if self.samples == self.voxels:
+            return self.order
+        if self.next + self.samples > self.voxels:
+            self.order, self.next = torch.randperm(self.voxels, generator=self.generator), 0
+        self.next += self.samples
+        return self.order[self.next - self.samples : self.next]
 
 
 def _check(fixed: torch.Tensor, moving: torch.Tensor, iterations: Sequence[int], levels: Sequence[int], loss: str) -> None:
@@ -194,8 +223,8 @@ def _check(fixed: torch.Tensor, moving: torch.Tensor, iterations: Sequence[int],
 def step_cost(shape: Sequence[int], factor: int, samples: int = DEFAULT_SAMPLES) -> float:
     """Expected seconds of one iteration at pooling ``factor`` of a grid of ``shape`` (one CPU core, see the module docstring)."""
     voxels = float(np.prod([n // factor for n in shape]))
-    fixed, per_sample, per_voxel = STEP_SECONDS
-    return fixed + per_sample * min(float(samples), voxels) + per_voxel * voxels
+    fixed, per_sample = STEP_SECONDS
+    return fixed + per_sample * min(float(samples), voxels)
 
 
 def expected_seconds(
@@ -266,9 +295,10 @@ def _fit(
         pool, unpool = _pool_matrix(factor), torch.linalg.inv(_pool_matrix(factor))
         optimiser = Adam([params], lr=lr)
         nmi = _ParzenNMI(fixed_values) if loss == "nmi" and count > 0 else None
+        draw = _Draws(grid_points.shape[0], samples, generator)
         for step in range(count):
             optimiser.lr = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
-            chosen = _draw(grid_points.shape[0], samples, generator)
+            chosen = draw()
             points = grid_points[chosen]
             target = fixed_values[chosen].view(1, 1, 1, 1, -1)
             similarity = {"nmi": nmi.select(chosen) if nmi else None, "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
