@@ -30,6 +30,8 @@ from JointRegSegLib.metrics import (
     pmm_mean,
     sdlogj,
 )
+from JointRegSegLib.metrics.pmm import pmm_map_of_bins
+from JointRegSegLib.metrics.similarity import MaskedImage, quantise, similarity_scores
 
 
 def _ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float) -> np.ndarray:
@@ -209,6 +211,29 @@ def test_ncc_matches_corrcoef():
         ncc(a, b, np.zeros(a.shape, dtype=bool))
 
 
+def test_scores_against_one_masked_reference_equal_the_single_pair_functions():
+    """`similarity_scores` of several images against one prepared `MaskedImage` (the evaluation's fixed image
+    before and after registration) gives the numbers of `ncc`, `mutual_information` and the NMI, whose
+    agreement with ``np.corrcoef`` and ``np.histogram2d`` the tests above show."""
+    rng = np.random.default_rng(4)
+    a = rng.gamma(2.0, size=(20, 22, 24)).astype(np.float32)
+    mask = rng.random(a.shape) > 0.3
+    for m in (None, mask):
+        reference = MaskedImage(a, m)
+        for b in (np.sqrt(a) + 0.3 * rng.normal(size=a.shape), rng.normal(size=a.shape).astype(np.float32)):
+            for bins in (32, 12):
+                scores = similarity_scores(reference, reference.of(b), bins)
+                assert scores == {
+                    "ncc": ncc(a, b, m),
+                    "mi": mutual_information(a, b, bins, m),
+                    "nmi": arithmetic_normalised_mutual_information(a, b, bins, m),
+                }
+    with pytest.raises(InputError, match="mask is empty"):
+        MaskedImage(a, np.zeros(a.shape, dtype=bool))
+    with pytest.raises(InputError, match="different shapes"):
+        MaskedImage(a).of(a[1:])
+
+
 # ---------------------------------------------------------------------------------- jacobian
 
 
@@ -382,6 +407,10 @@ def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
     if mask is not None:
         assert np.all(np.isnan(ours[~mask]))
         assert pmm_mean(ours, mask) == pytest.approx(np.nanmean(reference[mask]), rel=1e-5)
+    domain = np.ones(shape, dtype=bool) if mask is None else mask
+    fixed_bins = MaskedImage(fixed, domain)
+    codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(warped), 16)
+    np.testing.assert_array_equal(pmm_map_of_bins(codes, domain, min_fraction=min_fraction), ours)
 
 
 def test_pmm_rejects_bad_parameters():
@@ -390,6 +419,8 @@ def test_pmm_rejects_bad_parameters():
         pmm_map(image, image, patch=16, stride=5)
     with pytest.raises(InputError, match="empty"):
         pmm_map(image, image, np.zeros(image.shape, dtype=bool))
+    with pytest.raises(InputError, match="one joint bin code per voxel"):
+        pmm_map_of_bins(np.zeros(7, dtype=np.intp), np.ones(image.shape, dtype=bool))
 
 
 def test_pmm_on_real_brain_prefers_the_aligned_pair(shared_data_dir: Path):

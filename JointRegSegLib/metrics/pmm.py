@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..imageio.geometry import Volume
 from .similarity import arithmetic_nmi_from_joint, as_array, quantise
 
+BINS = 16  # intensity bins per image (module docstring)
 _CHUNK_BYTES = 128 * 2**20  # cap on the block-histogram temporaries per chunk of patch rows
 
 
@@ -56,27 +57,41 @@ def pmm_map(
     mask: np.ndarray | Volume | None = None,
     patch: int = 16,
     stride: int = 4,
-    bins: int = 16,
+    bins: int = BINS,
     min_fraction: float = 0.125,
 ) -> np.ndarray:
     """PMM of two images on one grid (module docstring): float32, same shape, NaN outside the map."""
     f, w = as_array(fixed, "fixed image"), as_array(warped, "warped image")
     if f.ndim != 3 or f.shape != w.shape:
         raise InputError(f"PMM needs two 3D images of one shape, got {f.shape} and {w.shape}")
-    if patch < 1 or stride < 1 or patch % stride:
-        raise InputError(f"the stride ({stride}) must be a positive divisor of the patch size ({patch})")
-    if not 0.0 < min_fraction <= 1.0:
-        raise InputError(f"min_fraction must lie in (0, 1], got {min_fraction}")
+    _check_parameters(patch, stride, min_fraction)
     domain = np.ones(f.shape, dtype=bool) if mask is None else as_array(mask, "mask").astype(bool)
     if domain.shape != f.shape:
         raise InputError(f"mask shape {domain.shape} differs from image shape {f.shape}")
     if not domain.any():
         raise InputError("the PMM mask is empty: give a mask with at least one voxel inside")
+    return pmm_map_of_bins(quantised(f, w, domain, bins), domain, patch, stride, bins, min_fraction)
 
+
+def pmm_map_of_bins(
+    joint: np.ndarray, domain: np.ndarray, patch: int = 16, stride: int = 4, bins: int = BINS, min_fraction: float = 0.125
+) -> np.ndarray:
+    """`pmm_map` from the joint bin codes of the domain's voxels (`quantised`, in the order ``domain[domain]``
+    lists them), where the two images' bins are at hand (`similarity.MaskedImage`)."""
+    _check_parameters(patch, stride, min_fraction)
+    if domain.ndim != 3 or joint.shape != (int(np.count_nonzero(domain)),) or not joint.size:
+        raise InputError(f"the PMM needs one joint bin code per voxel of a non-empty 3D domain, got {joint.shape} for {domain.shape}")
     window = tuple(_window(axis_mask, patch, stride) for axis_mask in _extents(domain))
-    out = np.full(f.shape, np.nan, dtype=np.float32)
-    out[window] = _pmm_in_window(f[window], w[window], domain[window], patch, stride, bins, min_fraction, quantised(f, w, domain, bins))
+    out = np.full(domain.shape, np.nan, dtype=np.float32)
+    out[window] = _pmm_in_window(domain[window], patch, stride, bins, min_fraction, joint)
     return out
+
+
+def _check_parameters(patch: int, stride: int, min_fraction: float) -> None:
+    if patch < 1 or stride < 1 or patch % stride:
+        raise InputError(f"the stride ({stride}) must be a positive divisor of the patch size ({patch})")
+    if not 0.0 < min_fraction <= 1.0:
+        raise InputError(f"min_fraction must lie in (0, 1], got {min_fraction}")
 
 
 def _extents(domain: np.ndarray) -> list[tuple[int, int, int]]:
@@ -106,16 +121,15 @@ def quantised(f: np.ndarray, w: np.ndarray, domain: np.ndarray, bins: int) -> np
     return quantise(f[domain], bins) * bins + quantise(w[domain], bins)
 
 
-def _pmm_in_window(
-    f: np.ndarray, w: np.ndarray, domain: np.ndarray, patch: int, stride: int, bins: int, min_fraction: float, joint: np.ndarray
-) -> np.ndarray:
+def _pmm_in_window(domain: np.ndarray, patch: int, stride: int, bins: int, min_fraction: float, joint: np.ndarray) -> np.ndarray:
+    shape = domain.shape
     nbb = bins * bins
     per_block = nbb + 1  # the last slot of each block collects the voxels outside the domain
     width = patch // stride
-    n_blocks = tuple(max(-(-n // stride), width) for n in f.shape)
+    n_blocks = tuple(max(-(-n // stride), width) for n in shape)
     padded = tuple(nb * stride for nb in n_blocks)
     codes = np.full(padded, nbb, dtype=np.int64)
-    inner = codes[: f.shape[0], : f.shape[1], : f.shape[2]]
+    inner = codes[: shape[0], : shape[1], : shape[2]]
     inner[domain] = joint
 
     # block index within one i-row of blocks, for every (j, k) voxel
@@ -145,7 +159,7 @@ def _pmm_in_window(
         total, count = _box_sum(total, width, axis), _box_sum(count, width, axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         block_mean = np.where(count > 0, total / count, np.nan)
-    voxel_mean = block_mean.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: f.shape[0], : f.shape[1], : f.shape[2]]
+    voxel_mean = block_mean.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: shape[0], : shape[1], : shape[2]]
     return np.where(domain, voxel_mean, np.nan).astype(np.float32)
 
 
