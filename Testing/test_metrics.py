@@ -99,6 +99,23 @@ def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
     assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
 
 
+def test_surfaces_of_all_labels_equal_scipys_erosion_of_each(sample_pair):
+    """One pass over a label map gives, for every label, its mask less scipy's erosion of it (outside = background),
+    on the sample pair's brain labels (touching structures) and on random labels reaching the image's border."""
+    from scipy.ndimage import binary_erosion
+
+    from JointRegSegLib.metrics.overlap import surfaces
+
+    brain = _sample_label_maps(sample_pair)[0]
+    speckle = np.random.default_rng(6).integers(0, 4, (13, 9, 11)).astype(np.int16)
+    for labels in (brain, speckle, speckle[:, :1]):
+        expected = np.zeros(labels.shape, dtype=bool)
+        for label in set(np.unique(labels).tolist()) - {0}:
+            mask = labels == label
+            expected |= mask & ~binary_erosion(mask)
+        np.testing.assert_array_equal(surfaces(labels), expected)
+
+
 def _sample_label_maps(sample_pair) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """The sample pair's fixed labels and its moving labels resampled onto the fixed grid (many labels, cortex sheets)."""
     from JointRegSegLib.imageio.io import read_labels
