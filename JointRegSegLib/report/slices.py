@@ -64,7 +64,10 @@ def default_index(array: np.ndarray) -> Index3:
 
     From the count of nonzero voxels in each plane along each axis (no list of their indices).
     """
-    nonzero = np.nan_to_num(np.asarray(array)[..., 0] if array.ndim > 3 else array) != 0
+    values = np.asarray(array)[..., 0] if array.ndim > 3 else np.asarray(array)
+    nonzero = values != 0
+    if np.issubdtype(values.dtype, np.floating):
+        nonzero &= ~np.isnan(values)  # NaN counts as empty
     total = int(np.count_nonzero(nonzero))
     if total == 0:
         return tuple(int(n // 2) for n in array.shape[:3])
