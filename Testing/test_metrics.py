@@ -99,6 +99,26 @@ def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
     assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
 
 
+def test_label_counts_table_equals_counting_every_pair_of_values():
+    """The overlap table, counted inside the box of the nonzero voxels, equals comparing the whole maps value by
+    value: maps with a wide empty margin, negative and widely spread labels, no background at all, booleans, empty."""
+    from JointRegSegLib.metrics.overlap import LabelCounts
+
+    rng = np.random.default_rng(8)
+    margin = np.zeros((2, 20, 18, 16), np.int32)
+    margin[:, 5:11, 7:12, 3:9] = rng.integers(0, 4, (2, 6, 5, 6))
+    full = rng.integers(1, 5, (2, 6, 7, 8)).astype(np.int16)
+    spread = np.where(margin > 0, margin * 3_000_000 - 7, 0).astype(np.int64)
+    negative = margin - 2 * (margin == 3)
+    cases = [margin, full, spread, negative, margin.astype(bool), np.zeros((2, 4, 5, 6), np.uint8), margin[:, :, :, :1]]
+    for a, b in cases:
+        counts = LabelCounts(a, b)
+        values = np.union1d(np.unique(a), np.unique(b))
+        np.testing.assert_array_equal(counts.values, values)
+        expected = [[np.count_nonzero((a == u) & (b == v)) for v in values] for u in values]
+        np.testing.assert_array_equal(counts.joint, expected)
+
+
 def test_surfaces_of_all_labels_equal_scipys_erosion_of_each(sample_pair):
     """One pass over a label map gives, for every label, its mask less scipy's erosion of it (outside = background),
     on the sample pair's brain labels (touching structures) and on random labels reaching the image's border."""

@@ -53,27 +53,36 @@ class LabelCounts:
     """How two label maps on one grid overlap: ``joint[i, j]`` voxels hold ``values[i]`` in ``a`` and
     ``values[j]`` in ``b`` (``values``: every label either map holds, increasing).
 
-    A few ``np.bincount`` passes over the maps, instead of comparing both whole maps once per label;
-    Dice of single labels and of groups of labels (`group_dice`) come from the one table.
+    A few ``np.bincount`` passes over the box holding every nonzero voxel of either map (the voxels outside it
+    count as background in both), instead of comparing both whole maps once per label; Dice of single labels
+    and of groups of labels (`group_dice`) come from the one table.
     """
 
     def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = a.ravel(), b.ravel()
-        low, high = min(int(a.min()), int(b.min())), max(int(a.max()), int(b.max()))
+        box = _nonzero_box(a, b)
+        outside = a.size - int(np.prod([s.stop - s.start for s in box]))  # voxels that are 0 in both maps
+        a, b = a[box].ravel(), b[box].ravel()
+        extra = [0] if outside else []
+        low, high = min(int(a.min()), int(b.min()), *extra), max(int(a.max()), int(b.max()), *extra)
         if high - low < _MAX_BINS:  # count by value, then number the values present 0..n-1
             shift = low if low < 0 or a.dtype == np.bool_ else 0
             a, b = (x.astype(np.intp) - shift if shift or x.dtype == np.bool_ else x for x in (a, b))
             length = high - shift + 1
-            present = np.flatnonzero(np.bincount(a, minlength=length) | np.bincount(b, minlength=length))
+            occurs = np.bincount(a, minlength=length) | np.bincount(b, minlength=length)
+            occurs[np.asarray(extra, dtype=np.intp) - shift] = 1
+            present = np.flatnonzero(occurs)
             lookup = np.zeros(length, dtype=np.intp)
             lookup[present] = np.arange(len(present))
             self.values = present + shift
             index_a, index_b = lookup[a], lookup[b]
         else:  # a few labels spread over a wide range
-            self.values, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-            index_a, index_b = inverse[: a.size], inverse[a.size :]
+            self.values, inverse = np.unique(np.concatenate([a, b, np.asarray(extra, a.dtype)]), return_inverse=True)
+            index_a, index_b = inverse[: a.size], inverse[a.size : 2 * a.size]
         n = len(self.values)
         self.joint = np.bincount(index_a * n + index_b, minlength=n * n).reshape(n, n)
+        if outside:
+            zero = self.index(0)
+            self.joint[zero, zero] += outside
         self.a, self.b = self.joint.sum(axis=1), self.joint.sum(axis=0)
 
     def index(self, label: int) -> int | None:
@@ -101,6 +110,12 @@ class LabelCounts:
     def in_both(self, label: int) -> bool:
         i = self.index(label)
         return i is not None and bool(self.a[i]) and bool(self.b[i])
+
+
+def _nonzero_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every nonzero voxel of either map (the whole grid when both are empty)."""
+    occupied = (a != 0) | (b != 0)
+    return _bounding_box(occupied) if occupied.any() else tuple(slice(0, n) for n in occupied.shape)
 
 
 def labels_in(labels: np.ndarray | Volume) -> list[int]:
