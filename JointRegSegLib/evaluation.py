@@ -24,26 +24,24 @@ import numpy as np
 
 from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
 from .errors import InputError
-from .imageio.geometry import Volume
+from .imageio.geometry import Geometry, Volume
 from .imageio.intensity import normalise_intensity
 from .imageio.network_grid import resample
 from .labels import EVALUATION_LABELS, TISSUE_LABELS, label_info, tissue_of
 from .methods.base import Inputs, Result
 from .metrics import (
-    arithmetic_normalised_mutual_information,
     deformable_jacobian,
     dice_per_label,
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
     labels_in,
-    mutual_information,
-    ncc,
-    pmm_map,
     pmm_mean,
     sdlogj,
 )
 from .metrics.foreground import foreground_mask
+from .metrics.pmm import BINS as PMM_BINS, pmm_map_of_bins
+from .metrics.similarity import MaskedImage, quantise, similarity_scores
 from .timing import Stopwatch
 
 MIN_COVERAGE = 0.05
@@ -72,6 +70,7 @@ class Evaluation:
         self.device = device
         self.workers = workers
         self.watch = watch or Stopwatch()
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
 
     @cached_property
     def fixed_normalised(self) -> np.ndarray:
@@ -86,10 +85,17 @@ class Evaluation:
             return foreground_mask(self.inputs.fixed, normalised)
 
     @cached_property
+    def reference(self) -> MaskedImage:
+        """The fixed image's normalised intensities inside its foreground, and their bins (`MaskedImage`)."""
+        normalised, mask = self.fixed_normalised, self.mask
+        with self.watch.step("evaluation: foreground"):
+            return MaskedImage(normalised, mask)
+
+    @cached_property
     def initial(self) -> Volume:
         """The moving image as it lies (identity transform), on the fixed grid."""
         with self.watch.step("evaluation: before registration"):
-            return resample(self.inputs.moving, self.inputs.fixed.geometry)
+            return _as_it_lies(self.inputs.moving, self.inputs.fixed.geometry, "linear")
 
     @cached_property
     def initial_seg(self) -> np.ndarray | None:
@@ -97,20 +103,29 @@ class Evaluation:
         if self.inputs.moving_seg is None:
             return None
         with self.watch.step("evaluation: before registration"):
-            return resample(self.inputs.moving_seg, self.inputs.fixed.geometry, interpolation="nearest").array
+            return _as_it_lies(self.inputs.moving_seg, self.inputs.fixed.geometry, "nearest").array
 
     @cached_property
     def initial_numbers(self) -> dict[str, float]:
         """NCC, MI, NMI and PMM mean of the fixed image and the moving image as it lies."""
-        fixed, mask, initial = self.fixed_normalised, self.mask, self.initial
+        reference, initial = self.reference, self.initial
         with self.watch.step("evaluation: before registration"):
-            moving = normalise_intensity(initial.array)
-            return {
-                "ncc_initial": ncc(fixed, moving, mask),
-                "mi_initial": mutual_information(fixed, moving, mask=mask),
-                "nmi_initial": arithmetic_normalised_mutual_information(fixed, moving, mask=mask),
-                "pmm_mean_initial": pmm_mean(pmm_map(fixed, moving, mask), mask),
-            }
+            moving = reference.of(normalise_intensity(initial.array))
+            scores = similarity_scores(reference, moving)
+            scores["pmm_mean"] = pmm_mean(self._pmm(moving), self.mask)
+            return {f"{key}_initial": value for key, value in scores.items()}
+
+    def _in_mask(self, warped: Volume) -> np.ndarray:
+        """A registered image's normalised intensities inside the fixed foreground (`MaskedImage.of`),
+        kept for the last image asked for (the maps and the metrics of one result share them)."""
+        if self._last is None or self._last[0] is not warped.array:
+            self._last = (warped.array, self.reference.of(normalise_intensity(warped.array)))
+        return self._last[1]
+
+    def _pmm(self, moving: np.ndarray) -> np.ndarray:
+        """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``."""
+        reference = self.reference
+        return pmm_map_of_bins(reference.bins(PMM_BINS) * PMM_BINS + quantise(moving, PMM_BINS), reference.mask, bins=PMM_BINS)
 
     def check(self, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
         """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.
@@ -136,9 +151,9 @@ class Evaluation:
     def maps(self, result: Result, whole_jacobian: bool = False) -> Maps:
         """Jacobian-determinant maps of the result's field (the module docstring) and the PMM of (fixed, warped)
         inside the fixed foreground; ``whole_jacobian`` shows the whole mapping's det J instead."""
-        fixed, mask = self.fixed_normalised, self.mask
+        mask = self.mask
         with self.watch.step("evaluation: PMM"):
-            pmm = pmm_map(fixed, normalise_intensity(result.warped.array), mask)
+            pmm = self._pmm(self._in_mask(result.warped))
         with self.watch.step("evaluation: Jacobian"):
             whole = jacobian_determinant(result.displacement, self.device)
             separate = not whole_jacobian and result.affine is not None
@@ -148,13 +163,10 @@ class Evaluation:
 
     def metrics(self, result: Result, maps: Maps) -> dict[str, Any]:
         """Metrics of a result, with the same numbers before registration (moving resampled as it lies)."""
-        inputs, fixed, mask = self.inputs, self.fixed_normalised, maps.mask
+        inputs, mask = self.inputs, maps.mask
         with self.watch.step("evaluation: similarity"):
-            warped = normalise_intensity(result.warped.array)
             metrics: dict[str, Any] = {
-                "ncc": ncc(fixed, warped, mask),
-                "mi": mutual_information(fixed, warped, mask=mask),
-                "nmi": arithmetic_normalised_mutual_information(fixed, warped, mask=mask),
+                **similarity_scores(self.reference, self._in_mask(result.warped)),
                 "pmm_mean": pmm_mean(maps.pmm.array, mask),
                 "folding_percent": folding_percent(maps.whole_jacobian.array),
                 "sdlogj": sdlogj(maps.whole_jacobian.array),
@@ -173,6 +185,19 @@ class Evaluation:
                 if given is not None and produced is not None:
                     metrics[f"seg_dice_{side}"] = segmentation_dice(given, produced)
         return metrics
+
+
+def _as_it_lies(volume: Volume, grid: Geometry, interpolation: str) -> Volume:
+    """``volume`` resampled onto ``grid`` (identity transform); one already on exactly that grid is taken as it is
+    (resampling would give its own values, as float for linear interpolation)."""
+    own = volume.geometry
+    same = own.shape == grid.shape and all(
+        np.array_equal(getattr(own, key), getattr(grid, key)) for key in ("spacing", "origin", "direction")
+    )
+    if not same:
+        return resample(volume, grid, interpolation=interpolation)
+    floating = interpolation == "nearest" or np.issubdtype(volume.array.dtype, np.floating)
+    return Volume(volume.array if floating else volume.array.astype(np.float32), grid)
 
 
 def check_result(inputs: Inputs, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:

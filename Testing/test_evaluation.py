@@ -104,3 +104,44 @@ def test_foreground_mask_equals_scipys_closing_and_hole_filling(sample_pair):
         expected = ndimage.binary_fill_holes(ndimage.binary_closing(normalised > FOREGROUND_THRESHOLD, iterations=2))
         np.testing.assert_array_equal(foreground_mask(image), expected)
         np.testing.assert_array_equal(foreground_mask(image, normalised), expected)
+
+
+def test_numbers_before_registration_equal_resampling_and_the_single_pair_functions():
+    """The moving image as it lies on the fixed grid: taken as it is when both share one grid, which equals
+    SimpleITK's resampling onto that grid (as float), and resampled otherwise; the numbers before registration
+    from the evaluation's prepared fixed image equal NCC, MI, NMI and the PMM of the pair computed alone."""
+    from scipy.ndimage import gaussian_filter
+
+    from JointRegSegLib.evaluation import Evaluation
+    from JointRegSegLib.imageio.intensity import normalise_intensity
+    from JointRegSegLib.methods.base import Inputs
+    from JointRegSegLib.metrics import arithmetic_normalised_mutual_information, mutual_information, ncc, pmm_map, pmm_mean
+
+    rng = np.random.default_rng(5)
+    direction = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, -1.0, 0.0]])
+    grid = Geometry((34, 30, 32), (1.0, 1.2, 0.9), (-10.0, 20.0, 5.0), direction)
+    other = Geometry((30, 28, 30), (1.1, 1.2, 1.0), (-9.5, 20.3, 4.8), direction)  # overlapping most of the fixed grid
+    image = lambda: (1000 * gaussian_filter(rng.random(grid.shape), 2.0)).astype(np.int16)  # noqa: E731
+    labels = lambda: rng.integers(0, 4, grid.shape).astype(np.int32)  # noqa: E731
+    fixed = Volume(image(), grid)
+    for moving_grid in (grid, other):
+        moving = Volume(image()[: moving_grid.shape[0], : moving_grid.shape[1], : moving_grid.shape[2]], moving_grid)
+        moving_seg = Volume(labels()[: moving_grid.shape[0], : moving_grid.shape[1], : moving_grid.shape[2]], moving_grid)
+        evaluation = Evaluation(Inputs(fixed, moving, Volume(labels(), grid), moving_seg))
+        reference = sitk.ResampleImageFilter()
+        reference.SetReferenceImage(to_sitk(fixed))
+        reference.SetInterpolator(sitk.sitkLinear)
+        expected = from_sitk(reference.Execute(to_sitk(moving.with_array(moving.array.astype(np.float32))))).array
+        np.testing.assert_array_equal(evaluation.initial.array, expected)
+        assert evaluation.initial.array.dtype == np.float32 and evaluation.initial.geometry == fixed.geometry
+        reference.SetInterpolator(sitk.sitkNearestNeighbor)
+        np.testing.assert_array_equal(evaluation.initial_seg, from_sitk(reference.Execute(to_sitk(moving_seg))).array)
+
+        f, m, mask = normalise_intensity(fixed.array), normalise_intensity(evaluation.initial.array), evaluation.mask
+        assert np.isfinite(list(evaluation.initial_numbers.values())).all()
+        assert evaluation.initial_numbers == {
+            "ncc_initial": ncc(f, m, mask),
+            "mi_initial": mutual_information(f, m, mask=mask),
+            "nmi_initial": arithmetic_normalised_mutual_information(f, m, mask=mask),
+            "pmm_mean_initial": pmm_mean(pmm_map(f, m, mask), mask),
+        }

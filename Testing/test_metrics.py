@@ -30,6 +30,8 @@ from JointRegSegLib.metrics import (
     pmm_mean,
     sdlogj,
 )
+from JointRegSegLib.metrics.pmm import pmm_map_of_bins
+from JointRegSegLib.metrics.similarity import MaskedImage, quantise, similarity_scores
 
 
 def _ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float) -> np.ndarray:
@@ -95,6 +97,43 @@ def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
     plate[axis] = slice(8 + d, 9 + d)
     b[tuple(plate)] = 5
     assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
+
+
+def test_label_counts_table_equals_counting_every_pair_of_values():
+    """The overlap table, counted inside the box of the nonzero voxels, equals comparing the whole maps value by
+    value: maps with a wide empty margin, negative and widely spread labels, no background at all, booleans, empty."""
+    from JointRegSegLib.metrics.overlap import LabelCounts
+
+    rng = np.random.default_rng(8)
+    margin = np.zeros((2, 20, 18, 16), np.int32)
+    margin[:, 5:11, 7:12, 3:9] = rng.integers(0, 4, (2, 6, 5, 6))
+    full = rng.integers(1, 5, (2, 6, 7, 8)).astype(np.int16)
+    spread = np.where(margin > 0, margin * 3_000_000 - 7, 0).astype(np.int64)
+    negative = margin - 2 * (margin == 3)
+    cases = [margin, full, spread, negative, margin.astype(bool), np.zeros((2, 4, 5, 6), np.uint8), margin[:, :, :, :1]]
+    for a, b in cases:
+        counts = LabelCounts(a, b)
+        values = np.union1d(np.unique(a), np.unique(b))
+        np.testing.assert_array_equal(counts.values, values)
+        expected = [[np.count_nonzero((a == u) & (b == v)) for v in values] for u in values]
+        np.testing.assert_array_equal(counts.joint, expected)
+
+
+def test_surfaces_of_all_labels_equal_scipys_erosion_of_each(sample_pair):
+    """One pass over a label map gives, for every label, its mask less scipy's erosion of it (outside = background),
+    on the sample pair's brain labels (touching structures) and on random labels reaching the image's border."""
+    from scipy.ndimage import binary_erosion
+
+    from JointRegSegLib.metrics.overlap import surfaces
+
+    brain = _sample_label_maps(sample_pair)[0]
+    speckle = np.random.default_rng(6).integers(0, 4, (13, 9, 11)).astype(np.int16)
+    for labels in (brain, speckle, speckle[:, :1]):
+        expected = np.zeros(labels.shape, dtype=bool)
+        for label in set(np.unique(labels).tolist()) - {0}:
+            mask = labels == label
+            expected |= mask & ~binary_erosion(mask)
+        np.testing.assert_array_equal(surfaces(labels), expected)
 
 
 def _sample_label_maps(sample_pair) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -207,6 +246,29 @@ def test_ncc_matches_corrcoef():
     assert ncc(a, -2 * a + 1) == pytest.approx(-1.0)
     with pytest.raises(InputError, match="mask is empty"):
         ncc(a, b, np.zeros(a.shape, dtype=bool))
+
+
+def test_scores_against_one_masked_reference_equal_the_single_pair_functions():
+    """`similarity_scores` of several images against one prepared `MaskedImage` (the evaluation's fixed image
+    before and after registration) gives the numbers of `ncc`, `mutual_information` and the NMI, whose
+    agreement with ``np.corrcoef`` and ``np.histogram2d`` the tests above show."""
+    rng = np.random.default_rng(4)
+    a = rng.gamma(2.0, size=(20, 22, 24)).astype(np.float32)
+    mask = rng.random(a.shape) > 0.3
+    for m in (None, mask):
+        reference = MaskedImage(a, m)
+        for b in (np.sqrt(a) + 0.3 * rng.normal(size=a.shape), rng.normal(size=a.shape).astype(np.float32)):
+            for bins in (32, 12):
+                scores = similarity_scores(reference, reference.of(b), bins)
+                assert scores == {
+                    "ncc": ncc(a, b, m),
+                    "mi": mutual_information(a, b, bins, m),
+                    "nmi": arithmetic_normalised_mutual_information(a, b, bins, m),
+                }
+    with pytest.raises(InputError, match="mask is empty"):
+        MaskedImage(a, np.zeros(a.shape, dtype=bool))
+    with pytest.raises(InputError, match="different shapes"):
+        MaskedImage(a).of(a[1:])
 
 
 # ---------------------------------------------------------------------------------- jacobian
@@ -382,6 +444,10 @@ def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
     if mask is not None:
         assert np.all(np.isnan(ours[~mask]))
         assert pmm_mean(ours, mask) == pytest.approx(np.nanmean(reference[mask]), rel=1e-5)
+    domain = np.ones(shape, dtype=bool) if mask is None else mask
+    fixed_bins = MaskedImage(fixed, domain)
+    codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(warped), 16)
+    np.testing.assert_array_equal(pmm_map_of_bins(codes, domain, min_fraction=min_fraction), ours)
 
 
 def test_pmm_rejects_bad_parameters():
@@ -390,6 +456,8 @@ def test_pmm_rejects_bad_parameters():
         pmm_map(image, image, patch=16, stride=5)
     with pytest.raises(InputError, match="empty"):
         pmm_map(image, image, np.zeros(image.shape, dtype=bool))
+    with pytest.raises(InputError, match="one joint bin code per voxel"):
+        pmm_map_of_bins(np.zeros(7, dtype=np.intp), np.ones(image.shape, dtype=bool))
 
 
 def test_pmm_on_real_brain_prefers_the_aligned_pair(shared_data_dir: Path):

@@ -158,6 +158,43 @@ def test_save_individual_pictures_and_slices_png(tmp_path):
 
 
 
+def test_plain_pictures_drawn_in_one_figure_equal_a_figure_each(tmp_path):
+    """fixed.png, moving.png, warped.png and checkerboard.png come from one figure whose views, windows and titles
+    are swapped: the same pixels as each drawn in a figure of its own (titles of one and two lines)."""
+    from PIL import Image
+
+    from JointRegSegLib.report.figures import _checkerboard_row, _grey_row, _plain, _render, _render_plain, _Windows
+    from JointRegSegLib.report.slices import orthogonal_aspects
+
+    case = _synthetic_case()
+    paths = save_individual_pictures(tmp_path / "shared", case["fixed"], case["moving"], case["warped"], None, None)
+    geometry, windows, index = case["fixed"].geometry, _Windows(), (12, 14, 9)
+    rows = {
+        "fixed": _grey_row("fixed", case["fixed"].array, index, geometry, windows),
+        "moving": _grey_row("moving, a title long enough for two lines", case["moving"].array, index, geometry, windows),
+        "checkerboard": _checkerboard_row(case["fixed"].array, case["warped"].array, index, geometry, windows),
+    }
+    assert all(_plain(row) for row in rows.values()) and set(paths) == {"fixed", "moving", "warped", "checkerboard"}
+    shared = _render_plain(rows, orthogonal_aspects(geometry), tmp_path / "one", 110)
+    for name, row in rows.items():
+        alone = _render([row], orthogonal_aspects(geometry), tmp_path / "each" / f"{name}.png", "", 110)
+        np.testing.assert_array_equal(np.asarray(Image.open(shared[name])), np.asarray(Image.open(alone)))
+
+
+def test_default_index_is_the_rounded_centre_of_mass_of_the_nonzero_voxels():
+    from scipy.ndimage import center_of_mass
+
+    from JointRegSegLib.report.slices import default_index
+
+    rng = np.random.default_rng(3)
+    values = np.where(rng.random((15, 12, 9)) > 0.8, rng.random((15, 12, 9)), 0.0)
+    values[:4] = np.nan  # NaN counts as empty
+    expected = tuple(int(round(c)) for c in center_of_mass(np.nan_to_num(values) != 0))
+    assert default_index(values) == expected
+    assert default_index((np.nan_to_num(values) * 10).astype(np.int16)) == expected
+    assert default_index(np.zeros((5, 6, 7))) == (2, 3, 3)
+
+
 def _most_common_colour(path: Path) -> np.ndarray:
     """The most frequent colour of the picture's left third (its axial view), white page excluded."""
     from PIL import Image

@@ -31,8 +31,10 @@ def normalise_intensity(
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         raise InputError(f"cannot normalise intensities: every voxel considered has the value {lo:g}.")
-    scaled = (np.asarray(array, dtype=np.float64) - lo) / (hi - lo)
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    scaled = np.array(array, dtype=np.float64)  # one float64 copy, scaled and clipped in place
+    scaled -= lo
+    scaled /= hi - lo
+    return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32)
 
 
 def percentiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:

@@ -73,7 +73,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     In a box cut around the foreground a component that reaches the box's border reaches the image's
     border through the background around the box, so the result is the whole image's.
     """
-    components, _ = ndimage.label(~mask)
+    components, count = ndimage.label(~mask)
     faces = [components.take(index, axis=axis) for axis in range(3) for index in (0, -1)]
-    outside = np.unique(np.concatenate([face.ravel() for face in faces]))
-    return mask | ~np.isin(components, outside)
+    reaches_border = np.zeros(count + 1, dtype=bool)  # by component number (0: the mask itself)
+    reaches_border[np.concatenate([face.ravel() for face in faces])] = True
+    return mask | ~reaches_border[components]

@@ -30,24 +30,28 @@ from .similarity import as_array
 _SLAB = 32  # voxels along i per chunk: bounds the temporaries (9 derivative planes of the chunk)
 
 
-def _extended(x: torch.Tensor, dim: int, front: bool = True, back: bool = True) -> torch.Tensor:
-    """``x`` with one plane added before and/or after along ``dim``, linearly extrapolated (``2 x_0 - x_1``),
-    so that a central difference at the first or last plane is the one-sided difference there."""
+def _difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x[p + 1] - x[p - 1]`` along ``dim`` at every plane, the planes outside ``x`` extrapolated linearly
+    (``2 x_0 - x_1``, ``2 x_{n-1} - x_{n-2}``): the one-sided difference times two at the first and last plane."""
     n = x.shape[dim]
-    planes = [2.0 * x.narrow(dim, 0, 1) - x.narrow(dim, 1, 1)] if front else []
-    planes.append(x)
-    if back:
-        planes.append(2.0 * x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1))
-    return torch.cat(planes, dim)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    first, second = x.narrow(dim, 0, 1), x.narrow(dim, 1, 1)
+    last, before_last = x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1)
+    out.narrow(dim, 0, 1).copy_(second - (2.0 * first - second))
+    out.narrow(dim, n - 1, 1).copy_((2.0 * last - before_last) - before_last)
+    return out
 
 
 def _determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
-    """det of 3x3 matrices given entry by entry, by cofactor expansion along the first row."""
-    return (
-        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
-    )
+    """det of 3x3 matrices given entry by entry, by cofactor expansion along the first row (in the order
+    ``m00 (m11 m22 - m12 m21) - m01 (m10 m22 - m12 m20) + m02 (m10 m21 - m11 m20)``, in place where it can)."""
+    minor = torch.mul(m[1][1], m[2][2]).sub_(torch.mul(m[1][2], m[2][1]))
+    det = torch.mul(m[0][0], minor)
+    torch.mul(m[1][0], m[2][2], out=minor).sub_(torch.mul(m[1][2], m[2][0]))
+    det.sub_(minor.mul_(m[0][1]))
+    torch.mul(m[1][0], m[2][1], out=minor).sub_(torch.mul(m[1][1], m[2][0]))
+    return det.add_(minor.mul_(m[0][2]))
 
 
 def jacobian_determinant(field: Volume, device: str | torch.device | None = None) -> Volume:
@@ -75,17 +79,14 @@ def jacobian_determinant(field: Volume, device: str | torch.device | None = None
     for start in range(0, n, _SLAB):
         stop = min(start + _SLAB, n)
         rows = stop - start
-        # rows start-1 .. stop (one halo row each side; extrapolated at the image's first and last row)
-        chunk = source[max(start - 1, 0) : min(stop + 1, n)].to(device=device, dtype=dtype).permute(3, 0, 1, 2)
-        chunk = _extended(_extended(_extended(chunk, 1, start == 0, stop == n), 2), 3)  # (3, rows + 2, J + 2, K + 2)
+        # rows start-1 .. stop (one halo row each side inside the image): (3, rows + halos, J, K)
+        low = max(start - 1, 0)
+        chunk = source[low : min(stop + 1, n)].to(device=device, dtype=dtype).permute(3, 0, 1, 2).contiguous()
+        own = chunk.narrow(1, start - low, rows)
         # d[a][c] = du_c / dindex_a: central differences (one-sided on the image's outermost voxels)
-        d = [
-            chunk[:, 2 : rows + 2, 1:-1, 1:-1] - chunk[:, :rows, 1:-1, 1:-1],
-            chunk[:, 1 : rows + 1, 2:, 1:-1] - chunk[:, 1 : rows + 1, :-2, 1:-1],
-            chunk[:, 1 : rows + 1, 1:-1, 2:] - chunk[:, 1 : rows + 1, 1:-1, :-2],
-        ]
+        d = [_difference(chunk, 1).narrow(1, start - low, rows), _difference(own, 2), _difference(own, 3)]
         m = [[d[a][c].mul_(0.5).add_(float(linear[c, a])) for a in range(3)] for c in range(3)]
-        det[start:stop] = (_determinant(m) * scale).cpu()
+        det[start:stop] = _determinant(m).mul_(scale).cpu()
     return Volume(det.numpy(), geometry)
 
 

@@ -5,7 +5,7 @@ labels scored are the union of the nonzero labels of both maps.
 
 HD95 follows MONAI's ``HausdorffDistanceMetric(percentile=95)`` (symmetric, euclidean):
 surface voxels are the label voxels removed by one binary erosion with the 6-connected cross
-(outside the image counts as background); for each direction the distances (mm, using the voxel
+(outside the image counts as background; found for all labels in one pass, `surfaces`); for each direction the distances (mm, using the voxel
 spacing) from every surface voxel of one map to the nearest surface voxel of the other are
 collected; HD95 is the larger of the two directed 95th percentiles (linear interpolation). A label
 present in only one map gives ``inf`` (as MONAI). Each label is cropped to the bounding box of
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy.ndimage import binary_erosion, find_objects
+from scipy.ndimage import find_objects
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
@@ -53,27 +53,36 @@ class LabelCounts:
     """How two label maps on one grid overlap: ``joint[i, j]`` voxels hold ``values[i]`` in ``a`` and
     ``values[j]`` in ``b`` (``values``: every label either map holds, increasing).
 
-    A few ``np.bincount`` passes over the maps, instead of comparing both whole maps once per label;
-    Dice of single labels and of groups of labels (`group_dice`) come from the one table.
+    A few ``np.bincount`` passes over the box holding every nonzero voxel of either map (the voxels outside it
+    count as background in both), instead of comparing both whole maps once per label; Dice of single labels
+    and of groups of labels (`group_dice`) come from the one table.
     """
 
     def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = a.ravel(), b.ravel()
-        low, high = min(int(a.min()), int(b.min())), max(int(a.max()), int(b.max()))
+        box = _nonzero_box(a, b)
+        outside = a.size - int(np.prod([s.stop - s.start for s in box]))  # voxels that are 0 in both maps
+        a, b = a[box].ravel(), b[box].ravel()
+        extra = [0] if outside else []
+        low, high = min(int(a.min()), int(b.min()), *extra), max(int(a.max()), int(b.max()), *extra)
         if high - low < _MAX_BINS:  # count by value, then number the values present 0..n-1
             shift = low if low < 0 or a.dtype == np.bool_ else 0
             a, b = (x.astype(np.intp) - shift if shift or x.dtype == np.bool_ else x for x in (a, b))
             length = high - shift + 1
-            present = np.flatnonzero(np.bincount(a, minlength=length) | np.bincount(b, minlength=length))
+            occurs = np.bincount(a, minlength=length) | np.bincount(b, minlength=length)
+            occurs[np.asarray(extra, dtype=np.intp) - shift] = 1
+            present = np.flatnonzero(occurs)
             lookup = np.zeros(length, dtype=np.intp)
             lookup[present] = np.arange(len(present))
             self.values = present + shift
             index_a, index_b = lookup[a], lookup[b]
         else:  # a few labels spread over a wide range
-            self.values, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-            index_a, index_b = inverse[: a.size], inverse[a.size :]
+            self.values, inverse = np.unique(np.concatenate([a, b, np.asarray(extra, a.dtype)]), return_inverse=True)
+            index_a, index_b = inverse[: a.size], inverse[a.size : 2 * a.size]
         n = len(self.values)
         self.joint = np.bincount(index_a * n + index_b, minlength=n * n).reshape(n, n)
+        if outside:
+            zero = self.index(0)
+            self.joint[zero, zero] += outside
         self.a, self.b = self.joint.sum(axis=1), self.joint.sum(axis=0)
 
     def index(self, label: int) -> int | None:
@@ -101,6 +110,12 @@ class LabelCounts:
     def in_both(self, label: int) -> bool:
         i = self.index(label)
         return i is not None and bool(self.a[i]) and bool(self.b[i])
+
+
+def _nonzero_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every nonzero voxel of either map (the whole grid when both are empty)."""
+    occupied = (a != 0) | (b != 0)
+    return _bounding_box(occupied) if occupied.any() else tuple(slice(0, n) for n in occupied.shape)
 
 
 def labels_in(labels: np.ndarray | Volume) -> list[int]:
@@ -159,9 +174,21 @@ def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b))
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """The voxels of ``mask`` that one erosion with the 6-connected cross removes (outside = background)."""
-    return mask & ~binary_erosion(mask)
+def surfaces(labels: np.ndarray) -> np.ndarray:
+    """Every nonzero label's surface voxels at once: for each label, the voxels of its mask that one erosion with
+    the 6-connected cross removes (``mask & ~binary_erosion(mask)``, outside the image = background), i.e. the
+    label's voxels with a 6-neighbour of another value or on the image's border."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        before = (slice(None),) * axis + (slice(None, -1),)
+        after = (slice(None),) * axis + (slice(1, None),)
+        differ = labels[before] != labels[after]
+        edge[before] |= differ
+        edge[after] |= differ
+        edge[(slice(None),) * axis + (0,)] = True
+        edge[(slice(None),) * axis + (-1,)] = True
+    edge &= labels != 0
+    return edge
 
 
 def nearest_distances(
@@ -218,8 +245,13 @@ def surface_distances(
     uresnet); the rest are searched in a KD-tree (`nearest_distances`). On a GPU every point is
     searched on the device.
     """
-    points = np.argwhere(from_surface)
-    targets = np.argwhere(to_surface)
+    return _distances(np.argwhere(from_surface), to_surface, np.argwhere(to_surface), spacing, device, workers)
+
+
+def _distances(
+    points: np.ndarray, to_surface: np.ndarray, targets: np.ndarray, spacing: np.ndarray, device: str | None, workers: int
+) -> np.ndarray:
+    """`surface_distances` of the voxels ``points (n, 3)`` to ``to_surface``, whose voxels are ``targets (m, 3)``."""
     if len(points) == 0:
         return np.zeros(0)
     if _on_gpu(device):
@@ -262,6 +294,7 @@ def hd95_per_label(
     if spacing_arr.shape != (a.ndim,) or np.any(spacing_arr <= 0):
         raise InputError(f"spacing must be {a.ndim} positive numbers, got {tuple(spacing)}")
     boxes_a, boxes_b = label_boxes(a), label_boxes(b)
+    edges_a, edges_b = surfaces(a), surfaces(b)
     distances: dict[int, float] = {}
     for label in _chosen(labels, sorted(set(boxes_a) | set(boxes_b))):
         box_a, box_b = boxes_a.get(label), boxes_b.get(label)
@@ -271,8 +304,9 @@ def hd95_per_label(
             distances[label] = float("inf")
             continue
         box = _union(box_a, box_b)
-        surface_a, surface_b = _surface(a[box] == label), _surface(b[box] == label)
-        a_to_b = surface_distances(surface_a, surface_b, spacing_arr, device, workers)
-        b_to_a = surface_distances(surface_b, surface_a, spacing_arr, device, workers)
+        surface_a, surface_b = (a[box] == label) & edges_a[box], (b[box] == label) & edges_b[box]
+        points_a, points_b = np.argwhere(surface_a), np.argwhere(surface_b)
+        a_to_b = _distances(points_a, surface_b, points_b, spacing_arr, device, workers)
+        b_to_a = _distances(points_b, surface_a, points_a, spacing_arr, device, workers)
         distances[label] = max(float(np.percentile(a_to_b, 95)), float(np.percentile(b_to_a, 95)))
     return distances

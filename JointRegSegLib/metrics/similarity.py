@@ -14,6 +14,10 @@ metrics.json and each patch of the PMM map (seed 004 reports PMM values that "wi
 value of 1" for multi-modal pairs, i.e. a normalisation whose maximum is 1). Studholme's
 (H(A) + H(B)) / H(A, B), in [1, 2], is the same quantity rescaled: 2 - 2 / Studholme.
 Undefined cases (every voxel in one bin for both images) give NaN.
+
+`MaskedImage` holds one image's voxels inside a mask and their bins, computed once, for scoring
+several images against it (the fixed image against the moving image before and after
+registration: `similarity_scores`), with the same numbers as the functions of single pairs.
 """
 
 from __future__ import annotations
@@ -42,15 +46,25 @@ def masked_pair(
     a, b = as_array(a, "first image"), as_array(b, "second image")
     if a.shape != b.shape:
         raise InputError(f"images have different shapes {a.shape} and {b.shape}: resample them onto one grid first")
+    m = _checked_mask(mask, a.shape)
+    return _masked_values(a, m), _masked_values(b, m)
+
+
+def _checked_mask(mask: np.ndarray | Volume | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``mask`` as a non-empty boolean array of ``shape`` (None stays None)."""
     if mask is None:
-        return a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        return None
     m = as_array(mask, "mask")
-    if m.shape != a.shape:
-        raise InputError(f"mask shape {m.shape} differs from image shape {a.shape}: use a mask on the image grid")
+    if m.shape != shape:
+        raise InputError(f"mask shape {m.shape} differs from image shape {shape}: use a mask on the image grid")
     m = m.astype(bool)
     if not m.any():
         raise InputError("the mask is empty: give a mask with at least one voxel inside")
-    return a[m].astype(np.float64), b[m].astype(np.float64)
+    return m
+
+
+def _masked_values(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return array.astype(np.float64).ravel() if mask is None else array[mask].astype(np.float64)
 
 
 def quantise(values: np.ndarray, bins: int) -> np.ndarray:
@@ -122,23 +136,30 @@ def arithmetic_nmi_from_joint(joint: np.ndarray) -> np.ndarray:
         return np.where(h_sum > 0, 2.0 * (h_sum - h_ab) / h_sum, np.nan)
 
 
+def _pearson(va: np.ndarray, vb: np.ndarray) -> float:
+    da, db = va - va.mean(), vb - vb.mean()
+    denom = np.sqrt(np.dot(da, da) * np.dot(db, db))
+    return float(np.dot(da, db) / denom) if denom > 0 else float("nan")
+
+
+def _mutual_information_from_joint(joint: np.ndarray) -> float:
+    h_a, h_b, h_ab = entropies(joint)
+    return float(h_a + h_b - h_ab)
+
+
 def ncc(a: np.ndarray | Volume, b: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> float:
     """Global normalised cross-correlation (Pearson r) inside the mask, in [-1, 1].
 
     Seed 004 Appendix B, eq. (4), without the loss's minus sign. NaN when either image is constant.
     """
-    va, vb = masked_pair(a, b, mask)
-    da, db = va - va.mean(), vb - vb.mean()
-    denom = np.sqrt(np.dot(da, da) * np.dot(db, db))
-    return float(np.dot(da, db) / denom) if denom > 0 else float("nan")
+    return _pearson(*masked_pair(a, b, mask))
 
 
 def mutual_information(
     a: np.ndarray | Volume, b: np.ndarray | Volume, bins: int = 32, mask: np.ndarray | Volume | None = None
 ) -> float:
     """I(A; B) = H(A) + H(B) - H(A, B) in nats, from the joint histogram (module docstring)."""
-    h_a, h_b, h_ab = entropies(joint_histogram(a, b, bins, mask))
-    return float(h_a + h_b - h_ab)
+    return _mutual_information_from_joint(joint_histogram(a, b, bins, mask))
 
 
 def arithmetic_normalised_mutual_information(
@@ -146,3 +167,40 @@ def arithmetic_normalised_mutual_information(
 ) -> float:
     """NMI = 2 I(A; B) / (H(A) + H(B)), in [0, 1] (the PMM's per-patch score); NaN when both are constant."""
     return float(arithmetic_nmi_from_joint(joint_histogram(a, b, bins, mask)))
+
+
+class MaskedImage:
+    """An image's voxels inside ``mask`` (every voxel when None) as float64 (``values``, as `masked_pair`
+    gives them), and their bin indices for each bin count asked for (`quantise`), each computed once."""
+
+    def __init__(self, image: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> None:
+        array = as_array(image, "image")
+        self.shape = array.shape
+        self.mask = _checked_mask(mask, array.shape)
+        self.values = _masked_values(array, self.mask)
+        self._bins: dict[int, np.ndarray] = {}
+
+    def of(self, image: np.ndarray | Volume) -> np.ndarray:
+        """Another image's voxels at the same places, as float64 (as `masked_pair` gives them)."""
+        array = as_array(image, "image")
+        if array.shape != self.shape:
+            raise InputError(f"images have different shapes {self.shape} and {array.shape}: resample them onto one grid first")
+        return _masked_values(array, self.mask)
+
+    def bins(self, count: int) -> np.ndarray:
+        """`quantise` of ``values`` into ``count`` bins."""
+        if count not in self._bins:
+            self._bins[count] = quantise(self.values, count)
+        return self._bins[count]
+
+
+def similarity_scores(reference: MaskedImage, values: np.ndarray, bins: int = 32) -> dict[str, float]:
+    """`ncc`, `mutual_information` and `arithmetic_normalised_mutual_information` of ``reference`` and an
+    image whose voxels inside the reference's mask are ``values`` (`MaskedImage.of`): the same numbers,
+    from one joint histogram."""
+    joint = np.bincount(reference.bins(bins) * bins + quantise(values, bins), minlength=bins * bins).reshape(bins, bins)
+    return {
+        "ncc": _pearson(reference.values, values),
+        "mi": _mutual_information_from_joint(joint),
+        "nmi": float(arithmetic_nmi_from_joint(joint)),
+    }

@@ -64,7 +64,10 @@ def default_index(array: np.ndarray) -> Index3:
 
     From the count of nonzero voxels in each plane along each axis (no list of their indices).
     """
-    nonzero = np.nan_to_num(np.asarray(array)[..., 0] if array.ndim > 3 else array) != 0
+    values = np.asarray(array)[..., 0] if array.ndim > 3 else np.asarray(array)
+    nonzero = values != 0
+    if np.issubdtype(values.dtype, np.floating):
+        nonzero &= ~np.isnan(values)  # NaN counts as empty
     total = int(np.count_nonzero(nonzero))
     if total == 0:
         return tuple(int(n // 2) for n in array.shape[:3])
@@ -125,12 +128,12 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
 
 
 def tile_parity(shape: tuple[int, ...], tiles: int = 8) -> np.ndarray:
-    """Which image each voxel of a `checkerboard` shows (0: the first, 1: the second), as a read-only
-    broadcast view: slicing it costs nothing, so the slices of a 3D checkerboard need no 3D array."""
+    """Which image each voxel of a `checkerboard` shows (0: the first, 1: the second), as uint8: the parities of
+    the voxel's tile along each axis added modulo 2 (one pass over the array, in one byte a voxel)."""
     if int(tiles) < 1:
         raise InputError(f"checkerboard needs at least one tile per axis, got tiles={tiles}.")
-    parity = np.zeros((1,) * len(shape), dtype=np.int64)
+    parity = np.zeros((1,) * len(shape), dtype=np.uint8)
     for axis, n in enumerate(shape):
-        tile = (np.arange(n) * int(tiles)) // n
-        parity = parity + tile.reshape([-1 if d == axis else 1 for d in range(len(shape))])
-    return np.broadcast_to(parity % 2, tuple(shape))
+        tile = ((np.arange(n) * int(tiles)) // n % 2).astype(np.uint8)
+        parity = parity ^ tile.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    return parity
