@@ -276,3 +276,25 @@ def test_outline_legend_takes_given_names_before_freesurfers():
     pair_and_more = ["Cerebral-White-Matter (left, right)", label_info(60).name]
     assert [name for _, name in _legend_entries(mask, {1: "brain"})] == ["brain", *pair_and_more]
     assert [name for _, name in _legend_entries(mask)] == [label_info(1).name, *pair_and_more]
+
+
+def test_a_tall_pictures_title_stays_above_the_view_names():
+    """An eight-row picture (pictures/overview.png): the figure's title overlaps neither a view's name nor the
+    figure's edge (matplotlib's default title height, a fraction of the figure, ran into the view names)."""
+    from matplotlib.text import Text
+
+    from JointRegSegLib.report.figures import _contour_row, _figure, _Windows
+
+    geometry = Geometry((40, 48, 56), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    image = np.random.default_rng(1).random(geometry.shape).astype(np.float32)
+    labels = np.zeros(geometry.shape, np.int16)
+    labels[5:35, 5:20, 5:50] = 2
+    row = _contour_row("rows", image, labels, (20, 24, 28), geometry, _Windows())
+    figure = _figure([row] * 8, (1.0, 1.0, 1.0), "JointRegSeg demo: 0.765 mean Dice")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    title = figure._suptitle.get_window_extent(renderer)
+    view_names = [t.get_window_extent(renderer) for ax in figure.axes for t in ax.findobj(Text) if t is ax.title and t.get_text()]
+    assert len(view_names) == 3
+    assert all(title.y0 > name.y1 for name in view_names)
+    assert _texts_outside(figure) == []

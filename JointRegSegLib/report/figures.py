@@ -227,8 +227,9 @@ def _figure(rows: list[_Row], aspects: tuple[float, float, float], title: str) -
                     frameon=False,
                     handlelength=1.0,
                 )
-    if title:
-        figure.suptitle(title, fontsize=10)
+    if title:  # in the band kept above the view titles, from the top edge down (matplotlib's default height
+        # is a fraction of the figure: on a tall figure it ran into the view titles)
+        figure.suptitle(title, fontsize=10, y=1 - 0.06 / size[1], va="top")
     return figure
 
 
