@@ -235,9 +235,11 @@ def _offsets_within(radius_mm: float, spacing: np.ndarray) -> tuple[np.ndarray, 
 
 
 def surface_distances(
-    from_surface: np.ndarray, to_surface: np.ndarray, spacing: np.ndarray, device: str | None = None, workers: int = 1
+    points: np.ndarray, to_surface: np.ndarray, targets: np.ndarray, spacing: np.ndarray, device: str | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
-    """Distance (mm) from every voxel of ``from_surface`` to the nearest voxel of ``to_surface`` (two masks of one box).
+    """Distance (mm) from every voxel ``points (n, 3)`` to the nearest voxel of the mask ``to_surface`` (of the
+    same box), whose voxels are ``targets (m, 3)``.
 
     On the CPU the voxels around each point are looked at first, nearest first, up to `NEAR_MM`: the
     first one of ``to_surface`` found gives the exact distance (most of a surface lies within a few
@@ -245,13 +247,6 @@ def surface_distances(
     uresnet); the rest are searched in a KD-tree (`nearest_distances`). On a GPU every point is
     searched on the device.
     """
-    return _distances(np.argwhere(from_surface), to_surface, np.argwhere(to_surface), spacing, device, workers)
-
-
-def _distances(
-    points: np.ndarray, to_surface: np.ndarray, targets: np.ndarray, spacing: np.ndarray, device: str | None, workers: int
-) -> np.ndarray:
-    """`surface_distances` of the voxels ``points (n, 3)`` to ``to_surface``, whose voxels are ``targets (m, 3)``."""
     if len(points) == 0:
         return np.zeros(0)
     if _on_gpu(device):
@@ -306,7 +301,7 @@ def hd95_per_label(
         box = _union(box_a, box_b)
         surface_a, surface_b = (a[box] == label) & edges_a[box], (b[box] == label) & edges_b[box]
         points_a, points_b = np.argwhere(surface_a), np.argwhere(surface_b)
-        a_to_b = _distances(points_a, surface_b, points_b, spacing_arr, device, workers)
-        b_to_a = _distances(points_b, surface_a, points_a, spacing_arr, device, workers)
+        a_to_b = surface_distances(points_a, surface_b, points_b, spacing_arr, device, workers)
+        b_to_a = surface_distances(points_b, surface_a, points_a, spacing_arr, device, workers)
         distances[label] = max(float(np.percentile(a_to_b, 95)), float(np.percentile(b_to_a, 95)))
     return distances
