@@ -24,7 +24,7 @@ import numpy as np
 
 from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
 from .errors import InputError
-from .imageio.geometry import Geometry, Volume
+from .imageio.geometry import Volume
 from .imageio.intensity import normalise_intensity
 from .imageio.network_grid import resample
 from .labels import EVALUATION_LABELS, TISSUE_LABELS, label_info, tissue_of
@@ -95,7 +95,7 @@ class Evaluation:
     def initial(self) -> Volume:
         """The moving image as it lies (identity transform), on the fixed grid."""
         with self.watch.step("evaluation: before registration"):
-            return _as_it_lies(self.inputs.moving, self.inputs.fixed.geometry, "linear")
+            return resample(self.inputs.moving, self.inputs.fixed.geometry)
 
     @cached_property
     def initial_seg(self) -> np.ndarray | None:
@@ -103,7 +103,7 @@ class Evaluation:
         if self.inputs.moving_seg is None:
             return None
         with self.watch.step("evaluation: before registration"):
-            return _as_it_lies(self.inputs.moving_seg, self.inputs.fixed.geometry, "nearest").array
+            return resample(self.inputs.moving_seg, self.inputs.fixed.geometry, interpolation="nearest").array
 
     @cached_property
     def initial_numbers(self) -> dict[str, float]:
@@ -185,19 +185,6 @@ class Evaluation:
                 if given is not None and produced is not None:
                     metrics[f"seg_dice_{side}"] = segmentation_dice(given, produced)
         return metrics
-
-
-def _as_it_lies(volume: Volume, grid: Geometry, interpolation: str) -> Volume:
-    """``volume`` resampled onto ``grid`` (identity transform); one already on exactly that grid is taken as it is
-    (resampling would give its own values, as float for linear interpolation)."""
-    own = volume.geometry
-    same = own.shape == grid.shape and all(
-        np.array_equal(getattr(own, key), getattr(grid, key)) for key in ("spacing", "origin", "direction")
-    )
-    if not same:
-        return resample(volume, grid, interpolation=interpolation)
-    floating = interpolation == "nearest" or np.issubdtype(volume.array.dtype, np.floating)
-    return Volume(volume.array if floating else volume.array.astype(np.float32), grid)
 
 
 def check_result(inputs: Inputs, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:

@@ -60,11 +60,19 @@ def _resample_scalar(volume: Volume, geometry: Geometry, interpolation: str, def
     array = volume.array
     if interpolation != "nearest" and not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
+    if interpolation != "bspline" and _identical(volume.geometry, geometry):  # every voxel centre is one of its own
+        return array.copy() if array is volume.array else array
     image = to_sitk(volume.with_array(array))
     resampled = sitk.Resample(
         image, reference_image(geometry), sitk.Transform(), interpolators[interpolation], float(default)
     )
     return from_sitk(resampled).array
+
+
+def _identical(a: Geometry, b: Geometry) -> bool:
+    """The very same grid (`Geometry.same_as` allows rounding): linear and nearest-neighbour resampling onto it
+    give every voxel its own value, as SimpleITK does."""
+    return a.shape == b.shape and all(np.array_equal(getattr(a, key), getattr(b, key)) for key in ("spacing", "origin", "direction"))
 
 
 def resample(volume: Volume, geometry: Geometry, interpolation: str = "linear", default: float = 0.0) -> Volume:
