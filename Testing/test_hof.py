@@ -14,8 +14,10 @@ from conftest import run_worker
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.labels import EVALUATION_LABELS
 from JointRegSegLib.nets.hof import HOFNet
-from JointRegSegLib.methods.hof import HOF_LABELS, classes_to_codes, codes_to_classes
+from JointRegSegLib.methods.hof import HOF_LABELS, build_net, classes_to_codes, codes_to_classes, segment_volume
+from JointRegSegLib.methods.options import validate_options
 from JointRegSegLib.training.gra import hypergradient
+from JointRegSegLib.weights import load_into
 from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, smoothness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,6 +165,12 @@ def test_method_through_the_worker_gives_both_segmentations(tmp_path, sample_pai
     assert fixed_seg.geometry.shape == fixed.geometry.shape and moving_seg.geometry.shape == moving.geometry.shape
     assert set(np.unique(fixed_seg.array)) <= {0, *HOF_LABELS}
     assert len(set(np.unique(fixed_seg.array)) - {0}) >= 5  # a label map of several structures, not a constant
+    # the fixed image's segmentation reuses the registration's network grid: the same as segmenting it afresh
+    settings = validate_options("hof", {})
+    net = build_net()
+    load_into(net, settings["weights"])
+    afresh = segment_volume(net.eval(), fixed, settings["spacing"], torch.device("cpu"))
+    assert np.array_equal(fixed_seg.array, afresh.array)
     metrics = json.loads(Path(files["metrics"]).read_text())
     assert metrics["folding_percent"] < 1.0
     # The registration decoder's field is the one written: SimpleITK warps the moving label map with

@@ -16,6 +16,7 @@ from scipy.spatial.transform import Rotation
 
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio.geometry import Geometry, Volume
+from JointRegSegLib.imageio.network_grid import network_geometry
 from JointRegSegLib.imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from JointRegSegLib.spatial import (
     affine_matrix,
@@ -38,6 +39,8 @@ from JointRegSegLib.spatial import (
     warp_volume,
     write_displacement_field,
 )
+from JointRegSegLib.spatial.physical import _index_map, warp_volume_affine
+from JointRegSegLib.spatial.separable import axis_pairing, sample_separable
 
 SHAPE = (20, 24, 28)
 
@@ -203,47 +206,81 @@ def test_network_voxel_translation_is_physical_translation(t):
 
 
 NETWORK = oblique((30, 34, 26), (1.3, 1.1, 1.4), (0.0, -25.0, -5.0), (-10.0, 25.0, 5.0))
+# A scan stored axis-aligned (LPS direction a flipped permutation, as the benchmark pair's) and its
+# network grid: every index axis of one follows one axis of the other, the separable path.
+FIXED_ALIGNED = Geometry((32, 36, 28), (1.2, 0.9, 1.5), (10.0, -20.0, 5.0), np.array([[1.0, 0, 0], [0, 0, -1.0], [0, -1.0, 0]]))
+NETWORK_ALIGNED = network_geometry(FIXED_ALIGNED, spacing=2.5, multiple=4)
+GRID_PAIRS = pytest.mark.parametrize(
+    "fixed, network", [(FIXED, NETWORK), (FIXED_ALIGNED, NETWORK_ALIGNED)], ids=["oblique", "axis-aligned"]
+)
 
 
-def test_voxel_to_physical_matches_scipy_interpolation():
-    disp = smooth_voxel_field(NETWORK.shape, 2.0, seed=3)[0]
-    field = voxel_to_physical_field(disp, NETWORK, FIXED)
-    c = NETWORK.physical_to_index(FIXED.index_to_physical(all_indices(FIXED.shape)))
+def test_the_grid_pairs_take_both_sampling_paths():
+    assert axis_pairing(_index_map(FIXED, NETWORK), FIXED.shape) is None
+    assert axis_pairing(_index_map(FIXED_ALIGNED, NETWORK_ALIGNED), FIXED_ALIGNED.shape) == (0, 2, 1)
+    assert axis_pairing(_index_map(NETWORK_ALIGNED, FIXED_ALIGNED), NETWORK_ALIGNED.shape) == (0, 2, 1)
+
+
+@GRID_PAIRS
+def test_voxel_to_physical_matches_scipy_interpolation(fixed, network):
+    disp = smooth_voxel_field(network.shape, 2.0, seed=3)[0]
+    field = voxel_to_physical_field(disp, network, fixed)
+    c = network.physical_to_index(fixed.index_to_physical(all_indices(fixed.shape)))
     u_idx = np.stack(
         [map_coordinates(disp[a].double().numpy(), np.moveaxis(c, -1, 0), order=1, mode="nearest") for a in range(3)],
         axis=-1,
     )
-    expected = u_idx @ (NETWORK.direction @ np.diag(NETWORK.spacing)).T
+    expected = u_idx @ (network.direction @ np.diag(network.spacing)).T
     np.testing.assert_allclose(field.array, expected, atol=1e-4)
 
 
-def test_physical_to_voxel_matches_scipy_interpolation():
+@GRID_PAIRS
+def test_physical_to_voxel_matches_scipy_interpolation(fixed, network):
     rng = np.random.default_rng(5)
-    field = Volume(rng.normal(size=(*FIXED.shape, 3)).astype(np.float32), FIXED)
-    disp = physical_to_voxel_field(field, NETWORK)
-    c = FIXED.physical_to_index(NETWORK.index_to_physical(all_indices(NETWORK.shape)))
+    field = Volume(rng.normal(size=(*fixed.shape, 3)).astype(np.float32), fixed)
+    disp = physical_to_voxel_field(field, network)
+    c = fixed.physical_to_index(network.index_to_physical(all_indices(network.shape)))
     u_phys = np.stack(
         [map_coordinates(field.array[..., a].astype(np.float64), np.moveaxis(c, -1, 0), order=1, mode="nearest") for a in range(3)],
         axis=-1,
     )
-    expected = u_phys @ np.linalg.inv(NETWORK.direction @ np.diag(NETWORK.spacing)).T
+    expected = u_phys @ np.linalg.inv(network.direction @ np.diag(network.spacing)).T
     np.testing.assert_allclose(disp.permute(1, 2, 3, 0).numpy(), expected, atol=1e-4)
 
 
-def test_regrid_voxel_field_matches_scipy_interpolation_and_the_physical_field():
-    disp = smooth_voxel_field(NETWORK.shape, 2.0, seed=4)
-    on_fixed = regrid_voxel_field(disp.double(), NETWORK, FIXED)[0]
-    c = NETWORK.physical_to_index(FIXED.index_to_physical(all_indices(FIXED.shape)))
+@GRID_PAIRS
+def test_regrid_voxel_field_matches_scipy_interpolation_and_the_physical_field(fixed, network):
+    disp = smooth_voxel_field(network.shape, 2.0, seed=4)
+    on_fixed = regrid_voxel_field(disp.double(), network, fixed)[0]
+    c = network.physical_to_index(fixed.index_to_physical(all_indices(fixed.shape)))
     u_idx = np.stack(
         [map_coordinates(disp[0, a].double().numpy(), np.moveaxis(c, -1, 0), order=1, mode="nearest") for a in range(3)],
         axis=-1,
     )
-    expected = u_idx @ (np.linalg.inv(FIXED.direction @ np.diag(FIXED.spacing)) @ NETWORK.direction @ np.diag(NETWORK.spacing)).T
+    expected = u_idx @ (np.linalg.inv(fixed.direction @ np.diag(fixed.spacing)) @ network.direction @ np.diag(network.spacing)).T
     np.testing.assert_allclose(on_fixed.permute(1, 2, 3, 0).numpy(), expected, atol=1e-4)
     # the same physical displacement as voxel_to_physical_field gives, in voxels of the fixed grid
-    physical = voxel_to_physical_field(disp[0], NETWORK, FIXED).array
-    np.testing.assert_allclose(on_fixed.permute(1, 2, 3, 0).numpy() @ (FIXED.direction @ np.diag(FIXED.spacing)).T, physical, atol=1e-4)
-    assert regrid_voxel_field(disp, NETWORK, NETWORK) is disp
+    physical = voxel_to_physical_field(disp[0], network, fixed).array
+    np.testing.assert_allclose(on_fixed.permute(1, 2, 3, 0).numpy() @ (fixed.direction @ np.diag(fixed.spacing)).T, physical, atol=1e-4)
+    assert regrid_voxel_field(disp, network, network) is disp
+
+
+@pytest.mark.parametrize("padding, scipy_mode", [("zeros", "grid-constant"), ("border", "nearest")])
+def test_separable_sampling_matches_scipy_inside_and_outside_the_source(padding, scipy_mode):
+    # a flipped, scaled permutation reaching 3 voxels beyond the source on every side
+    source = torch.as_tensor(np.random.default_rng(6).normal(size=(2, 3, 9, 11, 7)))
+    target_shape = (20, 13, 17)
+    matrix = np.array([[0.0, 0, -0.75, 8.0], [0.0, 1.1, 0, -2.9], [0.4, 0, 0, -3.1], [0, 0, 0, 1]])
+    sampled = sample_separable(source, matrix, target_shape, padding)
+    points = np.moveaxis(all_indices(target_shape) @ matrix[:3, :3].T + matrix[:3, 3], -1, 0)
+    expected = np.stack([
+        np.stack([map_coordinates(channel, points, order=1, mode=scipy_mode, cval=0.0) for channel in batch]) for batch in source.numpy()
+    ])
+    np.testing.assert_allclose(sampled.numpy(), expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: sample_separable(v, matrix, (5, 4, 6), padding), source[:1, :1, :4, :5, :3].clone().requires_grad_())
+    oblique_matrix = matrix.copy()
+    oblique_matrix[0, 1] = 0.05
+    assert sample_separable(source, oblique_matrix, target_shape, padding) is None
 
 
 def test_voxel_physical_round_trip_of_an_affine_field():
@@ -307,6 +344,39 @@ def test_field_file_round_trip_and_simpleitk_resample(tmp_path, suffix):
     from_ours = to_sitk_transform(field)
     point = FIXED.index_to_physical(np.array([7.0, 11.0, 5.0]))
     np.testing.assert_allclose(from_ours.TransformPoint(point.tolist()), transform.TransformPoint(point.tolist()), atol=1e-5)
+
+
+def _lps_affine() -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = Rotation.from_euler("xyz", (8.0, -5.0, 12.0), degrees=True).as_matrix() @ np.diag((1.05, 0.95, 1.1))
+    centre = FIXED.index_to_physical((np.asarray(FIXED.shape) - 1) / 2.0)
+    matrix[:3, 3] = MOVING.index_to_physical((np.asarray(MOVING.shape) - 1) / 2.0) - matrix[:3, :3] @ centre + (1.0, -2.0, 0.5)
+    return matrix
+
+
+def test_affine_warp_is_exact_for_a_linear_image_and_agrees_with_the_field_warp_for_labels():
+    matrix = _lps_affine()
+    points = FIXED.index_to_physical(all_indices(FIXED.shape))
+    mapped = points @ matrix[:3, :3].T + matrix[:3, 3]
+    gradient, offset = np.array([0.3, -0.2, 0.5]), 4.0
+    image = Volume((MOVING.index_to_physical(all_indices(MOVING.shape)) @ gradient + offset).astype(np.float32), MOVING)
+    warped = warp_volume_affine(image, matrix, FIXED, default=-1.0)
+    assert warped.geometry is FIXED and warped.array.dtype == np.float32
+    index = MOVING.physical_to_index(mapped)
+    inside = np.all((index >= 0) & (index <= np.asarray(MOVING.shape) - 1), axis=-1)
+    far_outside = np.any((index < -1) | (index > np.asarray(MOVING.shape)), axis=-1)
+    assert inside.mean() > 0.2 and far_outside.mean() > 0.05
+    # linear interpolation reproduces a linear function exactly inside the moving grid; outside is the default
+    np.testing.assert_allclose(warped.array[inside], (mapped @ gradient + offset)[inside], atol=1e-3)
+    assert np.all(warped.array[far_outside] == -1.0)
+
+    labels = Volume(np.random.default_rng(3).integers(0, 5, MOVING.shape).astype(np.int16), MOVING)
+    by_affine = warp_volume_affine(labels, matrix, FIXED, "nearest")
+    by_field = warp_volume(labels, Volume((mapped - points).astype(np.float32), FIXED), "nearest")
+    assert by_affine.array.dtype == np.int16
+    assert np.mean(by_affine.array != by_field.array) < 1e-3  # only float ties at voxel boundaries differ
+    mask = warp_volume_affine(Volume(labels.array > 2, MOVING), matrix, FIXED, "nearest")
+    assert mask.array.dtype == bool and np.array_equal(mask.array, by_affine.array > 2)
 
 
 def test_warp_volume_nearest_matches_simpleitk_for_labels():

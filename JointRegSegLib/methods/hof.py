@@ -86,10 +86,13 @@ def classes_to_codes(classes: np.ndarray) -> np.ndarray:
     return table[np.asarray(classes, dtype=np.int64)]
 
 
-def segment_volume(net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device) -> Volume:
-    """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid."""
+def segment_volume(
+    net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device, on_grid: torch.Tensor | None = None
+) -> Volume:
+    """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid.
+    ``on_grid``: the volume already on that grid and normalised (`common.prepare_pair`'s fixed image), where at hand."""
     grid = network_geometry(volume.geometry, spacing=spacing)
-    image = torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
+    image = on_grid if on_grid is not None else torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
         classes = class_map(net.segment(image), 1)[0].cpu().numpy()
     return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
@@ -138,7 +141,7 @@ class HOFMethod:
         report(1.0, "inference")
 
         with watch.step("segmentation"):
-            fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device)
+            fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device, pair.fixed)  # the grid prepare_pair chose
             report(0.5, "segmentation")
             moving_seg = segment_volume(net, inputs.moving, s["spacing"], device)
         report(1.0, "segmentation")

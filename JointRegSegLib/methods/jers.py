@@ -50,7 +50,7 @@ from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..nets.jers import JERS
 from ..spatial.affine import normalised_affine_to_index
-from ..spatial.physical import mapped_coordinates, warp_volume
+from ..spatial.physical import warp_volume_affine
 from ..labels import TISSUE_LABELS
 from ..timing import Stopwatch
 from ..weights import load_into
@@ -181,19 +181,17 @@ class JERSMethod:
         with watch.step("field to fixed grid"):
             matrix = physical_affine(out.affine, atlas.grid, raw.grid)
             field = affine_displacement(matrix, inputs.fixed.geometry)
-        with watch.step("warping"):  # the extracted image and the moving label map (on the moving grid): one set of points
-            coordinates = mapped_coordinates(field, inputs.moving.geometry, device)
-            warped = warp_volume(extracted, field, coordinates=coordinates)
+        with watch.step("warping"):  # the extracted image and the moving label map, by the affine itself
+            warped = warp_volume_affine(extracted, matrix, inputs.fixed.geometry)
             warped_seg = None
             if inputs.moving_seg is not None:
-                warped_seg = warp_volume(inputs.moving_seg, field, "nearest", coordinates=coordinates)
+                warped_seg = warp_volume_affine(inputs.moving_seg, matrix, inputs.fixed.geometry, "nearest")
         with watch.step("segmentation"):
             if use_network:
                 seg_net = class_map(out.segmentation_logits, 1)[0].cpu().numpy().astype(np.uint8)
                 moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
             elif inputs.fixed_seg is not None:
-                inverse = affine_displacement(np.linalg.inv(matrix), inputs.moving.geometry)
-                moving_seg = warp_volume(inputs.fixed_seg, inverse, interpolation="nearest")
+                moving_seg = warp_volume_affine(inputs.fixed_seg, np.linalg.inv(matrix), inputs.moving.geometry, "nearest")
             else:
                 moving_seg = None
             if moving_seg is not None and onehot is not None:  # tissue classes -> FreeSurfer's FSL-FAST codes

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
-from .affine import normaliser
+from .affine import normaliser, to_sitk_affine
+from .separable import sample_separable
 
 
 def _index_map(source: Geometry, target: Geometry) -> np.ndarray:
@@ -46,6 +47,17 @@ def _mapped_indices(shape: Sequence[int], matrix: np.ndarray, device: torch.devi
 def _sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``image (B, C, I, J, K)`` at the normalised coordinates ``grid (B, I', J', K', 3)`` of `_sampling_grid`."""
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def _resampled(values: torch.Tensor, matrix: np.ndarray, shape: Sequence[int], mode: str, padding_mode: str) -> torch.Tensor:
+    """``values (B, C, *source)`` at every voxel ``p`` of a grid of ``shape``, at the source index ``matrix @ (p, 1)``:
+    linear sampling between axis-aligned grids in three 1-D passes (`separable`), anything else by ``grid_sample``."""
+    if mode == "bilinear":
+        sampled = sample_separable(values, matrix, shape, padding_mode)
+        if sampled is not None:
+            return sampled
+    coordinates = _sampling_grid(shape, matrix, values.shape[2:], values.device)[0]
+    return _sample(values, coordinates.expand(values.shape[0], -1, -1, -1, -1).to(values.dtype), mode, padding_mode)
 
 
 def _linear_part(grid: Geometry) -> np.ndarray:
@@ -80,8 +92,7 @@ def voxel_to_physical_field(disp: torch.Tensor | np.ndarray, grid: Geometry, fix
     if fixed.same_as(grid):
         u_idx = disp
     else:
-        coordinates = _sampling_grid(fixed.shape, _index_map(fixed, grid), grid.shape, disp.device)[0]
-        u_idx = _sample(disp[None], coordinates, "bilinear", "border")[0]
+        u_idx = _resampled(disp[None], _index_map(fixed, grid), fixed.shape, "bilinear", "border")[0]
     return grid_steps_to_physical(u_idx.permute(1, 2, 3, 0), grid, fixed)
 
 
@@ -96,8 +107,7 @@ def sample_on(
     offset = np.eye(4)
     offset[0, 3] = start
     shape = (stop - start, *target.shape[1:])
-    coordinates = _sampling_grid(shape, _index_map(target, source) @ offset, source.shape, values.device)[0]
-    return _sample(values, coordinates.to(values.dtype), mode, padding_mode)
+    return _resampled(values, _index_map(target, source) @ offset, shape, mode, padding_mode)
 
 
 def grid_indices_of(fixed: Geometry, grid: Geometry) -> torch.Tensor:
@@ -126,8 +136,7 @@ def regrid_voxel_field(disp: torch.Tensor, source: Geometry, target: Geometry) -
         )
     if source.same_as(target):
         return disp
-    coordinates = _sampling_grid(target.shape, _index_map(target, source), source.shape, disp.device)[0]
-    sampled = _sample(disp, coordinates.expand(disp.shape[0], -1, -1, -1, -1).to(disp.dtype), "bilinear", "border")
+    sampled = _resampled(disp, _index_map(target, source), target.shape, "bilinear", "border")
     to_target = np.linalg.inv(_linear_part(target)) @ _linear_part(source)
     return torch.einsum("rc,bcijk->brijk", torch.as_tensor(to_target, dtype=disp.dtype, device=disp.device), sampled)
 
@@ -143,8 +152,7 @@ def physical_to_voxel_field(field: Volume, grid: Geometry) -> torch.Tensor:
     if field.geometry.same_as(grid):
         u_phys = values
     else:
-        coordinates = _sampling_grid(grid.shape, _index_map(grid, field.geometry), field.geometry.shape)[0]
-        u_phys = _sample(values[None], coordinates, "bilinear", "border")[0]
+        u_phys = _resampled(values[None], _index_map(grid, field.geometry), grid.shape, "bilinear", "border")[0]
     inverse = torch.as_tensor(np.linalg.inv(_linear_part(grid)), dtype=torch.float32)
     return torch.einsum("rc,cijk->rijk", inverse, u_phys).contiguous()
 
@@ -192,3 +200,29 @@ def warp_volume(
     if interpolation == "nearest" and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         result = result.astype(array.dtype)
     return Volume(np.ascontiguousarray(result), field.geometry)
+
+
+def warp_volume_affine(
+    moving: Volume, matrix: np.ndarray, target: Geometry, interpolation: str = "linear", default: float = 0.0
+) -> Volume:
+    """``out(x) = moving(M x)`` at the voxel centres of ``target`` for an LPS affine ``M`` (fixed point -> moving point):
+    `warp_volume` by ``M``'s displacement field, done by SimpleITK's resampling (threaded, without a field or a
+    sampling grid in memory: a fraction of ``grid_sample``'s time on a 1 mm grid). The same values but within half
+    a voxel outside the moving image's edge voxels, which ITK gives the edge value (`warp_volume` blends towards
+    ``default``), and at exact nearest-neighbour ties (ITK rounds halves up). Linear output is float32;
+    nearest keeps the voxel type."""
+    import SimpleITK as sitk  # here, so the rest of this module needs torch alone
+
+    from ..imageio.sitk_bridge import from_sitk, reference_image, to_sitk
+
+    modes = {"linear": (sitk.sitkLinear, sitk.sitkFloat32), "nearest": (sitk.sitkNearestNeighbor, sitk.sitkUnknown)}
+    if interpolation not in modes:
+        raise InputError(f"interpolation must be 'linear' or 'nearest'; got {interpolation!r}")
+    interpolator, pixel_type = modes[interpolation]
+    array = np.asarray(moving.array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = to_sitk(moving.with_array(array))
+    resampled = sitk.Resample(image, reference_image(target), to_sitk_affine(matrix), interpolator, float(default), pixel_type)
+    out = from_sitk(resampled).array
+    return Volume(out.astype(moving.array.dtype) if moving.array.dtype == bool else out, target)
