@@ -41,7 +41,7 @@ from .metrics import (
 )
 from .metrics.foreground import foreground_mask
 from .metrics.pmm import BINS as PMM_BINS, pmm_map_of_bins
-from .metrics.similarity import MaskedImage, quantise, similarity_scores
+from .metrics.similarity import MaskedImage, joint_codes, quantise, similarity_scores
 from .timing import Stopwatch
 
 MIN_COVERAGE = 0.05
@@ -125,7 +125,7 @@ class Evaluation:
     def _pmm(self, moving: np.ndarray) -> np.ndarray:
         """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``."""
         reference = self.reference
-        return pmm_map_of_bins(reference.bins(PMM_BINS) * PMM_BINS + quantise(moving, PMM_BINS), reference.mask, bins=PMM_BINS)
+        return pmm_map_of_bins(joint_codes(reference.bins(PMM_BINS), quantise(moving, PMM_BINS), PMM_BINS), reference.mask, bins=PMM_BINS)
 
     def check(self, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
         """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.

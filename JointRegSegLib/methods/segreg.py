@@ -366,7 +366,10 @@ AffineSchedule = tuple[tuple[int, ...], tuple[int, ...], int]
 """Pooling levels (coarse to fine), iterations per level and voxels sampled per iteration of `fit_affine`."""
 
 FULL_AFFINE: AffineSchedule = ((4, 2), (150, 60), 8000)
-QUICK_AFFINE: AffineSchedule = ((4,), (120,), 2048)  # learned variant: ~7x cheaper, 0.01 lower Dice after the affine on the pair
+# learned variant: one 4x-pooled level (at 1 mm, finer levels in so few steps lowered the Dice after the affine on the pair);
+# 8192 samples a step: the affine's Dice over seeds 0.5435 +- 0.0024 against 0.532 +- 0.015 with 2048, whose
+# spread carried into the final Dice (0.707-0.742 over seeds 0-2; 0.730-0.737 with 8192)
+QUICK_AFFINE: AffineSchedule = ((4,), (120,), 8192)
 
 
 def prepare(

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..imageio.geometry import Volume
-from .similarity import arithmetic_nmi_from_joint, as_array, quantise
+from .similarity import arithmetic_nmi_from_joint, as_array, joint_codes, quantise
 
 BINS = 16  # intensity bins per image (module docstring)
 _CHUNK_BYTES = 128 * 2**20  # cap on the block-histogram temporaries per chunk of patch rows
@@ -119,8 +119,8 @@ def _window(extent: tuple[int, int, int], patch: int, stride: int) -> slice:
 
 
 def quantised(f: np.ndarray, w: np.ndarray, domain: np.ndarray, bins: int) -> np.ndarray:
-    """Joint bin code ``bins * q_f + q_w`` of every domain voxel (each image binned over its own range in the domain)."""
-    return quantise(f[domain], bins) * bins + quantise(w[domain], bins)
+    """Joint bin code of every domain voxel (`joint_codes`; each image binned over its own range in the domain)."""
+    return joint_codes(quantise(f[domain], bins), quantise(w[domain], bins), bins)
 
 
 def _pmm_in_window(domain: np.ndarray, patch: int, stride: int, bins: int, min_fraction: float, joint: np.ndarray) -> np.ndarray:

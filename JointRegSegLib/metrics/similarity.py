@@ -67,6 +67,11 @@ def _masked_values(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return array.astype(np.float64).ravel() if mask is None else array[mask].astype(np.float64)
 
 
+def joint_codes(first_bins: np.ndarray, second_bins: np.ndarray, bins: int) -> np.ndarray:
+    """The joint histogram cell ``bins * q_1 + q_2`` of each voxel's bin indices in two images (`quantise`)."""
+    return first_bins * bins + second_bins
+
+
 def quantise(values: np.ndarray, bins: int) -> np.ndarray:
     """Bin index (0..bins-1) of each value, with ``bins`` equal bins over [values.min(), values.max()].
 
@@ -94,7 +99,7 @@ def joint_histogram(
 ) -> np.ndarray:
     """Joint histogram counts, shape (bins, bins), rows indexing ``a``'s bins, columns ``b``'s."""
     va, vb = masked_pair(a, b, mask)
-    codes = quantise(va, bins) * bins + quantise(vb, bins)
+    codes = joint_codes(quantise(va, bins), quantise(vb, bins), bins)
     return np.bincount(codes, minlength=bins * bins).reshape(bins, bins)
 
 
@@ -198,7 +203,7 @@ def similarity_scores(reference: MaskedImage, values: np.ndarray, bins: int = 32
     """`ncc`, `mutual_information` and `arithmetic_normalised_mutual_information` of ``reference`` and an
     image whose voxels inside the reference's mask are ``values`` (`MaskedImage.of`): the same numbers,
     from one joint histogram."""
-    joint = np.bincount(reference.bins(bins) * bins + quantise(values, bins), minlength=bins * bins).reshape(bins, bins)
+    joint = np.bincount(joint_codes(reference.bins(bins), quantise(values, bins), bins), minlength=bins * bins).reshape(bins, bins)
     return {
         "ncc": _pearson(reference.values, values),
         "mi": _mutual_information_from_joint(joint),
