@@ -56,10 +56,11 @@ GROUPS = (
     ("PMM", ("evaluation: PMM",)),
     ("metrics", ("evaluation: foreground", "evaluation: similarity", "evaluation: before registration",
                  "evaluation: Dice and HD95", "evaluation: own segmentations")),
-    ("pictures", ("writing: pictures", "writing: overview")),
+    ("pictures (waited for)", ("writing: pictures", "writing: overview")),
     ("writing NIfTI (waited for)", ("writing: waiting for the files", "writing: metrics")),
 )
-"""The columns of the step table: each a group of named steps (`timing`), in the order they run."""
+"""The columns of the step table: each a group of named steps (`timing`), in the order they run. The pictures are
+drawn beside the metrics by a forked child on Linux (`worker.beside`): their column is what the run waited for after."""
 BACKGROUND = ("writing: images", "writing: displacement field", "writing: maps")
 """Steps run on the worker's background thread, overlapping the evaluation and the pictures."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import random
 import time
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
+from .beside import Beside
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
@@ -138,7 +140,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
     The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
-    the result is evaluated, the maps while the pictures are drawn; then the run waits for them.
+    the result is evaluated, the maps while the metrics are computed; the pictures are drawn meanwhile
+    by a forked child on Linux (`beside.Beside`; elsewhere after the metrics); then the run waits for them.
 
     ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
     the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
@@ -158,6 +161,7 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     resolve_inputs(job, method.info)
     staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
     writer = BackgroundWriter()
+    drawing: Beside | None = None
     try:
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
@@ -184,9 +188,13 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
 
         failed: dict[str, str] = {}
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
-        evaluated = _kept_on_failure("evaluation", failed, events, lambda: _evaluate(evaluation, result, job.jacobian == "whole"))
-        maps, metrics = evaluated or (None, {})
+        maps = _kept_on_failure("evaluation", failed, events, lambda: evaluation.maps(result, job.jacobian == "whole"))
         writer.submit(partial(write_maps, staging.path, maps, job.compress, watch, threads))
+        if job.pictures:  # drawn by a forked child while the metrics are computed (`beside`)
+            with suppress(Exception):  # the moving image as it lies, once for both; a failure shows in the metrics
+                evaluation.initial
+            drawing = Beside(partial(_pictures, staging.path, evaluation, result, maps, method.info.name))
+        metrics = (_kept_on_failure("evaluation", failed, events, lambda: evaluation.metrics(result, maps)) if maps is not None else None) or {}
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
             metrics["messages"] = result.messages
@@ -197,10 +205,9 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         tick = time.monotonic()
         events.progress(STAGES["write"][0], "writing results")
         files: dict[str, str] = {}
-        if job.pictures:
-            pictures = partial(_pictures, staging.path, evaluation, result, maps, method.info.name)
+        if drawing is not None:
             with watch.step("writing: pictures"):
-                files.update(_kept_on_failure("pictures", failed, events, pictures) or {})
+                files.update(_kept_on_failure("pictures", failed, events, drawing.result) or {})
         if extra_outputs is not None:
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
             with watch.step("writing: overview"):
@@ -221,6 +228,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
     except BaseException:
+        if drawing is not None:
+            drawing.close()
         writer.close()
         staging.discard()
         raise
@@ -240,11 +249,6 @@ def _add_method_steps(watch: Stopwatch, details: dict[str, Any], seconds: float,
     for name, step_seconds in own.items():
         watch.add(f"registration: {name}", step_seconds, own_cpu.get(name))
     watch.add("registration: other", seconds - sum(own.values()), cpu_seconds - sum(own_cpu.values()))
-
-
-def _evaluate(evaluation: Evaluation, result: Result, whole_jacobian: bool) -> tuple[Maps, dict[str, Any]]:
-    maps = evaluation.maps(result, whole_jacobian)
-    return maps, evaluation.metrics(result, maps)
 
 
 def _pictures(folder: Path, evaluation: Evaluation, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
