@@ -50,7 +50,7 @@ from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..nets.jers import JERS
 from ..spatial.affine import normalised_affine_to_index
-from ..spatial.physical import warp_volume_affine
+from ..spatial.physical import mapped_coordinates, warp_volume, warp_volume_affine
 from ..labels import TISSUE_LABELS
 from ..timing import Stopwatch
 from ..weights import load_into
@@ -143,6 +143,23 @@ def check_head(raw: Volume) -> None:
         )
 
 
+def _warped(
+    image: Volume, labels: Volume | None, matrix: np.ndarray, field: Volume, target: Geometry, device: torch.device
+) -> tuple[Volume, Volume | None]:
+    """The image (linear) and label map (nearest) warped onto ``target`` by the LPS affine ``matrix``: on the CPU by
+    SimpleITK's resampling of the affine itself (threaded, no sampling grid), on a GPU by ``grid_sample`` at the
+    points of its displacement ``field``, computed once for both."""
+    if device.type != "cuda":
+        warped = warp_volume_affine(image, matrix, target)
+        return warped, (warp_volume_affine(labels, matrix, target, "nearest") if labels is not None else None)
+    coordinates = mapped_coordinates(field, image.geometry, device)
+    warped = warp_volume(image, field, coordinates=coordinates)
+    if labels is None:
+        return warped, None
+    same_grid = labels.geometry.same_as(image.geometry)
+    return warped, warp_volume(labels, field, "nearest", coordinates=coordinates if same_grid else None)
+
+
 class JERSMethod:
     """The jers method (see the module docstring)."""
 
@@ -181,11 +198,8 @@ class JERSMethod:
         with watch.step("field to fixed grid"):
             matrix = physical_affine(out.affine, atlas.grid, raw.grid)
             field = affine_displacement(matrix, inputs.fixed.geometry)
-        with watch.step("warping"):  # the extracted image and the moving label map, by the affine itself
-            warped = warp_volume_affine(extracted, matrix, inputs.fixed.geometry)
-            warped_seg = None
-            if inputs.moving_seg is not None:
-                warped_seg = warp_volume_affine(inputs.moving_seg, matrix, inputs.fixed.geometry, "nearest")
+        with watch.step("warping"):  # the extracted image and the moving label map
+            warped, warped_seg = _warped(extracted, inputs.moving_seg, matrix, field, inputs.fixed.geometry, device)
         with watch.step("segmentation"):
             if use_network:
                 seg_net = class_map(out.segmentation_logits, 1)[0].cpu().numpy().astype(np.uint8)
