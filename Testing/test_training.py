@@ -102,6 +102,37 @@ def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
     assert provenance["iterations"] == 1 and provenance["validation"]["score"] == 0.8
 
 
+def test_warm_start_continues_the_shipped_weights_where_the_checkpoint_is_gone(tmp_path):
+    """The shipped network, iteration count and curves carry on; the steps after them equal plain SGD from the
+    shipped weights on the batches of those iterations (the optimiser starts afresh)."""
+    first = Scripted(CommonConfig(iterations=3, output=str(tmp_path), validate_every=1e9, log_every=1), [0.3, 0.5])
+    fit(first, log=open("/dev/null", "w"))
+    (tmp_path / "checkpoints" / "scripted.pt").unlink()
+    shipped = torch.load(tmp_path / "scripted.pt", weights_only=True)
+    replay = torch.nn.Linear(1, 1)
+    replay.load_state_dict(shipped)
+    sgd = torch.optim.SGD(replay.parameters(), lr=0.1)
+    for n in (3, 4):
+        sgd.zero_grad()
+        (replay(torch.full((2, 1), float(n))) - 1.0).square().mean().backward()
+        sgd.step()
+
+    second = Scripted(CommonConfig(iterations=5, output=str(tmp_path), validate_every=1e9, log_every=1, warm_start=True), [0.5, 0.7])
+    summary = fit(second, log=open("/dev/null", "w"))
+    assert summary["iterations"] == 5 and summary["iterations_this_run"] == 2 and summary["best_score"] == 0.7
+    assert all(torch.allclose(second.net.state_dict()[k], replay.state_dict()[k]) for k in shipped)
+    provenance = read_manifest(tmp_path)["scripted"]["provenance"]
+    assert provenance["iterations"] == 5 and provenance["config"]["warm_start"] is True
+    with open(tmp_path / "scripted_validation.csv") as handle:
+        assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [0, 3, 5]
+    with open(tmp_path / "scripted_loss.csv") as handle:
+        assert [int(r["iteration"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
+
+    empty = tmp_path / "empty"
+    with pytest.raises(InputError, match="train without warm_start"):
+        fit(Scripted(CommonConfig(iterations=1, output=str(empty), warm_start=True), [0.1]), log=open("/dev/null", "w"))
+
+
 def test_shipped_weights_that_do_not_fit_leave_a_fresh_network_fresh(tmp_path):
     """Weights of another architecture (one extra tensor) do not count as shipped, and the tensors that would fit are
     not loaded into the fresh network either (torch copies them before it raises)."""

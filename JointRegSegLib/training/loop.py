@@ -6,6 +6,8 @@ A network's training module supplies a `Trainer` (its data, its optimisation ste
 - **resume**: a checkpoint (networks, optimisers, iteration, wall time, best validation score and the
   trainer's own state) in ``<checkpoints>/<name>.pt`` is written at every validation and at the end,
   so a killed run loses at most one validation interval and a later call continues where it stopped.
+  Where the checkpoint is lost (a fresh clone, another machine), ``warm_start`` continues from the shipped
+  weights instead: their networks, iteration count, wall time and curves, with fresh optimisers.
   Iteration ``n`` draws its data from generators seeded with ``(seed, n)``, so a resumed run sees the
   data an uninterrupted one would have seen;
 - **time**: ``time_limit`` seconds of this call and/or ``iterations`` in total, whichever ends first;
@@ -74,6 +76,7 @@ class CommonConfig:
     threads: int | None = None
     output: str | None = None
     resume: bool = True
+    warm_start: bool = False
     validate_every: float = 300.0
     log_every: int = 10
     workers: int = 0
@@ -97,8 +100,9 @@ class CommonConfig:
             if not float(self.time_limit) > 0:
                 raise InputError(f"{what} setting 'time_limit' must be a positive number of seconds; got {self.time_limit!r}")
             self.time_limit = float(self.time_limit)
-        if not isinstance(self.resume, bool):
-            raise InputError(f"{what} setting 'resume' must be true or false; got {self.resume!r}")
+        for key in ("resume", "warm_start"):
+            if not isinstance(getattr(self, key), bool):
+                raise InputError(f"{what} setting '{key}' must be true or false; got {getattr(self, key)!r}")
 
 
 class Trainer:
@@ -269,6 +273,19 @@ def _shipped_score(trainer: Trainer, folder: Path) -> tuple[float | None, str | 
         trainer.net.load_state_dict(current)
 
 
+def _warm_start(trainer: Trainer, folder: Path) -> tuple[int, float]:
+    """Load the shipped weights into the trainer's network; returns the iteration and wall seconds their
+    manifest entry records (the optimisers start afresh)."""
+    provenance = read_manifest(folder)[trainer.name].get("provenance", {})
+    if not isinstance(provenance.get("iterations"), int):
+        raise InputError(
+            f"the shipped {trainer.name} weights in {folder} record no iteration count to continue from: train without warm_start"
+        )
+    state, _ = load_weights(trainer.name, folder)
+    fit_state(trainer.net, state, trainer.name)
+    return provenance["iterations"], float(provenance.get("wall_seconds", 0.0))
+
+
 def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = sys.stderr) -> dict[str, Any]:
     """Train ``trainer`` within its settings' time and iteration limits (module docstring); returns a summary."""
     cfg = trainer.cfg
@@ -302,6 +319,15 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
         score, checksum = _shipped_score(trainer, folder)
         if score is not None:
             best, replaced = score, {"sha256": checksum, "score": score}
+        if cfg.warm_start:
+            if score is None:
+                raise InputError(
+                    f"warm_start continues from the shipped {trainer.name} weights in {folder}, but there are none that "
+                    "fit the network: train without warm_start"
+                )
+            iteration, wall_before = _warm_start(trainer, folder)
+            history = [r for r in read_history(folder / curves[0]) if r["iteration"] <= iteration]
+            validation = [r for r in read_history(folder / curves[1]) if r["iteration"] <= iteration]
 
     run_start = time.perf_counter()
     deadline = None if cfg.time_limit is None else run_start + cfg.time_limit
