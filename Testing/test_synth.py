@@ -194,6 +194,31 @@ def test_synthseg_maps_load_at_network_size_in_lps_order(shared_data_dir):
         assert centroid(3)[2] > centroid(16)[2] + 5
 
 
+def test_brain_maps_lose_the_spinal_csf_and_centre_on_the_brain(tmp_path):
+    """A head map whose CSF runs down to its lower edge (as SynthSeg's do): the brain-only map keeps the CSF
+    around the brain and CSF_MARGIN_MM (5 voxels here) of the tail, drops the rest, and is centred on what it
+    keeps; the whole map keeps the tail."""
+    import nibabel as nib
+
+    head = np.zeros((40, 40, 60), dtype=np.int16)
+    head[10:30, 10:30, 30:51] = 24  # CSF around the brain
+    head[12:28, 12:28, 32:48] = 2  # the brain
+    head[18:22, 18:22, 0:30] = 24  # the spinal canal's CSF, down to k = 0
+    head[5:35, 5:35, 52:55] = 600  # an extra-cerebral class
+    nib.save(nib.Nifti1Image(head, np.eye(4)), str(tmp_path / "head.nii.gz"))
+    options = {"spacing": 1.0, "orientation": None, "method": "nearest"}
+    brain = load_synthseg_maps(tmp_path, (40, 40, 60), drop_extracerebral=True, **options)[0]
+    whole = load_synthseg_maps(tmp_path, (40, 40, 60), **options)[0]
+
+    kept = np.where(head >= 500, 0, head)
+    kept[:, :, : 32 - 5] = 0  # the tail more than 5 voxels below the brain (k 32..47)
+    # what is kept spans k 27..50 (centre 38.5), sampled on a grid of 60 centred there: output k reads input k + 9
+    expected = np.zeros_like(head)
+    expected[:, :, : 60 - 9] = kept[:, :, 9:]
+    assert np.array_equal(brain, expected)
+    assert np.count_nonzero(whole[19, 19] == 24) >= 25 and 600 in whole
+
+
 def test_mode_pooling_matches_scipy():
     from scipy import stats
 

@@ -5,7 +5,8 @@ classes >= 500 outside the brain), reorients them (default LPS, the index order 
 identity direction points i, j, k to L, P, S), and resamples each one to the network grid:
 
 - every map is centred on the centre of its own labelled bounding box (like the centre-of-mass
-  alignment of the real pairs);
+  alignment of the real pairs); a brain-only map (``drop_extracerebral``) loses the spinal canal's
+  CSF below the brain as well, like a skull-stripped scan, so the box is the brain's (`_prepare`);
 - the grid spacing (mm, isotropic unless given per axis) is either given, or chosen so that the
   largest labelled bounding box of the loaded maps just fits the grid;
 - downsampling is mode pooling: nearest-neighbour sampling on a grid ``f`` times finer
@@ -34,6 +35,8 @@ from ..labels import EXTRACEREBRAL_FIRST_CODE
 from .deform import DeformationOptions, random_deformation, smooth_noise
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".mgz")
+CSF = 24  # FreeSurfer code of the CSF
+CSF_MARGIN_MM = 5.0  # CSF kept around the other labels of a brain-only map (`_prepare`)
 
 
 def _label_files(folder: Path) -> list[Path]:
@@ -65,22 +68,37 @@ def _read_oriented(path: Path, orientation: str | None) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(labels), zooms
 
 
-def _prepare(labels: np.ndarray, drop_extracerebral: bool) -> np.ndarray:
-    if drop_extracerebral:
-        labels = np.where(labels >= EXTRACEREBRAL_FIRST_CODE, 0, labels).astype(labels.dtype)
-    return labels
+def _prepare(labels: np.ndarray, zooms: np.ndarray, drop_extracerebral: bool) -> np.ndarray:
+    """The map as loaded; with ``drop_extracerebral`` a brain as a skull-stripped scan shows it: the generation
+    classes outside the brain set to 0, and so is the CSF more than `CSF_MARGIN_MM` beyond the box of the
+    other labels (the spinal canal's CSF, which runs to the map's lower edge and would shift the brain's
+    centre by up to 45 mm)."""
+    if not drop_extracerebral:
+        return labels
+    labels = np.where(labels >= EXTRACEREBRAL_FIRST_CODE, 0, labels).astype(labels.dtype)
+    tissue = (labels != 0) & (labels != CSF)
+    if not tissue.any():
+        return labels
+    margin = np.ceil(CSF_MARGIN_MM / zooms).astype(int)
+    low, high = _box_of(tissue)
+    box = tuple(slice(max(0, int(a) - m), int(b) + m + 1) for a, b, m in zip(low, high, margin))
+    inside = np.zeros(labels.shape, dtype=bool)
+    inside[box] = True
+    return np.where((labels == CSF) & ~inside, 0, labels).astype(labels.dtype)
+
+
+def _box_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index per axis holding ``mask`` (which holds something)."""
+    bounds = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return np.asarray([b[0] for b in bounds], dtype=np.float64), np.asarray([b[-1] for b in bounds], dtype=np.float64)
 
 
 def _bounding_box(labels: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """First and last labelled index per axis."""
-    lows, highs = [], []
-    for axis in range(3):
-        present = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
-        if present.size == 0:
-            raise InputError(f"label map {path} has no labelled voxel (after dropping extra-cerebral labels?)")
-        lows.append(present[0])
-        highs.append(present[-1])
-    return np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64)
+    labelled = labels != 0
+    if not labelled.any():
+        raise InputError(f"label map {path} has no labelled voxel (after dropping extra-cerebral labels?)")
+    return _box_of(labelled)
 
 
 def _mode_pool(fine: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -134,13 +152,13 @@ def _load_cached(
         boxes = []
         for path in paths:
             labels, zooms = _read_oriented(path, orientation)
-            low, high = _bounding_box(_prepare(labels, drop_extracerebral), path)
+            low, high = _bounding_box(_prepare(labels, zooms, drop_extracerebral), path)
             boxes.append((high - low + 1) * zooms / np.asarray(shape))
         spacing = (float(np.max(boxes)),) * 3
     maps = []
     for path in paths:
         labels, zooms = _read_oriented(path, orientation)
-        labels = _prepare(labels, drop_extracerebral)
+        labels = _prepare(labels, zooms, drop_extracerebral)
         low, high = _bounding_box(labels, path)
         maps.append(_resample(labels, zooms, (low + high) / 2.0, shape, np.asarray(spacing), method))
     result = np.stack(maps)

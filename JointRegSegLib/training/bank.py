@@ -26,6 +26,7 @@ from ..data_paths import shared_data_dir
 from ..errors import InputError
 
 Arrays = dict[str, np.ndarray]
+SYNTHSEG_VERSION = 2  # of the label maps as `synth.load_synthseg_maps` makes them (2: brain maps without the spinal CSF)
 
 
 def training_dir() -> Path:
@@ -91,7 +92,7 @@ def synthseg_maps(kind: str, spacing: float, shape: tuple[int, int, int]) -> np.
         )
         return {"maps": np.asarray(maps, dtype=np.int16)}
 
-    return entry(f"synthseg_{kind}_{grid_key(spacing, shape)}", build)["maps"]
+    return entry(f"synthseg{SYNTHSEG_VERSION}_{kind}_{grid_key(spacing, shape)}", build)["maps"]
 
 
 def real_scan(relative: str, spacing: float, shape: tuple[int, int, int]) -> np.ndarray:
