@@ -116,7 +116,7 @@ def sample_bank(tmp_path_factory, pair, head_pair, jers_head):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JRS_TRAINING_DIR", str(folder))
         maps = np.concatenate([pair["fixed_seg"][0].numpy(), pair["moving_seg"][0].numpy()] * 10).astype(np.int16)
-        bank.entry(f"synthseg_brain_{bank.grid_key(SPACING, SHAPE)}", lambda: {"maps": maps})
+        bank.entry(bank.synthseg_key("brain", SPACING, SHAPE), lambda: {"maps": maps})
         heads = [_head(head_pair[k])[0].numpy() for k in ("fixed_seg", "moving_seg")]
         bank.entry(f"jers_heads_{bank.grid_key(HEAD_SPACING, SHAPE)}", lambda: {"maps": np.concatenate(heads * 10).astype(np.int16)})
         onehot = F.one_hot(jers_head["tissue"][0, 0], 4).permute(3, 0, 1, 2).numpy().astype(np.uint8)

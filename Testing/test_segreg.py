@@ -27,8 +27,8 @@ from JointRegSegLib.imageio.network_grid import network_geometry
 from JointRegSegLib.methods.segreg import (
     Box,
     Settings,
-    compose_regions,
     extend_field,
+    field_at,
     field_on_fixed_grid,
     label_affine,
     masked_gradient_l2,
@@ -136,8 +136,7 @@ def test_composition_on_the_fixed_grid_is_exact_for_piecewise_translations():
         shift_mm = np.array([0.0, {(1,): SHIFT, (2,): -SHIFT}.get(code, 0.0), 0.0])
         steps = torch.tensor(to_steps @ shift_mm, dtype=torch.float32).view(1, 3, 1, 1, 1)
         fields[region] = (Box((0, 0, 0), shape), steps.expand((1, 3) + shape).clone(), 1)
-    total = compose_regions(prepared, fields, 0.0)
-    mapping = field_on_fixed_grid(inputs, prepared, fields, total, 0.0)
+    mapping = field_on_fixed_grid(inputs, prepared, fields, 0.0)
     expected = np.nan_to_num(truth)
     assert np.abs(mapping.array[..., 1] - expected).max() < 1e-4
     assert np.abs(mapping.array[..., [0, 2]]).max() < 1e-4
@@ -294,6 +293,24 @@ def test_extension_of_a_constant_field_is_that_constant():
     assert torch.allclose(out, torch.tensor([1.5, -2.0, 0.25]).view(1, 3, 1, 1, 1).expand_as(out), atol=1e-5)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+def test_a_pooled_field_read_at_fine_points(factor):
+    """`field_at` at whole fine voxels equals torch's cell-centred trilinear upsampling (`upsample_field`) there,
+    edge values beyond; between them it is scipy's linear interpolation of the pooled field itself."""
+    torch.manual_seed(factor)
+    disp = torch.randn(1, 3, 5, 6, 7)
+    fine = torch.nn.functional.interpolate(disp * factor, scale_factor=factor, mode="trilinear", align_corners=False)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(-2, n + 2) for n in fine.shape[2:]], indexing="ij"), dim=-1)
+    whole = grid.reshape(1, -1, 1, 1, 3).float()
+    clamped = [grid[..., axis].clamp(0, fine.shape[2 + axis] - 1).reshape(-1) for axis in range(3)]
+    assert torch.allclose(field_at(disp, factor, whole).reshape(3, -1), fine[0][:, clamped[0], clamped[1], clamped[2]], atol=1e-5)
+
+    points = torch.rand(1, 300, 1, 1, 3) * (torch.tensor([5.0, 6.0, 7.0]) * factor + 6) - 3
+    pooled = ((points[0, :, 0, 0] + 0.5) / factor - 0.5).numpy().T
+    expected = [ndimage.map_coordinates(disp[0, c].numpy() * factor, pooled, order=1, mode="nearest") for c in range(3)]
+    assert np.allclose(field_at(disp, factor, points).reshape(3, -1).numpy(), np.stack(expected), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- learned variant and training
 
 
@@ -333,7 +350,7 @@ def test_training_writes_loadable_weights_with_provenance(tmp_path, monkeypatch)
     monkeypatch.setenv("JRS_TRAINING_DIR", str(tmp_path / "training"))
     labels = np.zeros((32, 32, 32), np.int16)
     labels[4:16, 6:26, 6:26], labels[16:28, 6:26, 6:26], labels[12:20, 12:20, 12:20] = 2, 41, 17
-    bank.entry(f"synthseg_brain_{bank.grid_key(2.0, (32, 32, 32))}", lambda: {"maps": np.stack([labels] * 20)})
+    bank.entry(bank.synthseg_key("brain", 2.0, (32, 32, 32)), lambda: {"maps": np.stack([labels] * 20)})
     out = tmp_path / "weights"
     summary = train("segreg", {
         "shape": [32, 32, 32], "iterations": 3, "output": str(out), "threads": 1, "validate_every": 1e9,

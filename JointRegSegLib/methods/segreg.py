@@ -321,6 +321,15 @@ def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(disp * factor, scale_factor=factor, mode="trilinear", align_corners=False)
 
 
+def field_at(disp: torch.Tensor, factor: int, points: torch.Tensor) -> torch.Tensor:
+    """A pooled voxel field read at fine-grid indices ``points (1, I', J', K', 3)``, edge values beyond it: fine index
+    ``p`` lies at pooled index ``(p + 1/2) / factor - 1/2``, so at whole fine voxels this is ``upsample_field(disp,
+    factor)`` there, without upsampling the whole box; between them, linear interpolation of the pooled field."""
+    if factor == 1:
+        return sample_at_indices(disp, points, padding_mode="border")
+    return sample_at_indices(disp * factor, (points + 0.5) / factor - 0.5, padding_mode="border")
+
+
 def smooth_field(param: torch.Tensor, passes: int) -> torch.Tensor:
     """``passes`` 3x3x3 box averages of a field (edge values repeated beyond the grid)."""
     for _ in range(passes):
@@ -568,9 +577,9 @@ def field_on_fixed_grid(
     inputs: Inputs,
     prepared: Prepared,
     fields: dict[int, tuple[Box, torch.Tensor, int]],
-    total: torch.Tensor,
     sigma: float,
     reach_mm: float = 0.0,
+    extend: bool = False,
 ) -> Volume:
     """The whole mapping (affine stage, then the composed region fields) as a physical field on the fixed grid.
 
@@ -580,27 +589,35 @@ def field_on_fixed_grid(
     regions' displacements (two sliding regions would send it between their targets, into a third
     structure); background voxels within ``reach_mm`` of a labelled voxel take the field of the nearest
     labelled voxel's region (`unlabelled_to_nearest`). Regions without a field, and the blurred
-    composition of ``sigma`` > 0, sample the composed field ``total`` (fine grid, from `compose_regions`). Then ``c(x) = t(x) + a(x + t(x))``
-    (`spatial.compose` with the affine stage ``a``).
+    composition of ``sigma`` > 0, sample the composed field on the fine grid (`compose_regions`, with
+    ``extend``; made only where needed). Then ``c(x) = t(x) + a(x + t(x))`` (`spatial.compose` with the
+    affine stage ``a``).
     """
     grid, geometry = prepared.pair.grid, inputs.fixed.geometry
-    device = total.device
+    device = prepared.affine_disp.device
     points = grid_indices_of(geometry, grid).to(device)
     as_batch = points.view(1, -1, 1, 1, 3)
-    whole = sample_at_indices(total, as_batch, padding_mode="border").view(3, -1).T
-    if sigma <= 0:
+    if sigma > 0:
+        total = compose_regions(prepared, fields, sigma, extend)
+        whole = sample_at_indices(total, as_batch, padding_mode="border").view(3, -1).T
+    else:
         regions = unlabelled_to_nearest(fixed_grid_regions(inputs, prepared, points), geometry.spacing, reach_mm).reshape(-1)
         # the voxels of each region, in order: one stable (radix) sort instead of one comparison of all voxels per region
         by_region = torch.from_numpy(np.argsort(regions.astype(np.int16), kind="stable")).to(device)
         counts = np.bincount(regions, minlength=prepared.plan.count)
         ends = np.cumsum(counts)
+        whole = torch.empty((len(regions), 3), dtype=prepared.affine_disp.dtype, device=device)
         for region, (box, disp, factor) in fields.items():
             where = by_region[ends[region] - counts[region] : ends[region]]
             if len(where) == 0:
                 continue
             start = torch.tensor(box.start, dtype=points.dtype, device=device)
             local = (as_batch[0, :, 0, 0][where] - start).view(1, -1, 1, 1, 3)
-            whole[where] = sample_at_indices(upsample_field(disp, factor), local, padding_mode="border").view(3, -1).T
+            whole[where] = field_at(disp, factor, local).view(3, -1).T
+        rest = [by_region[ends[r] - counts[r] : ends[r]] for r in range(prepared.plan.count) if r not in fields and counts[r]]
+        if rest:  # regions without a field of their own: the composed field
+            where, total = torch.cat(rest), compose_regions(prepared, fields, sigma, extend)
+            whole[where] = sample_at_indices(total, as_batch[:, where], padding_mode="border").view(3, -1).T
     moved = (as_batch[0, :, 0, 0] + whole).view(1, -1, 1, 1, 3)
     whole = whole + sample_at_indices(prepared.affine_disp, moved, padding_mode="border").view(3, -1).T
     return grid_steps_to_physical(whole.view(tuple(geometry.shape) + (3,)), grid, geometry)
@@ -927,8 +944,7 @@ def register_iterative(
                 v = smooth_field(params[p.region].detach(), settings.field_smoothing)
                 disp = integrate_velocity(v, settings.integration_steps) if settings.integration_steps else v
                 fields[p.region] = (p.box, disp, previous)
-        total = compose_regions(prepared, fields, settings.mask_smoothing)
-        mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, previous or 1))
+        mapping = field_on_fixed_grid(inputs, prepared, fields, settings.mask_smoothing, background_reach(settings, previous or 1))
     progress(0.97, "writing the field")
     details = {"iterations": done, "stopped_by_time_budget": stopped_early, "loss_history": history}
     return _finish(inputs, prepared, mapping, settings, details)
@@ -1016,8 +1032,9 @@ def register_learned(inputs: Inputs, settings: Settings, options: Options, progr
                 call += 1
                 progress(0.4 + 0.5 * call / max(calls, 1), f"network on region crops ({call}/{calls})")
     with watch.step("field to fixed grid"):
-        total = compose_regions(prepared, fields, settings.mask_smoothing, extend=bool(skipped))
-        mapping = field_on_fixed_grid(inputs, prepared, fields, total, settings.mask_smoothing, background_reach(settings, factor))
+        mapping = field_on_fixed_grid(
+            inputs, prepared, fields, settings.mask_smoothing, background_reach(settings, factor), extend=bool(skipped)
+        )
     progress(0.95, "writing the field")
     result = _finish(inputs, prepared, mapping, settings, {"empty_regions_extended": skipped, "network_calls": calls})
     result.weights = {settings.weights_name: checksum}

@@ -71,6 +71,12 @@ def entry(name: str, build: Callable[[], Arrays]) -> Arrays:
     return arrays
 
 
+def synthseg_key(kind: str, spacing: float, shape: tuple[int, int, int]) -> str:
+    """The bank entry of `synthseg_maps` ``kind`` on a grid (named with `SYNTHSEG_VERSION`, so a bank made before the
+    maps changed is not read)."""
+    return f"synthseg{SYNTHSEG_VERSION}_{kind}_{grid_key(spacing, shape)}"
+
+
 def grid_key(spacing: float, shape: tuple[int, ...]) -> str:
     """``3mm_64x64x64``: the part of an entry's name that says its grid."""
     return f"{spacing:g}mm_{'x'.join(str(int(s)) for s in shape)}"
@@ -92,7 +98,7 @@ def synthseg_maps(kind: str, spacing: float, shape: tuple[int, int, int]) -> np.
         )
         return {"maps": np.asarray(maps, dtype=np.int16)}
 
-    return entry(f"synthseg{SYNTHSEG_VERSION}_{kind}_{grid_key(spacing, shape)}", build)["maps"]
+    return entry(synthseg_key(kind, spacing, shape), build)["maps"]
 
 
 def real_scan(relative: str, spacing: float, shape: tuple[int, int, int]) -> np.ndarray:
