@@ -32,6 +32,7 @@ from JointRegSegLib.imageio import (
     to_network,
     write_volume,
 )
+from JointRegSegLib.imageio.network_grid import _on_lattice
 
 SPACING = (0.8, 1.3, 2.1)
 SHAPE = (30, 22, 14)
@@ -354,6 +355,35 @@ def test_resample_interpolators_against_the_analytic_image() -> None:
     assert np.abs(bspline - truth).max() <= 5 / 384 * k**4 / 3 * sum(h**4 for h in SPACING)
     nearest = resample(volume, inner, "nearest").array
     assert np.isin(nearest, volume.array).all()
+
+
+LIA = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # FreeSurfer's conformed axes in LPS terms
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+@pytest.mark.parametrize("shift", [(0, 0, 0), (3, -2, 5), (-40, 0, 0)])
+def test_resampling_between_grids_whose_voxel_centres_coincide_equals_simpleitk(interpolation, shift) -> None:
+    """A LIA scan onto RAS grids of its spacing (axes reordered and flipped, a whole number of voxels off, partly or
+    wholly outside): the values are moved instead of interpolated, and equal SimpleITK's resampling exactly."""
+    rng = np.random.default_rng(7)
+    source = Geometry((12, 10, 14), (1.5, 1.5, 1.5), (20.0, -7.5, 3.0), LIA)
+    array = rng.normal(size=source.shape).astype(np.float32) if interpolation == "linear" else rng.integers(0, 50, source.shape).astype(np.int16)
+    volume = Volume(array, source)
+    centre = network_geometry(source, spacing=1.5, multiple=1)
+    target = Geometry((16, 13, 9), (1.5, 1.5, 1.5), np.asarray(centre.origin) + RAS_DIRECTION @ (1.5 * np.asarray(shift, float)), RAS_DIRECTION)
+    image = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+    image.SetSpacing(source.spacing)
+    image.SetOrigin(source.origin)
+    image.SetDirection(source.direction.ravel().tolist())
+    reference = sitk.Image(list(target.shape), image.GetPixelID())
+    reference.SetSpacing(target.spacing)
+    reference.SetOrigin(target.origin)
+    reference.SetDirection(target.direction.ravel().tolist())
+    mode = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
+    expected = sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), mode, -3.0)).transpose(2, 1, 0)
+    got = resample(volume, target, interpolation, default=-3.0).array
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert _on_lattice(array, source, target, -3.0) is not None  # moved, not interpolated
 
 
 def test_resample_rejects_unknown_interpolation() -> None:

@@ -15,6 +15,8 @@ RAS_DIRECTION = np.diag([-1.0, -1.0, 1.0])
 INTERPOLATIONS = ("linear", "nearest", "bspline")
 # Extent a grid may exceed a whole number of voxels by through rounding and still count as that number.
 _EXTENT_TOL_VOXELS = 1e-4
+# Distance from a voxel centre (in voxels) below which a grid's centre counts as that voxel's (`_on_lattice`).
+_LATTICE_TOL_VOXELS = 1e-6
 
 
 def corner_points(geometry: Geometry) -> np.ndarray:
@@ -60,8 +62,12 @@ def _resample_scalar(volume: Volume, geometry: Geometry, interpolation: str, def
     array = volume.array
     if interpolation != "nearest" and not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
-    if interpolation != "bspline" and _identical(volume.geometry, geometry):  # every voxel centre is one of its own
-        return array.copy() if array is volume.array else array
+    if interpolation != "bspline":  # where every voxel centre is one of the volume's own: its values, moved
+        if _identical(volume.geometry, geometry):
+            return array.copy() if array is volume.array else array
+        moved = _on_lattice(array, volume.geometry, geometry, default)
+        if moved is not None:
+            return moved
     image = to_sitk(volume.with_array(array))
     resampled = sitk.Resample(
         image, reference_image(geometry), sitk.Transform(), interpolators[interpolation], float(default)
@@ -73,6 +79,44 @@ def _identical(a: Geometry, b: Geometry) -> bool:
     """The very same grid (`Geometry.same_as` allows rounding): linear and nearest-neighbour resampling onto it
     give every voxel its own value, as SimpleITK does."""
     return a.shape == b.shape and all(np.array_equal(getattr(a, key), getattr(b, key)) for key in ("spacing", "origin", "direction"))
+
+
+def _on_lattice(array: np.ndarray, source: Geometry, target: Geometry, default: float) -> np.ndarray | None:
+    """``array`` (on ``source``) at the voxel centres of ``target`` where each of them is a voxel centre of ``source``:
+    both grids' axes the same up to order and sign, with the same spacings, and the origins a whole number of
+    voxels apart (e.g. a scan stored LIA and the RAS network grid at its resolution). Linear and nearest-neighbour
+    resampling give such a centre the voxel's own value, so the values are moved (axes transposed, flipped,
+    cropped; ``default`` outside), not interpolated. None where the grids are not so related."""
+    to_source = np.linalg.inv(source.direction @ np.diag(source.spacing))
+    steps = to_source @ target.direction @ np.diag(target.spacing)  # target index step -> source index step
+    axes = np.rint(steps)
+    offset = to_source @ (np.asarray(target.origin) - np.asarray(source.origin))  # target index 0 in source indices
+    first = np.rint(offset)
+    if (
+        np.abs(steps - axes).max() > _LATTICE_TOL_VOXELS
+        or np.abs(offset - first).max() > _LATTICE_TOL_VOXELS
+        or not (np.abs(axes).sum(axis=0) == 1).all()
+        or not (np.abs(axes).sum(axis=1) == 1).all()
+    ):
+        return None
+    order = [int(np.flatnonzero(axes[:, a])[0]) for a in range(3)]  # the source axis along each target axis
+    taken, placed = [], []
+    for a, p in enumerate(order):
+        sign, start = int(axes[p, a]), int(first[p])
+        index = start + sign * np.arange(target.shape[a])  # source index of each target index
+        inside = np.flatnonzero((index >= 0) & (index < source.shape[p]))
+        if inside.size == 0:
+            return np.full(target.shape, default, dtype=array.dtype)
+        low, high = int(inside[0]), int(inside[-1])
+        placed.append(slice(low, high + 1))
+        begin, end = int(index[low]), int(index[high])
+        taken.append(slice(begin, end + 1) if sign > 0 else slice(begin, end - 1 if end > 0 else None, -1))
+    moved = array.transpose(order)[tuple(taken)]
+    if moved.shape == tuple(target.shape):
+        return np.ascontiguousarray(moved)
+    out = np.full(target.shape, default, dtype=array.dtype)
+    out[tuple(placed)] = moved
+    return out
 
 
 def resample(volume: Volume, geometry: Geometry, interpolation: str = "linear", default: float = 0.0) -> Volume:
