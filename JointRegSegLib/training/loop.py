@@ -240,14 +240,14 @@ def plot_curves(name: str, history: list[dict[str, Any]], validation: list[dict[
         rows = [r for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if rows:
             plot_running_mean(axes[0], np.asarray([r["iteration"] for r in rows]), np.asarray([r[key] for r in rows]), key, window=10)
-    axes[0].set_title(f"{name}: training loss terms (mean of each logged block; lower is better)")
+    axes[0].set_title(f"{name}: training loss terms\n(mean of each logged block; lower is better)")
     for key in [k for k in (validation[0] if validation else {}) if k not in ("iteration", "wall_s")]:
         rows = [r for r in validation if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if rows:
             style = "--" if key.startswith("identity") or key.startswith("affine") else "-"
             axes[1].plot([r["iteration"] for r in rows], [r[key] for r in rows], style, marker=".", label=key,
                          linewidth=2.5 if key == "score" else 1.2)
-    axes[1].set_title(f"{name}: held-apart validation (higher is better; dashed: baselines)")
+    axes[1].set_title(f"{name}: held-apart validation\n(higher is better; dashed: baselines)")
     for axis in axes:
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
