@@ -386,6 +386,17 @@ def test_resampling_between_grids_whose_voxel_centres_coincide_equals_simpleitk(
     assert _on_lattice(array, source, target, -3.0) is not None  # moved, not interpolated
 
 
+@pytest.mark.parametrize("origin_shift", [0.0, 1e-9])
+def test_resampling_onto_the_same_grid_returns_the_values_never_the_input_array(origin_shift) -> None:
+    """The very grid, or one within rounding of it: every voxel keeps its value, in an array of its own (writing to
+    the result must not change the input)."""
+    volume = smooth_volume()
+    target = Geometry(SHAPE, SPACING, np.asarray(ORIGIN) + origin_shift, volume.geometry.direction)
+    for interpolation in ("linear", "nearest"):
+        out = resample(volume, target, interpolation).array
+        assert np.array_equal(out, volume.array) and not np.shares_memory(out, volume.array)
+
+
 def test_resample_rejects_unknown_interpolation() -> None:
     with pytest.raises(InputError, match="unknown interpolation"):
         resample(smooth_volume(), OBLIQUE, "cubic")

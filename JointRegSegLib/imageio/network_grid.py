@@ -63,22 +63,14 @@ def _resample_scalar(volume: Volume, geometry: Geometry, interpolation: str, def
     if interpolation != "nearest" and not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     if interpolation != "bspline":  # where every voxel centre is one of the volume's own: its values, moved
-        if _identical(volume.geometry, geometry):
-            return array.copy() if array is volume.array else array
         moved = _on_lattice(array, volume.geometry, geometry, default)
-        if moved is not None:
-            return moved
+        if moved is not None:  # never a view of the caller's array (the same grid, or within rounding of it)
+            return moved.copy() if np.may_share_memory(moved, volume.array) else moved
     image = to_sitk(volume.with_array(array))
     resampled = sitk.Resample(
         image, reference_image(geometry), sitk.Transform(), interpolators[interpolation], float(default)
     )
     return from_sitk(resampled).array
-
-
-def _identical(a: Geometry, b: Geometry) -> bool:
-    """The very same grid (`Geometry.same_as` allows rounding): linear and nearest-neighbour resampling onto it
-    give every voxel its own value, as SimpleITK does."""
-    return a.shape == b.shape and all(np.array_equal(getattr(a, key), getattr(b, key)) for key in ("spacing", "origin", "direction"))
 
 
 def _on_lattice(array: np.ndarray, source: Geometry, target: Geometry, default: float) -> np.ndarray | None:
