@@ -99,6 +99,29 @@ def test_hd95_of_shifted_plates_is_shift_times_spacing(axis):
     assert hd95_per_label(a, b, spacing)[5] == pytest.approx(d * spacing[axis])
 
 
+@pytest.mark.parametrize("blob", [1, 2, 3, 5, 8])
+def test_hd95_with_a_few_far_surface_voxels_equals_all_pairs_distances(blob):
+    """A box against the same box shifted by a voxel plus a far blob of ``blob``^3 voxels: as the blob grows, the
+    far surface voxels go from under 5 % of the surface (the 95th percentile lies among the near distances and
+    the far ones are never searched) to over it (they are); HD95 equals the percentile of all-pairs distances."""
+    from scipy.spatial.distance import cdist
+
+    from JointRegSegLib.metrics.overlap import surfaces
+
+    spacing = np.array([0.9, 1.1, 1.4])
+    a = np.zeros((40, 30, 34), dtype=np.int16)
+    a[4:20, 5:21, 6:22] = 7
+    b = np.roll(a, 1, axis=0)
+    b[30 : 30 + blob, 24 : 24 + blob, 26 : 26 + blob] = 7
+
+    def directed(x: np.ndarray, y: np.ndarray) -> float:
+        points_x, points_y = (np.argwhere(surfaces(m)) * spacing for m in (x, y))
+        return float(np.percentile(cdist(points_x, points_y).min(axis=1), 95))
+
+    expected = max(directed(a, b), directed(b, a))
+    assert hd95_per_label(a, b, spacing)[7] == pytest.approx(expected, rel=1e-12)
+
+
 def test_label_counts_table_equals_counting_every_pair_of_values():
     """The overlap table, counted inside the box of the nonzero voxels, equals comparing the whole maps value by
     value: maps with a wide empty margin, negative and widely spread labels, no background at all, booleans, empty."""
