@@ -26,6 +26,7 @@ import torch
 from scipy.ndimage import binary_closing, binary_fill_holes
 from torch.nn import functional as F
 
+from JointRegSegLib.errors import InputError
 from JointRegSegLib.imageio import read_image, read_labels
 from JointRegSegLib.imageio.intensity import normalise_intensity
 from JointRegSegLib.imageio.network_grid import network_geometry, to_network
@@ -285,6 +286,24 @@ def test_hof_overfits_one_pair(tmp_path, pair):
         predicted = trainer.net.eval().segment(fast_layout(pair["moving"], CPU)).argmax(dim=1, keepdim=True)
     segmentation = _mean_dice(classes, predicted)
     assert segmentation > 0.9, segmentation
+
+
+def test_hof_same_brain_pairs_render_one_map_twice(tmp_path):
+    """With ``other_subject=0`` a registration batch pairs each labelled map with itself, drawn afresh: with the
+    deformation all but off the two label maps agree voxel for voxel while the images differ (each its own
+    contrast and noise); with ``other_subject=1`` the bank's two brains meet too."""
+    config = {"iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "phases": [0, 50, 0], "output": str(tmp_path), "max_std": 1e-6}
+    same = make_trainer("hof", {**config, "other_subject": 0.0})
+    for n in range(6):
+        batch = same.batch(n)
+        assert torch.equal(batch["y_u"], batch["y_l"])
+        assert not torch.allclose(batch["x_u"], batch["x_l"], atol=0.05)
+    mixed = make_trainer("hof", {**config, "other_subject": 1.0})
+    assert any(
+        "y_u" in batch and not torch.equal(batch["y_u"], batch["y_l"]) for batch in map(mixed.batch, range(12))
+    )
+    with pytest.raises(InputError, match="other_subject"):
+        make_trainer("hof", {**config, "other_subject": 1.5})
 
 
 def _rotation(degrees: float, shift: float) -> torch.Tensor:
