@@ -11,8 +11,7 @@ maps are given.
 intensities and foreground, the moving image and label map as they lie on the fixed grid, the
 numbers before registration), computed once on first use: the worker checks, maps and scores a
 result with it, the benchmark every tool's result of a pair, and the pictures reuse its arrays.
-Its steps are timed under ``evaluation: ...`` (`timing`). The worker has the shared part computed
-by a forked child while the method registers (`Evaluation.prepare`, `Evaluation.adopt`).
+Its steps are timed under ``evaluation: ...`` (`timing`).
 """
 
 from __future__ import annotations
@@ -46,10 +45,6 @@ from .metrics.similarity import MaskedImage, joint_codes, quantise, similarity_s
 from .timing import Stopwatch
 
 MIN_COVERAGE = 0.05
-PREPARED = ("mask", "reference", "initial", "initial_seg", "initial_numbers")
-"""What every result of a pair shares and `Evaluation.prepare` computes ahead of the results."""
-BESIDE = "beside the registration: "
-"""Prefix of the steps `Evaluation.adopt` takes from another process, which overlapped the registration."""
 
 
 @dataclass
@@ -119,22 +114,6 @@ class Evaluation:
             scores = similarity_scores(reference, moving)
             scores["pmm_mean"] = pmm_mean(self._pmm(moving), self.mask)
             return {f"{key}_initial": value for key, value in scores.items()}
-
-    def prepare(self) -> dict[str, Any]:
-        """`PREPARED` computed, with the seconds of the steps that computed them (``steps``, ``cpu_steps``): the
-        work a forked child does while the method registers, for `adopt`."""
-        seconds, cpu_seconds = dict(self.watch.seconds), dict(self.watch.cpu_seconds)
-        prepared: dict[str, Any] = {name: getattr(self, name) for name in PREPARED}
-        prepared["steps"] = {k: v - seconds.get(k, 0.0) for k, v in self.watch.seconds.items() if v != seconds.get(k)}
-        prepared["cpu_steps"] = {k: v - cpu_seconds.get(k, 0.0) for k, v in self.watch.cpu_seconds.items() if k in prepared["steps"]}
-        return prepared
-
-    def adopt(self, prepared: dict[str, Any]) -> None:
-        """Take what `prepare` computed in another process; its steps are timed as `BESIDE` + their names."""
-        for name in PREPARED:
-            self.__dict__[name] = prepared[name]  # where functools.cached_property keeps its value
-        for name, seconds in prepared["steps"].items():
-            self.watch.add(BESIDE + name, seconds, prepared["cpu_steps"].get(name))
 
     def _in_mask(self, warped: Volume) -> np.ndarray:
         """A registered image's normalised intensities inside the fixed foreground (`MaskedImage.of`),

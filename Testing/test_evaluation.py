@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice
@@ -12,7 +11,6 @@ from monai.networks.utils import one_hot
 from JointRegSegLib.evaluation import segmentation_dice
 from JointRegSegLib.imageio import Geometry, Volume, from_sitk, to_sitk
 from JointRegSegLib.labels import tissue_of
-from JointRegSegLib.worker.beside import can_fork
 
 
 def _monai_mean_dice(truth: np.ndarray, predicted: np.ndarray, labels: list[int]) -> float:
@@ -147,65 +145,3 @@ def test_numbers_before_registration_equal_resampling_and_the_single_pair_functi
             "nmi_initial": arithmetic_normalised_mutual_information(f, m, mask=mask),
             "pmm_mean_initial": pmm_mean(pmm_map(f, m, mask), mask),
         }
-
-
-@pytest.mark.skipif(not can_fork(), reason="the worker forks the preparation off on Linux only")
-def test_what_a_forked_child_prepares_gives_the_same_maps_and_metrics_as_computing_in_place():
-    """`Evaluation.prepare` run in a forked child (`worker.beside`, as the worker runs it during the registration)
-    and taken in by `adopt`: the same arrays and numbers as an evaluation that computes everything itself, the
-    child's steps recorded under `BESIDE`, and none of them computed again in the parent."""
-    from JointRegSegLib.evaluation import BESIDE, PREPARED, Evaluation
-    from JointRegSegLib.worker.beside import Beside
-
-    inputs, result = _pair_and_result()
-    alone = Evaluation(inputs)
-    expected_maps = alone.maps(result)
-    expected = alone.metrics(result, expected_maps)
-
-    adopting = Evaluation(inputs)
-    adopting.adopt(Beside(adopting.prepare).result())
-    assert {name for name in PREPARED} <= set(vars(adopting)) and "fixed_normalised" not in vars(adopting)
-    maps = adopting.maps(result)
-    assert adopting.metrics(result, maps) == expected
-    for name in ("jacobian", "whole_jacobian", "pmm"):
-        np.testing.assert_array_equal(getattr(maps, name).array, getattr(expected_maps, name).array)
-    np.testing.assert_array_equal(adopting.initial.array, alone.initial.array)
-    steps = adopting.watch.seconds
-    assert {BESIDE + "evaluation: foreground", BESIDE + "evaluation: before registration"} <= set(steps)
-    assert "evaluation: foreground" not in steps and "evaluation: before registration" not in steps
-
-
-@pytest.mark.skipif(not can_fork(), reason="the worker forks the preparation off on Linux only")
-def test_a_preparation_that_failed_leaves_the_evaluation_to_compute_its_part_in_place():
-    """The child killed before it answered: nothing is taken in, and the evaluation computes the same itself."""
-    import os
-    import signal
-
-    from JointRegSegLib.evaluation import PREPARED, Evaluation
-    from JointRegSegLib.worker.beside import Beside
-    from JointRegSegLib.worker.run import _adopt_prepared
-
-    inputs, result = _pair_and_result()
-    evaluation = Evaluation(inputs)
-    _adopt_prepared(evaluation, Beside(lambda: os.kill(os.getpid(), signal.SIGKILL)))
-    assert not set(PREPARED) & set(vars(evaluation))
-    assert evaluation.metrics(result, evaluation.maps(result)) == Evaluation(inputs).metrics(result, evaluation.maps(result))
-
-
-def _pair_and_result() -> tuple:
-    """A small pair with label maps on two oblique grids, and a made-up result on the fixed grid."""
-    from scipy.ndimage import gaussian_filter
-
-    from JointRegSegLib.methods.base import Inputs, Result
-
-    rng = np.random.default_rng(11)
-    direction = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, -1.0, 0.0]])
-    grid = Geometry((30, 28, 32), (1.0, 1.2, 0.9), (-10.0, 20.0, 5.0), direction)
-    other = Geometry((28, 28, 30), (1.1, 1.2, 1.0), (-9.5, 20.3, 4.8), direction)
-    image = lambda shape: (1000 * gaussian_filter(rng.random(shape), 2.0)).astype(np.int16)  # noqa: E731
-    labels = lambda shape: (gaussian_filter(rng.random(shape), 2.0) * 8).astype(np.int32)  # noqa: E731
-    inputs = Inputs(Volume(image(grid.shape), grid), Volume(image(other.shape), other), Volume(labels(grid.shape), grid),
-                    Volume(labels(other.shape), other))
-    field = Volume(rng.normal(0.0, 0.3, (*grid.shape, 3)).astype(np.float32), grid)
-    warped = Volume(image(grid.shape).astype(np.float32), grid)
-    return inputs, Result(field, warped, np.eye(4), warped_seg=Volume(labels(grid.shape), grid))

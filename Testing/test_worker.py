@@ -19,10 +19,8 @@ import SimpleITK as sitk
 
 from conftest import run_worker
 
-from JointRegSegLib.evaluation import BESIDE
 from JointRegSegLib.imageio import read_image, read_labels
 from JointRegSegLib.metrics import mean_dice
-from JointRegSegLib.worker.beside import can_fork
 from JointRegSegLib.worker.events import EventWriter
 
 FAST = {"iterations": 4}  # no time budget: on a busy machine a budget would cut the run short and change its work
@@ -67,8 +65,7 @@ def test_event_stream_and_result_files(finished_run):
 
 def test_provenance_times_every_step_within_the_run(finished_run):
     """Named steps (`JointRegSegLib.timing`): the method's own add up to its registration time, the
-    ones on the run's own thread fit in its total, the background writing is there too, and so is the evaluation's
-    preparation by a forked child (Linux)."""
+    ones on the run's own thread fit in its total, the background writing is there too."""
     out, _ = finished_run
     timings = json.loads((out / "provenance.json").read_text())["timings_s"]
     steps = timings["steps"]
@@ -79,9 +76,7 @@ def test_provenance_times_every_step_within_the_run(finished_run):
     registration = sum(v for k, v in steps.items() if k.startswith("registration:"))
     assert registration == pytest.approx(timings["register_s"], rel=1e-6)
     background = ("writing: images", "writing: displacement field", "writing: maps")
-    beside = [k for k in steps if k.startswith(BESIDE)]  # a forked child's, during the registration (Linux)
-    assert bool(beside) == can_fork() and (not beside or "evaluation: waiting for the preparation" in steps)
-    own_thread = sum(v for k, v in steps.items() if k not in background and k != "start-up" and k not in beside)
+    own_thread = sum(v for k, v in steps.items() if k not in background and k != "start-up")
     assert own_thread <= timings["total_s"] + 0.05
     assert set(timings["cpu_steps"]) <= set(steps)
 

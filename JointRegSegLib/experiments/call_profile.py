@@ -41,7 +41,6 @@ from ..bench.pairs import PairSpec, resolve_pairs
 from ..bench.processes import child_environment, spawn
 from ..bench.runner import method_spec, peer_command
 from ..errors import InputError
-from ..evaluation import BESIDE
 
 GROUPS = (
     ("start-up", ("start-up",)),
@@ -55,8 +54,8 @@ GROUPS = (
     ("own segmentation", ("registration: segmentation", "registration: segmentation scores", "registration: brain mask")),
     ("Jacobian", ("evaluation: Jacobian",)),
     ("PMM", ("evaluation: PMM",)),
-    ("metrics", ("evaluation: waiting for the preparation", "evaluation: foreground", "evaluation: similarity",
-                 "evaluation: before registration", "evaluation: Dice and HD95", "evaluation: own segmentations")),
+    ("metrics", ("evaluation: foreground", "evaluation: similarity", "evaluation: before registration",
+                 "evaluation: Dice and HD95", "evaluation: own segmentations")),
     ("pictures (waited for)", ("writing: pictures", "writing: overview")),
     ("writing NIfTI (waited for)", ("writing: waiting for the files", "writing: metrics")),
 )
@@ -119,15 +118,13 @@ def coarse_steps(run: dict[str, Any]) -> dict[str, float]:
 
 def steps_of(run: dict[str, Any]) -> dict[str, float]:
     """The run's seconds per `GROUPS` column, ``registration, other``, ``other`` (the rest of its wall
-    time: the interpreter's exit, the job's own bookkeeping), ``background writing`` and ``prepared beside the
-    registration`` (both overlapping)."""
+    time: the interpreter's exit, the job's own bookkeeping) and ``background writing`` (overlapping)."""
     steps = run["timings"]["steps"]
     grouped = {title: sum(steps.get(name, 0.0) for name in names) for title, names in GROUPS}
     registration = [name for _, names in GROUPS for name in names if name.startswith("registration:")]
     grouped["registration, other"] = sum(v for k, v in steps.items() if k.startswith("registration:") and k not in registration)
     grouped["other"] = run["wall_s"] - sum(grouped.values())
     grouped["background writing"] = sum(steps.get(name, 0.0) for name in BACKGROUND)
-    grouped["prepared beside the registration"] = sum(v for k, v in steps.items() if k.startswith(BESIDE))
     return grouped
 
 
@@ -200,17 +197,15 @@ def markdown(results: dict[str, Any]) -> str:
                      + " |" * len(COARSE))
     titles = [title for title, _ in GROUPS] + ["registration, other", "other"]
     lines += ["", "Steps of this checkout's runs, in seconds (share of the wall time); the background writing "
-              "(NIfTI files, compressed) overlaps the evaluation and the pictures, the evaluation's preparation "
-              "(a forked child) the registration:", "",
-              "| method | wall (s) | " + " | ".join(titles) + " | background writing | prepared beside the registration |",
-              "|---|---:|" + "---:|" * (len(titles) + 2)]
+              "(NIfTI files, compressed) overlaps the evaluation and the pictures:", "",
+              "| method | wall (s) | " + " | ".join(titles) + " | background writing |",
+              "|---|---:|" + "---:|" * (len(titles) + 1)]
     for (method, source), median in chosen_runs.items():
         if source != "after":
             continue
         steps = steps_of(median)
         cells = [f"{steps[title]:.2f} ({100 * steps[title] / median['wall_s']:.0f} %)" for title in titles]
-        lines.append(f"| {method} | {median['wall_s']:.1f} | " + " | ".join(cells)
-                     + f" | {steps['background writing']:.2f} | {steps['prepared beside the registration']:.2f} |")
+        lines.append(f"| {method} | {median['wall_s']:.1f} | " + " | ".join(cells) + f" | {steps['background writing']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

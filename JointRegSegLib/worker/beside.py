@@ -1,19 +1,17 @@
-"""Work done in a forked child process beside the run's own: what the evaluation of every result shares,
-prepared while the method registers, and the pictures, drawn while the metrics are computed.
+"""Work done in a forked child process beside the run's own: the pictures, drawn while the metrics are computed.
 
-Each is independent of what the run does meanwhile; in one process they would run one after the
-other, in a thread they would take turns at the GIL. A child forked from the run has every array
-already in memory (copy-on-write, nothing is pickled on the way in) and works on another CPU core
-(an affine stage, for one, keeps a single core busy); only its return value (the prepared arrays
-and numbers, the pictures' file names) or its exception comes back, pickled through a pipe.
+Drawing the pictures (matplotlib, holding the GIL) and computing the metrics (numpy, HD95's search)
+are independent once the quality maps exist; in one process they run one after the other, in a
+thread they take turns at the GIL. A child forked from the run has every array already in memory
+(copy-on-write, nothing is pickled on the way in) and draws on the other CPU core; only its return
+value (the pictures' file names) or its exception comes back, pickled through a pipe.
 
 Only on Linux, where ``fork`` is the platform's own way of starting processes; elsewhere (Windows
 has no fork; macOS's system libraries are not fork-safe) the work runs in the run's process when
 its result is asked for. The child runs nothing but the work and leaves with ``os._exit``: no
 atexit handler, no buffered output of the parent's is flushed twice. The work must not use torch
 (its OpenMP threads do not survive a fork) or take locks other threads of the run may hold; the
-evaluation's preparation needs numpy, scipy and SimpleITK (whose default threader starts its threads
-at every call), the pictures numpy, matplotlib and PIL. The child is in the run's process group, and SIGTERM
+pictures need numpy, matplotlib and PIL alone. The child is in the run's process group, and SIGTERM
 and SIGINT, which the worker blocks in favour of its cancel thread (`__main__`), end it at once.
 """
 

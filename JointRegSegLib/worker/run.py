@@ -34,7 +34,7 @@ from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
-from .beside import Beside, can_fork
+from .beside import Beside
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
@@ -139,12 +139,9 @@ def seed_everything(seed: int) -> None:
 def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
-    What the evaluation of any result of the pair shares (`Evaluation.prepare`: the fixed image's
-    foreground, the moving image as it lies, the numbers before registration) is computed by a forked
-    child on Linux while the method registers (`beside.Beside`; elsewhere when first needed). The
-    registration's files are written on a background thread (`outputs.BackgroundWriter`) while
+    The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
     the result is evaluated, the maps while the metrics are computed; the pictures are drawn meanwhile
-    by a forked child on Linux (elsewhere after the metrics); then the run waits for them.
+    by a forked child on Linux (`beside.Beside`; elsewhere after the metrics); then the run waits for them.
 
     ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
     the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
@@ -164,7 +161,6 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     resolve_inputs(job, method.info)
     staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
     writer = BackgroundWriter()
-    preparing: Beside | None = None
     drawing: Beside | None = None
     try:
         tick = time.monotonic()
@@ -173,22 +169,18 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
             inputs = read_inputs(job, events)
         timings["load_s"] = time.monotonic() - tick
 
-        if job.threads is not None:
-            torch.set_num_threads(job.threads)
-        threads = torch.get_num_threads()
-        evaluation = Evaluation(inputs, str(device), threads, watch)
-        preparing = Beside(partial(_prepare, evaluation)) if can_fork() else None  # beside the registration
         tick, cpu = time.monotonic(), time.process_time()
         seed_everything(job.seed)
+        if job.threads is not None:
+            torch.set_num_threads(job.threads)
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
         result = method.register(inputs, options, stage_progress(events, "register"))
         timings["register_s"] = time.monotonic() - tick
         _add_method_steps(watch, result.details, timings["register_s"], time.process_time() - cpu)
+        threads = torch.get_num_threads()
+        evaluation = Evaluation(inputs, str(device), threads, watch)
         tick = time.monotonic()
-        if preparing is not None:
-            with watch.step("evaluation: waiting for the preparation"):
-                _adopt_prepared(evaluation, preparing)
         evaluation.check(result)
         writer.submit(partial(write_registration, staging.path, result, job.compress, watch, threads))
         for message in result.messages:
@@ -236,9 +228,8 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         write_json(staging.path / MANIFEST, files)
         output = staging.commit()
     except BaseException:
-        for child in (preparing, drawing):
-            if child is not None:
-                child.close()
+        if drawing is not None:
+            drawing.close()
         writer.close()
         staging.discard()
         raise
@@ -249,24 +240,6 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
         summary["failed_steps"] = failed
     events.emit("result", **summary)
     return summary
-
-
-def _prepare(evaluation: Evaluation) -> dict[str, Any]:
-    """`Evaluation.prepare` in the forked child, with SimpleITK's platform threader (threads started at every
-    call: a thread pool the parent made would not have come along with the fork)."""
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultThreader("Platform")
-    return evaluation.prepare()
-
-
-def _adopt_prepared(evaluation: Evaluation, preparing: Beside) -> None:
-    """Take what the child prepared. Should it have failed, the evaluation computes the same when it needs
-    it, and fails there, where its failure is reported and the registration kept."""
-    try:
-        evaluation.adopt(preparing.result())
-    except Exception:  # computed in place when needed (docstring)
-        pass
 
 
 def _add_method_steps(watch: Stopwatch, details: dict[str, Any], seconds: float, cpu_seconds: float) -> None:
