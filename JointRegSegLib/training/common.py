@@ -136,6 +136,15 @@ def set_floats(config: Any, keys: tuple[str, ...], what: str = "training setting
         setattr(config, key, value)
 
 
+def set_probabilities(config: Any, keys: tuple[str, ...], what: str = "training setting") -> None:
+    """Make the settings ``keys`` of ``config`` floats in [0, 1]; InputError naming ``what`` and the key otherwise."""
+    for key in keys:
+        value = float(getattr(config, key))
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{what} '{key}' is a probability in [0, 1]; got {getattr(config, key)!r}")
+        setattr(config, key, value)
+
+
 def run_device(config: Any) -> torch.device:
     """Apply a run's ``threads`` setting (where given) and resolve its ``device`` setting."""
     if config.threads is not None:

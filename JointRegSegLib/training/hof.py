@@ -84,7 +84,7 @@ from ..spatial import warp
 from ..synth import DeformationOptions, random_deformation
 from . import bank
 from .augment import deform_labels, render_t1
-from .common import config_from_dict, dice_present, image_array, run_device
+from .common import config_from_dict, dice_present, image_array, run_device, set_probabilities
 from .gra import MODES as GRA_MODES
 from .gra import hypergradient
 from .loop import CommonConfig, Trainer, checkpoint_dir, fast_layout
@@ -257,9 +257,7 @@ class TrainConfig(CommonConfig):
         c.lambdas = tuple(float(v) for v in c.lambdas)
         if len(c.lambdas) != 3 or min(c.lambdas) < 0:
             raise InputError(f"'lambdas' must be three numbers >= 0; got {c.lambdas}")
-        if not 0.0 <= float(c.other_subject) <= 1.0:
-            raise InputError(f"hof setting 'other_subject' must lie in [0, 1]; got {c.other_subject!r}")
-        c.other_subject = float(c.other_subject)
+        set_probabilities(c, ("other_subject",), "hof setting")
         for key in ("spacing", "alpha", "lr_follower", "epsilon", "max_std"):
             if not float(getattr(c, key)) > 0:
                 raise InputError(f"hof setting '{key}' must be positive; got {getattr(c, key)!r}")

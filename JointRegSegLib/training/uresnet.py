@@ -50,7 +50,7 @@ from ..spatial import warp
 from ..synth import AffineRanges, DeformationOptions
 from . import bank
 from .augment import deform_labels, render_random, render_t1
-from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats
+from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities
 from .loop import CommonConfig, Trainer, fast_layout
 
 TRAIN_MAPS = 16
@@ -85,10 +85,7 @@ class TrainConfig(CommonConfig):
             raise InputError(f"training shape must be three multiples of 4 (>= 8); got {c.shape}")
         c.shape = shape
         set_floats(c, ("spacing", "max_std"), "uresnet training setting")
-        for key in ("t1_like", "other_subject"):
-            if not 0.0 <= float(getattr(c, key)) <= 1.0:
-                raise InputError(f"uresnet training setting '{key}' is a probability in [0, 1]; got {getattr(c, key)!r}")
-            setattr(c, key, float(getattr(c, key)))
+        set_probabilities(c, ("t1_like", "other_subject"), "uresnet training setting")
         if len(c.affine_ranges) != 4 or min(float(v) for v in c.affine_ranges) < 0:
             raise InputError(f"'affine_ranges' must be four numbers >= 0 (degrees, scale, shear, voxels); got {c.affine_ranges}")
         c.affine_ranges = tuple(float(v) for v in c.affine_ranges)
