@@ -18,7 +18,7 @@ from JointRegSegLib.methods.hof import HOF_LABELS, build_net, classes_to_codes, 
 from JointRegSegLib.methods.options import validate_options
 from JointRegSegLib.training.gra import hypergradient
 from JointRegSegLib.weights import load_into
-from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, smoothness
+from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, similarity, smoothness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,6 +135,29 @@ def test_smoothness_of_a_linear_field_in_normalised_units():
     disp[:, 0] = a * torch.arange(n, dtype=torch.float32).view(n, 1, 1)
     expected = (a * 2.0 / (n - 1)) ** 2 / 3.0 / 3.0  # one of 3 channels, one of 3 axes nonzero
     assert float(smoothness(disp)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_similarity_is_lowest_at_the_right_field_only_with_the_images_smoothed():
+    """A box against a box one voxel larger on every side: by symmetry no constant shift aligns them better than none.
+
+    The plain MSE of eq. 5 (``sim_blur=0``) scores a half-voxel shift best (trilinear sampling blurs there);
+    with the images smoothed by one voxel (the training default) zero shift scores best.
+    """
+    small, large = torch.zeros((1, 1, 32, 32, 32)), torch.zeros((1, 1, 32, 32, 32))
+    small[..., 10:22, 10:22, 10:22] = 1.0
+    large[..., 9:23, 9:23, 9:23] = 1.0
+
+    def scores(sim_blur: float) -> dict[float, float]:
+        out = {}
+        for shift in (-0.5, -0.25, 0.0, 0.25, 0.5):
+            psi = torch.zeros((1, 3, 32, 32, 32))
+            psi[:, 1] = shift
+            out[shift] = float(similarity(small, large, psi, sim_blur))
+        return out
+
+    plain, smoothed = scores(0.0), scores(1.0)
+    assert plain[0.5] < plain[0.25] < plain[0.0] and plain[-0.5] < plain[0.0]
+    assert smoothed[0.0] < min(smoothed[s] for s in (-0.5, -0.25, 0.25, 0.5))
 
 
 def test_classes_map_to_freesurfer_codes_and_back():
