@@ -72,7 +72,6 @@ Segmentation classes: `methods.hof.HOF_LABELS` (28 of the 30 evaluation structur
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,10 +88,10 @@ from ..metrics.similarity import ncc
 from ..nets.hof import HOFNet
 from ..spatial import warp
 from ..synth import DeformationOptions, random_deformation
-from ..synth.render import gaussian_blur
+from ..synth.render import smoothed
 from . import bank
 from .augment import deform_labels, render_t1
-from .common import config_from_dict, dice_present, image_array, run_device, set_probabilities
+from .common import config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities
 from .gra import MODES as GRA_MODES
 from .gra import hypergradient
 from .loop import CommonConfig, Trainer, checkpoint_dir, fast_layout
@@ -130,13 +129,6 @@ def normalised_field(disp: torch.Tensor) -> torch.Tensor:
 def smoothness(disp: torch.Tensor) -> torch.Tensor:
     """``smo`` of eq. 4: gradient-L2 of the field in normalised coordinates (module docstring)."""
     return gradient_l2(normalised_field(disp))
-
-
-def smoothed(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``image`` blurred by an isotropic Gaussian of ``sigma`` voxels (``0``: unchanged), for the similarity term."""
-    if sigma <= 0:
-        return image
-    return gaussian_blur(image, torch.full((image.shape[0],), float(sigma), device=image.device), radius=math.ceil(3 * sigma))
 
 
 def similarity(moving: torch.Tensor, fixed: torch.Tensor, psi: torch.Tensor, sim_blur: float) -> torch.Tensor:
@@ -283,9 +275,7 @@ class TrainConfig(CommonConfig):
         if len(c.lambdas) != 3 or min(c.lambdas) < 0:
             raise InputError(f"'lambdas' must be three numbers >= 0; got {c.lambdas}")
         set_probabilities(c, ("other_subject",), "hof setting")
-        if not float(c.sim_blur) >= 0:
-            raise InputError(f"hof setting 'sim_blur' (voxels) must be >= 0; got {c.sim_blur!r}")
-        c.sim_blur = float(c.sim_blur)
+        set_floats(c, ("sim_blur",), "hof setting", positive=False)
         for key in ("spacing", "alpha", "lr_follower", "epsilon", "max_std"):
             if not float(getattr(c, key)) > 0:
                 raise InputError(f"hof setting '{key}' must be positive; got {getattr(c, key)!r}")

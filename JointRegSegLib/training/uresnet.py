@@ -25,7 +25,8 @@ registration Dice of the moving labels warped by the predicted mapping against t
 ``score = (reg_dice + seg_dice) / 2``.
 
 Settings (``--option KEY=JSON``; those of `loop.CommonConfig` too): ``spacing``, ``shape``,
-``max_std``, ``affine_ranges`` ([rotation degrees, scale, shear, translation voxels]), ``t1_like``,
+``max_std``, ``sim_blur`` (the Gaussian, in voxels, both images are smoothed by before the similarity terms:
+`methods.uresnet`), ``affine_ranges`` ([rotation degrees, scale, shear, translation voxels]), ``t1_like``,
 ``other_subject``, ``halve_every`` (Adam's ``lr``, paper 1e-3, halves every ``halve_every``
 iterations; the paper halves every 15 epochs) and the loss weights ``alpha``, ``beta``, ``gamma``,
 ``delta`` (paper 0.1, 1e-11, 1, 1) and ``epsilon`` (the cross-entropy we add to eq. 6, 1).
@@ -64,6 +65,7 @@ class TrainConfig(CommonConfig):
     spacing: float = 4.0
     shape: tuple[int, int, int] = (44, 52, 60)
     max_std: float = 1.5
+    sim_blur: float = 1.0
     affine_ranges: tuple[float, float, float, float] = (6.0, 0.06, 0.02, 2.0)
     t1_like: float = 0.8
     other_subject: float = 0.7
@@ -85,6 +87,7 @@ class TrainConfig(CommonConfig):
             raise InputError(f"training shape must be three multiples of 4 (>= 8); got {c.shape}")
         c.shape = shape
         set_floats(c, ("spacing", "max_std"), "uresnet training setting")
+        set_floats(c, ("sim_blur",), "uresnet training setting", positive=False)
         set_probabilities(c, ("t1_like", "other_subject"), "uresnet training setting")
         if len(c.affine_ranges) != 4 or min(float(v) for v in c.affine_ranges) < 0:
             raise InputError(f"'affine_ranges' must be four numbers >= 0 (degrees, scale, shear, voxels); got {c.affine_ranges}")
@@ -159,7 +162,10 @@ class UReSNetTrainer(Trainer):
         for group in self.optimiser.param_groups:
             group["lr"] = self.cfg.lr * 0.5 ** (n // self.cfg.halve_every)
         out = forward(self.net, batch["moving"], batch["fixed"])
-        loss, terms = uresnet_loss(out, batch["fixed"], batch["moving"], batch["fixed_classes"], batch["moving_classes"], self.weights)
+        loss, terms = uresnet_loss(
+            out, batch["fixed"], batch["moving"], batch["fixed_classes"], batch["moving_classes"], self.weights,
+            sim_blur=self.cfg.sim_blur,
+        )
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
