@@ -17,6 +17,7 @@ from JointRegSegLib.nets.hof import HOFNet
 from JointRegSegLib.methods.hof import HOF_LABELS, build_net, classes_to_codes, codes_to_classes, segment_volume
 from JointRegSegLib.methods.options import validate_options
 from JointRegSegLib.training.gra import hypergradient
+from JointRegSegLib.spatial import compose
 from JointRegSegLib.weights import load_into
 from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, similarity, smoothness
 
@@ -158,6 +159,34 @@ def test_similarity_is_lowest_at_the_right_field_only_with_the_images_smoothed()
     plain, smoothed = scores(0.0), scores(1.0)
     assert plain[0.5] < plain[0.25] < plain[0.0] and plain[-0.5] < plain[0.0]
     assert smoothed[0.0] < min(smoothed[s] for s in (-0.5, -0.25, 0.25, 0.5))
+
+
+def test_symmetric_registration_is_inverse_consistent_and_still_of_an_image_to_itself():
+    """Symmetric registration integrates (v(m, f) - v(f, m)) / 2: an image registered to itself does not move (the
+    one-way field of a network with a biased head does); the two directions' velocities are opposite, so their
+    mappings are inverses up to the integration's and the interpolation's error."""
+
+    def network(steps: int) -> HOFNet:
+        torch.manual_seed(0)
+        net = HOFNet(3, encoder_channels=(2, 3), decoder_channels=(3, 2), integration_steps=steps).double()
+        with torch.no_grad():
+            net.registration.head.weight.normal_(0.0, 3.0)
+            net.registration.head.bias.copy_(torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64))
+        return net
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.avg_pool3d(torch.rand((2, 1, 20, 20, 20), generator=generator, dtype=torch.float64), 5, 1, 2) * 5
+    a, b = images[:1], images[1:]
+    with torch.no_grad():
+        velocity = network(0)  # no integration: the field is the velocity
+        assert float(velocity.register(a, a).abs().mean()) > 0.2  # the biased head moves an image registered to itself
+        assert float(velocity.register(a, a, symmetric=True).abs().max()) == 0.0
+        torch.testing.assert_close(velocity.register(a, b, symmetric=True), -velocity.register(b, a, symmetric=True))
+        net = network(6)
+        forward, backward = net.register(a, b, symmetric=True), net.register(b, a, symmetric=True)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    round_trip = compose(backward, forward)[inner]  # the point map a -> b, then b -> a: the identity
+    assert float(round_trip.abs().mean()) < 0.1 * float(forward[inner].abs().mean())
 
 
 def test_classes_map_to_freesurfer_codes_and_back():

@@ -11,7 +11,10 @@ gives no layer sizes, so these are ours, small enough for CPU training on a 3 mm
   with the concatenated skips, a ConvBlock and a near-zero `FlowHead`. The output is a stationary
   velocity integrated by scaling and squaring (``integration_steps``; 0 = the output is the
   displacement itself), in voxels of the grid, pull convention: ``warped = warp(moving, psi)``.
-  Swapping the arguments gives the reverse field of eq. 2 from the same weights.
+  Swapping the arguments gives the reverse field of eq. 2 from the same weights. ``symmetric``
+  registration (ours, at inference) integrates ``(v(m, f) - v(f, m)) / 2``: the two directions'
+  velocities should be opposite (``exp(-v)`` inverts ``exp(v)``), so their antisymmetric part keeps what
+  they agree on and cancels what does not depend on the order, e.g. a shift the network adds to any pair.
 - `SegmentationDecoder` ``f_s(theta; F)``: the mirrored decoder on one image's features, ending in
   a 1x1x1 convolution to class logits.
 """
@@ -89,11 +92,16 @@ class RegistrationDecoder(nn.Module):
         self.head = FlowHead(channels[-1], 3)
         self.integration_steps = int(integration_steps)
 
+    def velocity(self, moving: list[torch.Tensor], fixed: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's output before integration (with ``integration_steps = 0``: the displacement)."""
+        return self.head(self.decoder([torch.cat([m, f], dim=1) for m, f in zip(moving, fixed)]))
+
+    def integrate(self, flow: torch.Tensor) -> torch.Tensor:
+        """The displacement of ``flow`` (scaling and squaring; itself with ``integration_steps = 0``)."""
+        return integrate_velocity(flow, steps=self.integration_steps) if self.integration_steps > 0 else flow
+
     def forward(self, moving: list[torch.Tensor], fixed: list[torch.Tensor]) -> torch.Tensor:
-        flow = self.head(self.decoder([torch.cat([m, f], dim=1) for m, f in zip(moving, fixed)]))
-        if self.integration_steps > 0:
-            return integrate_velocity(flow, steps=self.integration_steps)
-        return flow
+        return self.integrate(self.velocity(moving, fixed))
 
 
 class SegmentationDecoder(nn.Module):
@@ -130,9 +138,14 @@ class HOFNet(nn.Module):
         self.registration = RegistrationDecoder(encoder_channels, decoder_channels, integration_steps)
         self.segmentation = SegmentationDecoder(n_classes, encoder_channels, decoder_channels)
 
-    def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Displacement psi with ``warp(moving, psi) ~ fixed``."""
-        return self.registration(self.encoder(moving), self.encoder(fixed))
+    def register(self, moving: torch.Tensor, fixed: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+        """Displacement psi with ``warp(moving, psi) ~ fixed``; ``symmetric``: of ``(v(m, f) - v(f, m)) / 2``
+        (module docstring), so registering the pair the other way gives the inverse mapping."""
+        f_moving, f_fixed = self.encoder(moving), self.encoder(fixed)
+        if not symmetric:
+            return self.registration(f_moving, f_fixed)
+        decoder = self.registration
+        return decoder.integrate(0.5 * (decoder.velocity(f_moving, f_fixed) - decoder.velocity(f_fixed, f_moving)))
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Class logits of ``image``."""
