@@ -22,8 +22,8 @@ Pipeline of `UReSNetMethod.register`:
 Losses (eq. 4-7, `uresnet_loss`): ``MSE(R, W) + LCC(R, W)`` (LCC = `losses.lncc_loss`, the
 ``-mean(cc^2)`` of VoxelMorph with a 9^3 window), ours: of the two images smoothed first by a Gaussian of
 ``sim_blur`` voxels (`synth.render.smoothed`; training default 1, 0 = the paper's loss): trilinear
-sampling blurs most at half-voxel offsets, and the network trained on the plain terms (iteration 4272)
-moved the voxels of an image registered to itself by 0.5-0.7 voxels along every axis; ``alpha mean|A - A_I| + beta mean|g - 1|`` where
+sampling blurs most at half-voxel offsets, so a similarity of two sharp images that no field aligns
+exactly is best half a voxel off the right field (`training.hof` shows it on a box); ``alpha mean|A - A_I| + beta mean|g - 1|`` where
 ``g`` are the coordinate derivatives (``grad Phi - grad Phi_I`` along each axis); soft Dice of the
 moving segmentation against the moving labels plus soft Dice of the warped segmentation against the
 fixed labels (`losses.soft_dice_loss`, background excluded); all weights 1, alpha 0.1 and beta the

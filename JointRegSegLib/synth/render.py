@@ -64,9 +64,9 @@ def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, radius: int) -> torc
 def smoothed(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """``image (B, 1, I, J, K)`` blurred by one isotropic Gaussian of ``sigma`` voxels (`gaussian_blur`; 0: unchanged).
 
-    The training losses compare images smoothed this way: trilinear sampling blurs most at half-voxel
-    offsets, so a similarity of two sharp images that no field aligns exactly rewards a field half a
-    voxel off (`training.hof`, `methods.uresnet`).
+    hof's and uresnet's training losses compare images smoothed this way: trilinear sampling blurs most at
+    half-voxel offsets, so a similarity of two sharp images that no field aligns exactly rewards a field half
+    a voxel off (`training.hof`, `methods.uresnet`).
     """
     if sigma <= 0:
         return image

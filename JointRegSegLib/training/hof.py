@@ -29,9 +29,10 @@ Losses (ours where the paper is silent):
   each term smoothed first by a Gaussian of ``sim_blur`` voxels (default 1; 0 = the paper's plain MSE).
   Ours: trilinear sampling blurs most at half-voxel offsets, so an MSE of two images that no field
   aligns exactly (sharp-edged renderings of two deformations) is lowest half a voxel off the right
-  field: a box against a box one voxel larger on each side scores best shifted by 0.5 voxels. The
-  network trained on the plain MSE (iteration 4274) moved an image registered to itself by 0.5 voxels
-  along the second axis. With the images smoothed by 1 voxel the box's best shift is 0;
+  field: a box against a box one voxel larger on each side scores best shifted by 0.5 voxels; with the
+  images smoothed by 1 voxel its best shift is 0. (It does not explain why the shipped network moves an
+  image registered to itself by about a voxel: 400 pretraining iterations from scratch left that field
+  at 0.6-0.9 voxels with either loss; the method cancels it by registering symmetrically, `nets.hof`);
 - ``smo``: `losses.gradient_l2` of both fields in grid_sample's NORMALISED coordinates (channel c
   times 2 / (N_c - 1)): with voxel units the paper's lambda2 = 10 would leave no deformation against
   an MSE on [0, 1] intensities;
