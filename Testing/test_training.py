@@ -22,6 +22,7 @@ from JointRegSegLib.errors import InputError
 from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
 from JointRegSegLib.training.all import adopt, train_all
+from JointRegSegLib.training.common import less_real_harm
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
 from JointRegSegLib.weights import load_weights, read_manifest, record_weights
 
@@ -85,6 +86,14 @@ def test_weights_are_written_only_when_validation_improves(tmp_path):
     resumed = Scripted(CommonConfig(iterations=5, output=str(tmp_path), validate_every=1e9), [0.69])
     assert fit(resumed, log=open("/dev/null", "w"))["iterations"] == 5
     assert read_manifest(tmp_path)["scripted"]["provenance"]["iterations"] == 2  # 0.69 < 0.7: weights kept
+
+
+def test_a_registration_that_worsens_the_real_pair_scores_lower():
+    """hof's and uresnet's validation score: the synthetic score, less how far the real OASIS pair's NCC after
+    registration falls below its NCC before (hof's iteration 4496 against its shipped 4274: 0.645 -> 0.627 < 0.633)."""
+    assert less_real_harm(0.645, ncc_after=0.859, ncc_before=0.877) == pytest.approx(0.627)
+    assert less_real_harm(0.633, ncc_after=0.916, ncc_before=0.877) == 0.633
+    assert less_real_harm(0.633, ncc_after=0.877, ncc_before=0.877) == 0.633
 
 
 def test_a_fresh_run_keeps_better_shipped_weights(tmp_path):
