@@ -14,7 +14,10 @@ from conftest import run_worker
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.labels import EVALUATION_LABELS
 from JointRegSegLib.nets.hof import HOFNet
-from JointRegSegLib.methods.hof import HOF_LABELS, build_net, classes_to_codes, codes_to_classes, segment_volume
+from JointRegSegLib.labels import label_info
+from JointRegSegLib.methods.hof import (
+    HOF_LABELS, build_net, classes_to_codes, codes_to_classes, mirror_classes, mirrored_probabilities, segment_volume,
+)
 from JointRegSegLib.methods.options import validate_options
 from JointRegSegLib.training.gra import hypergradient
 from JointRegSegLib.spatial import compose
@@ -187,6 +190,26 @@ def test_symmetric_registration_is_inverse_consistent_and_still_of_an_image_to_i
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
     round_trip = compose(backward, forward)[inner]  # the point map a -> b, then b -> a: the identity
     assert float(round_trip.abs().mean()) < 0.1 * float(forward[inner].abs().mean())
+
+
+def test_mirrored_segmentation_mirrors_with_the_image_and_swaps_left_and_right():
+    """Test-time mirroring: the averaged probabilities of the mirror image are the mirror of the image's, with each left
+    structure's class swapped for its right one; the swap pairs Left-X with Right-X and keeps midline structures."""
+    swap = mirror_classes()
+    names = ["background"] + [label_info(code).name for code in HOF_LABELS]
+    for index, partner in enumerate(swap):
+        assert swap[partner] == index
+        expected = names[index].replace("Left-", "@").replace("Right-", "Left-").replace("@", "Right-")
+        assert names[partner] == (expected if index else "background")
+    assert sum(index != partner for index, partner in enumerate(swap)) == 24  # 12 left-right pairs, 4 midline structures
+    torch.manual_seed(0)
+    net = HOFNet(len(swap), encoder_channels=(2, 3), decoder_channels=(3, 2)).double().eval()
+    image = torch.rand((1, 1, 8, 10, 12), dtype=torch.float64)
+    with torch.no_grad():
+        direct, of_mirror = mirrored_probabilities(net, image), mirrored_probabilities(net, image.flip(2))
+        one_pass = torch.softmax(net.segment(image.flip(2)), dim=1)
+    torch.testing.assert_close(of_mirror, direct.flip(2)[:, swap])
+    assert not torch.allclose(one_pass, torch.softmax(net.segment(image), dim=1).flip(2)[:, swap])  # one pass alone is not
 
 
 def test_classes_map_to_freesurfer_codes_and_back():

@@ -18,7 +18,11 @@ with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.regi
 4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
    its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
    mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures) and
-   resampled (nearest) onto each image's own grid.
+   resampled (nearest) onto each image's own grid. With option ``mirror`` (default; ours, as nnU-Net's
+   test-time mirroring) the class probabilities are averaged with those of the image mirrored left to
+   right (the network grid's first axis, RAS+), mirrored back with each left structure's class swapped
+   for its right one (`mirrored_probabilities`): benchmark pair, Dice over its 28 structures 0.605 / 0.580
+   -> 0.612 / 0.596 (fixed / moving).
 
 Option ``weights`` picks the shipped weights: ``hof`` (the full method) or a Table 3 ablation
 (``hof_no_aaa``, ``hof_no_gra``, ``hof_no_feedback``, ``hof_unfrozen``) or the model before refinement
@@ -38,7 +42,7 @@ from ..errors import InputError
 from ..imageio.geometry import Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
-from ..labels import EVALUATION_LABELS
+from ..labels import EVALUATION_LABELS, label_info
 from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
 from ..timing import Stopwatch
@@ -89,15 +93,32 @@ def classes_to_codes(classes: np.ndarray) -> np.ndarray:
     return table[np.asarray(classes, dtype=np.int64)]
 
 
+def mirror_classes() -> list[int]:
+    """For each class (background first), the class of the same structure on the other side (itself on the midline)."""
+    names = [label_info(code).name for code in HOF_LABELS]
+    other = {name: name.replace("Left-", "Right-") if name.startswith("Left-") else name.replace("Right-", "Left-") for name in names}
+    return [0] + [1 + names.index(other[name]) for name in names]
+
+
+def mirrored_probabilities(net: HOFNet, image: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of ``image (B, 1, I, J, K)`` (RAS+ grid) averaged with those of its left-right mirror image,
+    mirrored back with left and right classes swapped (module docstring): mirroring the image mirrors the result."""
+    direct = torch.softmax(net.segment(image), dim=1)
+    mirrored = torch.softmax(net.segment(image.flip(2)), dim=1).flip(2)[:, mirror_classes()]
+    return 0.5 * (direct + mirrored)
+
+
 def segment_volume(
-    net: torch.nn.Module, volume: Volume, spacing: float, device: torch.device, on_grid: torch.Tensor | None = None
+    net: HOFNet, volume: Volume, spacing: float, device: torch.device, on_grid: torch.Tensor | None = None, mirror: bool = True
 ) -> Volume:
     """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid.
-    ``on_grid``: the volume already on that grid and normalised (`common.prepare_pair`'s fixed image), where at hand."""
+    ``on_grid``: the volume already on that grid and normalised (`common.prepare_pair`'s fixed image), where at hand;
+    ``mirror``: averaged with the mirror image's (`mirrored_probabilities`)."""
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = on_grid if on_grid is not None else torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
-        classes = class_map(net.segment(image), 1)[0].cpu().numpy()
+        scores = mirrored_probabilities(net, image) if mirror else net.segment(image)
+        classes = class_map(scores, 1)[0].cpu().numpy()
     return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
 
 
@@ -144,9 +165,9 @@ class HOFMethod:
         report(1.0, "inference")
 
         with watch.step("segmentation"):
-            fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device, pair.fixed)  # the grid prepare_pair chose
+            fixed_seg = segment_volume(net, inputs.fixed, s["spacing"], device, pair.fixed, s["mirror"])  # prepare_pair's grid
             report(0.5, "segmentation")
-            moving_seg = segment_volume(net, inputs.moving, s["spacing"], device)
+            moving_seg = segment_volume(net, inputs.moving, s["spacing"], device, mirror=s["mirror"])
         report(1.0, "segmentation")
 
         result = result_from_network_field(inputs, pair.grid, total, affine_index, watch)
@@ -165,4 +186,7 @@ class HOFMethod:
 
 METHOD = HOFMethod()
 
-__all__ = ["HOF_LABELS", "METHOD", "N_CLASSES", "HOFMethod", "build_net", "classes_to_codes", "codes_to_classes", "segment_volume"]
+__all__ = [
+    "HOF_LABELS", "METHOD", "N_CLASSES", "HOFMethod", "build_net", "classes_to_codes", "codes_to_classes", "mirror_classes",
+    "mirrored_probabilities", "segment_volume",
+]

@@ -184,6 +184,7 @@ OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
         _spec("weights", CHOICE, "hof", "shipped weights: the full method, before refinement, or a Table 3 ablation", choices=HOF_WEIGHTS),
         _spec("spacing", FLOAT, 3.0, "network grid spacing in mm (trained at 3)", minimum=1, maximum=8),
         _spec("symmetric", BOOL, True, "register with the antisymmetric part of both directions' velocities (cancels what the network adds to any pair); false: eq. 2 one way"),
+        _spec("mirror", BOOL, True, "average each segmentation with that of the left-right mirror image (left and right swapped back); false: one pass"),
         _AFFINE,
         _AFFINE_ITERATIONS,
     ),
