@@ -11,10 +11,11 @@ with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.regi
    this replaces its preprocessing;
 3. the registration decoder predicts ``psi = f_r(F_moving, F_fixed)`` (eq. 2) from the affinely
    aligned moving image; with option ``symmetric`` (default; ours) of the antisymmetric part of both
-   directions' velocities, ``(v(m, f) - v(f, m)) / 2`` (`nets.hof`): the shipped network adds a shift of
-   about half a voxel to any pair, itself registered to itself included, which this cancels (benchmark
-   pair: Dice after the affine stage 0.620, the network one way 0.564, symmetric 0.643); the whole mapping ``compose(affine, psi)`` goes back to the fixed grid as a
-   physical field with the warped image (`common.result_from_network_field`);
+   directions' velocities, ``(v(m, f) - v(f, m)) / 2`` (`nets.hof`): the shipped network moves any pair
+   by about a voxel, an image registered to itself included, and this cancels that part (benchmark
+   pair: Dice after the affine stage 0.620, the network one way 0.564, symmetric 0.643); the whole
+   mapping ``compose(affine, psi)`` goes back to the fixed grid as a physical field with the warped
+   image (`common.result_from_network_field`);
 4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
    its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
    mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures) and
