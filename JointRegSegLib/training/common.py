@@ -168,8 +168,8 @@ def dice_present(truth: torch.Tensor, predicted: torch.Tensor, labels: list[int]
     return float(np.mean([scores.get(c, 0.0) for c in present])) if present else float("nan")
 
 
-def less_real_harm(score: float, ncc_after: float, ncc_before: float) -> float:
-    """A validation ``score`` less how far the registration of the held-apart real pair lowers its NCC below the
-    unregistered pair's (nothing when it does not): weights that make real images worse aligned than doing nothing
-    never count as better, however the synthetic pairs score."""
-    return float(score + min(0.0, ncc_after - ncc_before))
+def with_real_pair(score: float, ncc_after: float, ncc_before: float) -> float:
+    """A synthetic validation ``score`` plus what the registration of the held-apart real pair gains in NCC over the
+    unregistered pair (negative where it aligns them worse): weights count as better only where the real pair agrees,
+    not the synthetic volumes alone."""
+    return float(score + (ncc_after - ncc_before))
