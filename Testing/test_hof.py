@@ -21,6 +21,7 @@ from JointRegSegLib.methods.hof import (
 from JointRegSegLib.methods.options import validate_options
 from JointRegSegLib.training.gra import hypergradient
 from JointRegSegLib.spatial import compose
+from JointRegSegLib.synth.render import smoothed
 from JointRegSegLib.weights import load_into
 from JointRegSegLib.training.hof import aaa, bilevel_losses, one_hot, similarity, smoothness
 
@@ -156,12 +157,12 @@ def test_similarity_is_lowest_at_the_right_field_only_with_the_images_smoothed()
         for shift in (-0.5, -0.25, 0.0, 0.25, 0.5):
             psi = torch.zeros((1, 3, 32, 32, 32))
             psi[:, 1] = shift
-            out[shift] = float(similarity(small, large, psi, sim_blur))
+            out[shift] = float(similarity(smoothed(small, sim_blur), smoothed(large, sim_blur), psi))
         return out
 
-    plain, smoothed = scores(0.0), scores(1.0)
+    plain, blurred = scores(0.0), scores(1.0)
     assert plain[0.5] < plain[0.25] < plain[0.0] and plain[-0.5] < plain[0.0]
-    assert smoothed[0.0] < min(smoothed[s] for s in (-0.5, -0.25, 0.25, 0.5))
+    assert blurred[0.0] < min(blurred[s] for s in (-0.5, -0.25, 0.25, 0.5))
 
 
 def test_symmetric_registration_is_inverse_consistent_and_still_of_an_image_to_itself():

@@ -8,8 +8,8 @@ inside the image's foreground (normalised intensity above ``FOREGROUND``); ``--c
 checkpoint's network instead (``.training/checkpoints/NAME.pt``, its module ``net``): per axis the mean (a constant
 shift) and the mean absolute value, and the mean length.
 
-A similarity that rewards trilinear sampling's half-voxel blur trains a network to move such an image by
-about half a voxel (`synth.render.smoothed`); a network that learned registration moves it by little.
+A network that learned registration moves such an image by little; the shipped hof and uresnet networks move it
+by about a voxel of their grids (docs/results/hof.md, uresnet.md), which hof's symmetric registration cancels.
 
 Usage::
 

@@ -135,9 +135,10 @@ def smoothness(disp: torch.Tensor) -> torch.Tensor:
     return gradient_l2(normalised_field(disp))
 
 
-def similarity(moving: torch.Tensor, fixed: torch.Tensor, psi: torch.Tensor, sim_blur: float) -> torch.Tensor:
-    """Eq. 5 for one direction: ``MSE(G * moving o psi, G * fixed)``, ``G`` a Gaussian of ``sim_blur`` voxels (module docstring)."""
-    return F.mse_loss(warp(smoothed(moving, sim_blur), psi), smoothed(fixed, sim_blur))
+def similarity(moving: torch.Tensor, fixed: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 for one direction, ``MSE(moving o psi, fixed)``, of images already smoothed (`synth.render.smoothed`
+    by ``sim_blur`` voxels, module docstring)."""
+    return F.mse_loss(warp(moving, psi), fixed)
 
 
 def leader_loss(
@@ -156,7 +157,8 @@ def leader_loss(
     ground truth) on ``x_u``. The Dice term is included when both are given and lambda3 > 0.
     ``sim_blur``: the similarity's smoothing in voxels (module docstring).
     """
-    sim = 0.5 * (similarity(x_u, x_l, psi_inv, sim_blur) + similarity(x_l, x_u, psi, sim_blur))  # eq. 5 (+ symmetric)
+    s_l, s_u = smoothed(x_l, sim_blur), smoothed(x_u, sim_blur)
+    sim = 0.5 * (similarity(s_u, s_l, psi_inv) + similarity(s_l, s_u, psi))  # eq. 5 (+ symmetric)
     smo = 0.5 * (smoothness(psi) + smoothness(psi_inv))
     terms = {"sim": sim, "smo": smo}
     loss = lambdas[0] * sim + lambdas[1] * smo
@@ -389,7 +391,7 @@ class HOFTrainer(Trainer):
     def _pretrain(self, batch: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         self._freeze_encoder(False)
         psi = self.net.register(batch["x_l"], batch["x_u"])
-        sim = similarity(batch["x_l"], batch["x_u"], psi, self.cfg.sim_blur)
+        sim = similarity(smoothed(batch["x_l"], self.cfg.sim_blur), smoothed(batch["x_u"], self.cfg.sim_blur), psi)
         smo = smoothness(psi)
         loss = self.cfg.lambdas[0] * sim + self.cfg.lambdas[1] * smo
         self.leader_opt.zero_grad(set_to_none=True)
