@@ -240,7 +240,7 @@ def label_metrics(
     fixed_seg: Volume, warped_seg: np.ndarray, initial_seg: np.ndarray, device: str = "cpu", workers: int = 1
 ) -> dict[str, Any]:
     """Dice (after and before) and HD95 per label shared by both label maps, and their means
-    (``device`` and ``workers``: where the HD95 search runs, `metrics.overlap.nearest_distances`).
+    (``device`` and ``workers``: where the HD95 search runs and on how many CPU threads, `metrics.overlap.hd95_per_label`).
 
     The mean Dice is over the 30 standard evaluation structures (../shared/data/README.md) where the
     label maps use FreeSurfer codes and share any of them, otherwise over all shared labels.

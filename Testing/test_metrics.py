@@ -73,10 +73,13 @@ def test_dice_matches_monai(label_pair):
     assert dice_per_label(a, a) == {1: 1.0, 2: 1.0, 3: 1.0}
 
 
-def test_hd95_matches_monai_with_anisotropic_spacing(label_pair):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_hd95_matches_monai_with_anisotropic_spacing(label_pair, workers):
+    """On one thread and with the labels shared among three (the worker passes its thread count)."""
     a, b = label_pair
     spacing = (0.8, 1.5, 2.5)
-    ours = hd95_per_label(a, b, spacing)
+    ours = hd95_per_label(a, b, spacing, workers=workers)
+    assert list(ours) == [1, 2, 3, 4]
     metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
     monai = metric(_one_hot(a, [1, 2]), _one_hot(b, [1, 2]), spacing=spacing)[0].numpy()
     np.testing.assert_allclose([ours[1], ours[2]], monai, rtol=1e-5)

@@ -192,12 +192,10 @@ def surfaces(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def nearest_distances(
-    from_points: np.ndarray, to_points: np.ndarray, device: str | None = None, workers: int = 1
-) -> np.ndarray:
+def nearest_distances(from_points: np.ndarray, to_points: np.ndarray, device: str | None = None) -> np.ndarray:
     """Distance from every point of ``from_points (n, 3)`` to its nearest point of ``to_points (m, 3)``.
 
-    On the CPU a KD-tree over ``to_points`` (``workers`` threads for the queries); on a CUDA device
+    On the CPU a KD-tree over ``to_points``; on a CUDA device
     every distance, in blocks, on the GPU (exact either way).
     """
     if len(from_points) == 0:
@@ -213,7 +211,7 @@ def nearest_distances(
     from scipy.spatial import cKDTree  # here: only a run with label maps needs it
 
     tree = cKDTree(to_points, balanced_tree=False, compact_nodes=False)
-    return tree.query(from_points, k=1, workers=workers)[0]
+    return tree.query(from_points, k=1)[0]
 
 
 _GPU_BLOCK = 1 << 26  # distances per block of the GPU's all-pairs search
@@ -238,7 +236,7 @@ def _offsets_within(radius_mm: float, spacing: np.ndarray) -> tuple[np.ndarray, 
 
 def surface_distances(
     points: np.ndarray, to_surface: np.ndarray, targets: np.ndarray, spacing: np.ndarray, device: str | None = None,
-    workers: int = 1, percentile: float | None = None,
+    percentile: float | None = None,
 ) -> np.ndarray:
     """Distance (mm) from every voxel ``points (n, 3)`` to the nearest voxel of the mask ``to_surface`` (of the
     same box), whose voxels are ``targets (m, 3)``.
@@ -256,7 +254,7 @@ def surface_distances(
     if len(points) == 0:
         return np.zeros(0)
     if _on_gpu(device):
-        return nearest_distances(points * spacing, targets * spacing, device, workers)
+        return nearest_distances(points * spacing, targets * spacing, device)
     offsets, lengths = _offsets_within(NEAR_MM, spacing)
     pad = offsets.max(axis=0)
     padded = np.pad(to_surface, [(int(p), int(p)) for p in pad])
@@ -272,7 +270,7 @@ def surface_distances(
         if len(left) == 0:
             break
     if len(left) and (percentile is None or _read_by(percentile, len(points)) >= len(points) - len(left)):
-        distances[left] = nearest_distances(points[left] * spacing, targets * spacing, device, workers)
+        distances[left] = nearest_distances(points[left] * spacing, targets * spacing, device)
     return distances
 
 
@@ -292,8 +290,8 @@ def hd95_per_label(
     """Symmetric 95th-percentile Hausdorff distance (mm) per label (module docstring).
 
     ``spacing`` is the voxel size along the array axes i, j, k. Labels absent from both maps are
-    omitted; a label present in one map only gives ``inf``. ``device`` and ``workers``: see
-    `surface_distances`.
+    omitted; a label present in one map only gives ``inf``. ``device``: see `surface_distances`;
+    ``workers``: CPU threads, each scoring its share of the labels (the numbers do not depend on it).
     """
     a, b = _label_pair(a, b)
     spacing_arr = np.asarray(spacing, dtype=np.float64)
@@ -301,18 +299,22 @@ def hd95_per_label(
         raise InputError(f"spacing must be {a.ndim} positive numbers, got {tuple(spacing)}")
     boxes_a, boxes_b = label_boxes(a), label_boxes(b)
     edges_a, edges_b = surfaces(a), surfaces(b)
-    distances: dict[int, float] = {}
-    for label in _chosen(labels, sorted(set(boxes_a) | set(boxes_b))):
+
+    def hd95(label: int) -> float:
         box_a, box_b = boxes_a.get(label), boxes_b.get(label)
-        if box_a is None and box_b is None:
-            continue
         if box_a is None or box_b is None:
-            distances[label] = float("inf")
-            continue
+            return float("inf")
         box = _union(box_a, box_b)
         surface_a, surface_b = (a[box] == label) & edges_a[box], (b[box] == label) & edges_b[box]
         points_a, points_b = np.argwhere(surface_a), np.argwhere(surface_b)
-        a_to_b = surface_distances(points_a, surface_b, points_b, spacing_arr, device, workers, HD_PERCENTILE)
-        b_to_a = surface_distances(points_b, surface_a, points_a, spacing_arr, device, workers, HD_PERCENTILE)
-        distances[label] = max(float(np.percentile(a_to_b, HD_PERCENTILE)), float(np.percentile(b_to_a, HD_PERCENTILE)))
-    return distances
+        a_to_b = surface_distances(points_a, surface_b, points_b, spacing_arr, device, HD_PERCENTILE)
+        b_to_a = surface_distances(points_b, surface_a, points_a, spacing_arr, device, HD_PERCENTILE)
+        return max(float(np.percentile(a_to_b, HD_PERCENTILE)), float(np.percentile(b_to_a, HD_PERCENTILE)))
+
+    scored = [label for label in _chosen(labels, sorted(set(boxes_a) | set(boxes_b))) if label in boxes_a or label in boxes_b]
+    if workers > 1 and not _on_gpu(device) and len(scored) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(scored))) as pool:  # numpy and the KD-tree release the GIL
+            return dict(zip(scored, pool.map(hd95, scored)))
+    return {label: hd95(label) for label in scored}
