@@ -24,7 +24,7 @@ from JointRegSegLib.training import make_trainer
 from JointRegSegLib.training.all import adopt, train_all
 from JointRegSegLib.training.common import with_real_pair
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
-from JointRegSegLib.weights import load_weights, read_manifest, record_weights
+from JointRegSegLib.weights import load_into, load_weights, read_manifest, record_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = {"sources": {"noise": 1.0}, "shape": [32, 32, 32], "threads": 1}
@@ -225,3 +225,16 @@ def test_bank_says_where_training_data_come_from(tmp_path, monkeypatch):
     written = bank.entry("example", lambda: {"maps": torch.arange(6).reshape(2, 3).numpy()})
     again = bank.entry("example", lambda: pytest.fail("a stored entry is read, not rebuilt"))
     assert json.dumps(again["maps"].tolist()) == json.dumps(written["maps"].tolist())
+
+
+def test_uresnet_validation_is_the_same_whatever_the_run_settings(shared_data_dir):
+    """A run's own deformation settings do not change uresnet's validation pairs, so the shipped weights score what
+    their provenance records (the pairs of the runs behind them) under any settings. Needs ../shared/data."""
+    shipped = read_manifest()["uresnet"]["provenance"]["validation"]
+    for settings in ({}, {"affine_ranges": [6, 0.06, 0.02, 2], "max_std": 2.5}):
+        trainer = make_trainer("uresnet", {"iterations": 1, **settings})
+        load_into(trainer.net, "uresnet")
+        with torch.no_grad():
+            scores = trainer.validate()
+        for key in ("reg_dice", "identity_dice", "seg_dice"):
+            assert scores[key] == pytest.approx(shipped[key], abs=1e-4), (settings, key)

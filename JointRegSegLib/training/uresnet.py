@@ -18,7 +18,8 @@ paper centres its volumes by centre of mass):
   the images the method sees.
 
 Validation (`UReSNetTrainer.validate`, the same every time): 4 held-apart pairs (maps 17 -> 18,
-18 -> 19, 19 -> 20, 20 -> 17, generated like the training pairs with fixed seeds, T1-like): the
+18 -> 19, 19 -> 20, 20 -> 17, generated like the training pairs with fixed seeds, T1-like, and the deformations of
+the runs behind the shipped weights whatever the run's own settings, `VALIDATION_DEFORMATIONS`): the
 registration Dice of the moving labels warped by the predicted mapping against the fixed labels
 (15 classes; ``identity_dice`` before registration), the segmentation Dice of the moving image
 (``seg_dice``); and the two real OASIS scans (``oasis_ncc`` after, ``identity_oasis_ncc`` before).
@@ -57,6 +58,12 @@ from .loop import CommonConfig, Trainer, fast_layout
 
 TRAIN_MAPS = 16
 OASIS = ("oasis_unlabelled/OASIS_0001_0000.nii.gz", "oasis_unlabelled/OASIS_0075_0000.nii.gz")
+VALIDATION_DEFORMATIONS = (
+    DeformationOptions(max_std=1.5, factor=2),
+    DeformationOptions(max_std=1.5, factor=2, affine=AffineRanges(15.0, 0.15, 0.02, 4.0)),
+)
+"""The validation pairs' deformations (fixed, moving), whatever a run's own settings: those of the runs behind the
+shipped weights (default ``max_std`` and ``affine_ranges``), so scores of any two runs compare."""
 
 
 @dataclass
@@ -67,7 +74,7 @@ class TrainConfig(CommonConfig):
     shape: tuple[int, int, int] = (44, 52, 60)
     max_std: float = 1.5
     sim_blur: float = 1.0
-    affine_ranges: tuple[float, float, float, float] = (6.0, 0.06, 0.02, 2.0)
+    affine_ranges: tuple[float, float, float, float] = (15.0, 0.15, 0.02, 4.0)  # the shipped weights' runs since 608
     t1_like: float = 0.8
     other_subject: float = 0.7
     halve_every: int = 6000
@@ -124,7 +131,7 @@ class UReSNetTrainer(Trainer):
             max_std=cfg.max_std, factor=2, affine=AffineRanges(rotation, scale, shear, translation)
         )
         held = list(range(TRAIN_MAPS, len(self.maps)))
-        self.validation = fast_layout(self.pair(held, held[1:] + held[:1], 10**6, t1_like=True), self.device)
+        self.validation = fast_layout(self.pair(held, held[1:] + held[:1], 10**6, True, VALIDATION_DEFORMATIONS), self.device)
         oasis = torch.stack([torch.from_numpy(bank.real_scan(p, cfg.spacing, cfg.shape)) for p in OASIS])[:, None]
         self.oasis = fast_layout(oasis.to(self.device), self.device)
 
@@ -135,11 +142,16 @@ class UReSNetTrainer(Trainer):
         """FreeSurfer codes -> U-ReSNet class indices (`methods.uresnet.CLASSES`)."""
         return self.lookup[labels.clamp(0, len(self.lookup) - 1)]
 
-    def pair(self, moving_maps: list[int], fixed_maps: list[int], seed: int, t1_like: bool | None = None) -> dict[str, torch.Tensor]:
-        """Pairs of maps ``moving_maps[k] -> fixed_maps[k]``, deformed and rendered (module docstring)."""
+    def pair(
+        self, moving_maps: list[int], fixed_maps: list[int], seed: int, t1_like: bool | None = None,
+        deformations: tuple[DeformationOptions, DeformationOptions] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pairs of maps ``moving_maps[k] -> fixed_maps[k]``, deformed and rendered (module docstring); ``deformations``:
+        the fixed and the moving maps' (default the run's)."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        fixed_labels = deform_labels(self.maps[fixed_maps], generator, self.fixed_deformation)
-        moving_labels = deform_labels(self.maps[moving_maps], generator, self.moving_deformation)
+        fixed, moving = deformations or (self.fixed_deformation, self.moving_deformation)
+        fixed_labels = deform_labels(self.maps[fixed_maps], generator, fixed)
+        moving_labels = deform_labels(self.maps[moving_maps], generator, moving)
         both = torch.stack([moving_labels, fixed_labels], dim=1).flatten(0, 1)  # moving_k, fixed_k interleaved
         if t1_like is None:
             t1_like = float(torch.rand((), generator=generator, device=self.device)) < self.cfg.t1_like
