@@ -109,6 +109,12 @@ def mirrored_probabilities(net: HOFNet, image: torch.Tensor) -> torch.Tensor:
     return 0.5 * (direct + mirrored)
 
 
+def class_scores(net: HOFNet, image: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Class scores of ``image (B, 1, I, J, K)``: averaged with the mirror image's where ``mirror``
+    (`mirrored_probabilities`), else the segmentation decoder's one pass."""
+    return mirrored_probabilities(net, image) if mirror else net.segment(image)
+
+
 def segment_volume(
     net: HOFNet, volume: Volume, spacing: float, device: torch.device, on_grid: torch.Tensor | None = None, mirror: bool = True
 ) -> Volume:
@@ -118,7 +124,7 @@ def segment_volume(
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = on_grid if on_grid is not None else torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
-        scores = mirrored_probabilities(net, image) if mirror else net.segment(image)
+        scores = class_scores(net, image, mirror)
         classes = class_map(scores, 1)[0].cpu().numpy()
     return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
 

@@ -91,7 +91,8 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..losses import gradient_l2, soft_dice_loss
-from ..methods.hof import N_CLASSES, build_net, codes_to_classes, mirrored_probabilities
+from ..methods.hof import N_CLASSES, build_net, class_scores, codes_to_classes
+from ..methods.options import defaults
 from ..metrics.similarity import ncc
 from ..nets.hof import HOFNet
 from ..spatial import warp
@@ -464,12 +465,13 @@ class HOFTrainer(Trainer):
     def validate(self) -> dict[str, float]:
         net, images, truth = self.net, self.validation, self.validation_classes
         labels = list(range(1, N_CLASSES))
-        predicted = mirrored_probabilities(net, images).argmax(dim=1, keepdim=True)  # as the method: options mirror
+        method = defaults("hof")  # scored as the method runs by default (options mirror and symmetric)
+        predicted = class_scores(net, images, method["mirror"]).argmax(dim=1, keepdim=True)
         following = torch.roll(images, -1, dims=0)
-        psi = net.register(following, images, symmetric=True)  # and symmetric
+        psi = net.register(following, images, symmetric=method["symmetric"])
         warped = warp(torch.roll(truth, -1, dims=0).float(), psi, mode="nearest").long()
         count = len(images)
-        psi_oasis = net.register(self.oasis.flip(0), self.oasis, symmetric=True)
+        psi_oasis = net.register(self.oasis.flip(0), self.oasis, symmetric=method["symmetric"])
         warped_oasis = warp(self.oasis.flip(0), psi_oasis)
         scores = {
             "seg_dice": float(np.mean([dice_present(truth[k], predicted[k], labels) for k in range(count)])),

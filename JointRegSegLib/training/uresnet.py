@@ -58,12 +58,15 @@ from .loop import CommonConfig, Trainer, fast_layout
 
 TRAIN_MAPS = 16
 OASIS = ("oasis_unlabelled/OASIS_0001_0000.nii.gz", "oasis_unlabelled/OASIS_0075_0000.nii.gz")
+SHIPPED_MAX_STD = 1.5
+SHIPPED_AFFINE_RANGES = (15.0, 0.15, 0.02, 4.0)
+"""The deformation settings of the runs behind the shipped weights (since iteration 608): the defaults of a run."""
 VALIDATION_DEFORMATIONS = (
-    DeformationOptions(max_std=1.5, factor=2),
-    DeformationOptions(max_std=1.5, factor=2, affine=AffineRanges(15.0, 0.15, 0.02, 4.0)),
+    DeformationOptions(max_std=SHIPPED_MAX_STD, factor=2),
+    DeformationOptions(max_std=SHIPPED_MAX_STD, factor=2, affine=AffineRanges(*SHIPPED_AFFINE_RANGES)),
 )
 """The validation pairs' deformations (fixed, moving), whatever a run's own settings: those of the runs behind the
-shipped weights (default ``max_std`` and ``affine_ranges``), so scores of any two runs compare."""
+shipped weights, so scores of any two runs compare."""
 
 
 @dataclass
@@ -72,9 +75,9 @@ class TrainConfig(CommonConfig):
 
     spacing: float = 4.0
     shape: tuple[int, int, int] = (44, 52, 60)
-    max_std: float = 1.5
+    max_std: float = SHIPPED_MAX_STD
     sim_blur: float = 1.0
-    affine_ranges: tuple[float, float, float, float] = (15.0, 0.15, 0.02, 4.0)  # the shipped weights' runs since 608
+    affine_ranges: tuple[float, float, float, float] = SHIPPED_AFFINE_RANGES
     t1_like: float = 0.8
     other_subject: float = 0.7
     halve_every: int = 6000
@@ -131,7 +134,8 @@ class UReSNetTrainer(Trainer):
             max_std=cfg.max_std, factor=2, affine=AffineRanges(rotation, scale, shear, translation)
         )
         held = list(range(TRAIN_MAPS, len(self.maps)))
-        self.validation = fast_layout(self.pair(held, held[1:] + held[:1], 10**6, True, VALIDATION_DEFORMATIONS), self.device)
+        validation = self.pair(held, held[1:] + held[:1], 10**6, t1_like=True, deformations=VALIDATION_DEFORMATIONS)
+        self.validation = fast_layout(validation, self.device)
         oasis = torch.stack([torch.from_numpy(bank.real_scan(p, cfg.spacing, cfg.shape)) for p in OASIS])[:, None]
         self.oasis = fast_layout(oasis.to(self.device), self.device)
 
