@@ -340,6 +340,10 @@ def test_jers_overfits_one_head(tmp_path, jers_head):
     segmentation = [_mean_dice(tissue[k:k + 1], out.segmentation_logits[k:k + 1].argmax(dim=1, keepdim=True)) for k in range(2)]
     assert min(extraction) > 0.9, extraction
     assert min(segmentation) > 0.9, segmentation
+    with torch.no_grad():
+        scores = trainer.validate()
+    stages = [scores[f"reg_dice_stage_{k}"] for k in range(1, trainer.cfg.registration_stages + 1)]
+    assert stages[-1] == pytest.approx(scores["reg_dice"], abs=1e-9), (stages, scores["reg_dice"])  # A_c^N is the network's
 
     atlas = trainer.atlas.contiguous()
     for k in range(2):

@@ -56,8 +56,9 @@ ones, the w/o-Ext variant) and ``lambda_seg=0`` (no segmentation loss), each und
 Validation (fixed renderings, never trained on): the 8 held-apart heads (maps 17-20, two renderings
 each): ``dice_ext`` (brain mask against every brain code), ``dice_seg`` (the segmentation network's
 CSF / grey / white matter against the labels), ``reg_dice`` (the atlas labels brought into the head
-by the inverse affine, the w/o-Seg route, against the same classes); and the two OASIS scans
-(skull-stripped: ``oasis_dice_ext`` of the mask against the scan's nonzero voxels).
+by the inverse affine, the w/o-Seg route, against the same classes; ``reg_dice_stage_k`` the same after the
+first ``k`` registration stages); and the two OASIS scans (skull-stripped: ``oasis_dice_ext`` of the mask
+against the scan's nonzero voxels).
 ``score = (dice_ext + dice_seg + reg_dice) / 3``.
 """
 
@@ -312,7 +313,22 @@ class JERSTrainer(Trainer):
             "oasis_dice_ext": float(np.mean([dice_present((self.oasis[k] > 0.05).long(), oasis_mask[k], [1]) for k in range(2)])),
             "determinant": float(torch.linalg.det(out.affine[:, :3, :3]).mean()),
         }
+        scores.update(self._stage_dice(out.stage_affines))
         scores["score"] = (scores["dice_ext"] + scores["dice_seg"] + scores["reg_dice"]) / 3.0
+        return scores
+
+    def _stage_dice(self, stage_affines: list[torch.Tensor]) -> dict[str, float]:
+        """``reg_dice`` after each registration stage (``reg_dice_stage_k``: the atlas labels brought by ``A_c^k``), to
+        see whether the later stages of the cascade add to the first ones (not part of the score)."""
+        composed = torch.eye(4, dtype=stage_affines[0].dtype, device=self.device).expand(len(stage_affines[0]), 4, 4)
+        scores = {}
+        for k, step in enumerate(stage_affines, 1):
+            composed = composed @ step  # eq. 6
+            classes = affine_warp(self.atlas_onehot.expand(len(composed), -1, -1, -1, -1), torch.linalg.inv(composed))
+            classes = classes.argmax(dim=1, keepdim=True)  # eq. 7
+            scores[f"reg_dice_stage_{k}"] = float(
+                np.mean([dice_present(self.validation_tissue[i], classes[i], [1, 2, 3]) for i in range(len(classes))])
+            )
         return scores
 
     def describe(self) -> dict[str, Any]:
