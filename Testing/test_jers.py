@@ -15,12 +15,12 @@ from JointRegSegLib.imageio.network_grid import RAS_DIRECTION
 from JointRegSegLib.imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from JointRegSegLib.methods import get_method
 from JointRegSegLib.methods.base import Inputs, Options
-from JointRegSegLib.labels import TISSUE_LABELS
+from JointRegSegLib.labels import EXTRACEREBRAL_FIRST_CODE, TISSUE_LABELS
 from JointRegSegLib.methods.jers import affine_displacement, tissue_codes
 from JointRegSegLib.nets.jers import JERS, affine_warp
 from JointRegSegLib.spatial import affine_matrix
 from JointRegSegLib.spatial.physical import warp_volume
-from JointRegSegLib.training.jers import mask_gradient_l2, reference_brain
+from JointRegSegLib.training.jers import brain_mask_of, mask_gradient_l2, reference_brain, synthetic_heads
 
 
 def _model_with_moving_affine(seed: int = 0) -> JERS:
@@ -220,3 +220,16 @@ def test_reference_brain_of_a_skull_stripped_scan_is_its_filled_support() -> Non
     labels = np.where(brain, 2, 0).astype(np.int32)
     labels[0:3] = 516  # skull
     np.testing.assert_array_equal(reference_brain(image, labels, "labels"), brain)
+
+
+def test_training_heads_skull_stripped_keep_the_brain_and_its_csf():
+    """``stripped``: a stripped head is the same posed head with every extra-cerebral code set to background."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0) - 15.5] * 3, indexing="ij")).norm(dim=0)
+    head = torch.where(grid < 9, 2, torch.where(grid < 11, 24, torch.where(grid < 14, EXTRACEREBRAL_FIRST_CODE + 15, 0)))
+    maps = head[None, None].expand(3, 1, -1, -1, -1).contiguous()
+    raw_labels, raw = synthetic_heads(maps, [0, 1, 2], seed=7)
+    labels, images = synthetic_heads(maps, [0, 1, 2], seed=7, stripped=1.0)
+    assert (raw_labels >= EXTRACEREBRAL_FIRST_CODE).any() and not (labels >= EXTRACEREBRAL_FIRST_CODE).any()
+    assert torch.equal(labels, raw_labels * brain_mask_of(raw_labels))
+    assert (labels == 24).any()  # the CSF around the brain stays
+    assert float(images[raw_labels >= EXTRACEREBRAL_FIRST_CODE].mean()) < 0.05 < float(raw[raw_labels >= EXTRACEREBRAL_FIRST_CODE].mean())

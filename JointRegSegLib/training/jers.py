@@ -11,6 +11,10 @@ Data (ours: the paper trains on real raw scans, which ../shared/data does not ha
   neighbour) and a T1-like rendering (`augment.render_t1`: white matter brightest, grey matter darker,
   CSF darkest, one random brightness per extra-cerebral class, noise, blur, bias field),
   percentile-normalised like the images the method sees;
+- deviation (``stripped``, default 0): that share of the heads is skull-stripped before rendering (every
+  extra-cerebral code set to background, the brain and its CSF kept, as skull-stripping tools leave a scan),
+  since users also give jers skull-stripped scans (the benchmark pair's, OASIS's) and the paper's training
+  scans are all raw;
 - deviation (``mask_supervision``, default 1): a soft Dice between the product of the stage masks
   and the generator's brain mask (`brain_mask_of`) joins the loss. The paper is one-shot (only the
   atlas and its labels supervise; ``mask_supervision=0`` restores that), and its extraction learns
@@ -134,8 +138,9 @@ def atlas_arrays(spacing: float = SPACING, shape: tuple[int, int, int] = GRID_SH
     return arrays["image"], arrays["onehot"].astype(np.float32)
 
 
-def synthetic_heads(maps: torch.Tensor, indices: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps ``indices`` randomly posed and rendered (deterministic in ``seed``): labels and images ``(B, 1, I, J, K)``."""
+def synthetic_heads(maps: torch.Tensor, indices: list[int], seed: int, stripped: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps ``indices`` randomly posed and rendered (deterministic in ``seed``): labels and images ``(B, 1, I, J, K)``;
+    each head is skull-stripped (extra-cerebral codes set to 0) with probability ``stripped``."""
     generator = torch.Generator(device=maps.device).manual_seed(seed)
     labels = maps[indices].float()
     shape = tuple(maps.shape[2:])
@@ -143,6 +148,9 @@ def synthetic_heads(maps: torch.Tensor, indices: list[int], seed: int) -> tuple[
     theta = index_affine_to_normalised(matrix.double(), shape).float()
     bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=maps.device).expand(len(indices), 1, 4)
     labels = affine_warp(labels, torch.cat([theta, bottom], dim=1), mode="nearest").round().long()
+    if stripped > 0:
+        strip = torch.rand(len(indices), generator=generator, device=maps.device) < stripped
+        labels = torch.where(strip.view(-1, 1, 1, 1, 1) & ~brain_mask_of(labels), torch.zeros_like(labels), labels)
     return labels, render_t1(labels, generator)
 
 
@@ -162,6 +170,7 @@ class TrainConfig(CommonConfig):
     warmup: int = 300
     lr_registration: float = 1e-4
     mask_supervision: float = 1.0
+    stripped: float = 0.0
     spacing: float = SPACING
     shape: tuple[int, int, int] = GRID_SHAPE
     stage: str | None = None
@@ -186,6 +195,8 @@ class TrainConfig(CommonConfig):
         for key in ("lambda_seg", "eta", "mask_supervision"):
             if not float(getattr(c, key)) >= 0:
                 raise InputError(f"jers training setting '{key}' must be >= 0; got {getattr(c, key)!r}")
+        if not 0.0 <= float(c.stripped) <= 1.0:
+            raise InputError(f"jers training setting 'stripped' is a share of the heads, from 0 to 1; got {c.stripped!r}")
         for key in ("extraction", "seg_to_registration"):
             if not isinstance(getattr(c, key), bool):
                 raise InputError(f"'{key}' must be true or false; got {getattr(c, key)!r}")
@@ -277,7 +288,7 @@ class JERSTrainer(Trainer):
     def batch(self, n: int) -> dict[str, torch.Tensor]:
         pick = torch.Generator().manual_seed(self.cfg.seed * 1000003 + n)
         indices = torch.randint(TRAIN_MAPS, (self.cfg.batch_size,), generator=pick).tolist()
-        labels, images = synthetic_heads(self.maps, indices, self.cfg.seed * 1000003 + n + 500009)
+        labels, images = synthetic_heads(self.maps, indices, self.cfg.seed * 1000003 + n + 500009, self.cfg.stripped)
         return {"raw": images, "brain": brain_mask_of(labels).float()}
 
     def forward(self, raw: torch.Tensor, coupled: bool, hard: bool = False) -> JERSOutput:
@@ -336,7 +347,9 @@ class JERSTrainer(Trainer):
             "architecture": {"network": "JERS", "parameters": count_parameters(self.net), "grid": list(self.cfg.shape),
                              "spacing_mm": self.cfg.spacing, "classes": CLASSES},
             "data": f"synthetic T1-like raw heads rendered from SynthSeg whole-head maps 1-{TRAIN_MAPS} of "
-            "../shared/data/synthseg_labelmaps, randomly posed; atlas Resources/Atlas (MNI152 2009a + derived tissue labels)"
+            "../shared/data/synthseg_labelmaps, randomly posed"
+            + (f", a share of {self.cfg.stripped:g} skull-stripped before rendering" if self.cfg.stripped > 0 else "")
+            + "; atlas Resources/Atlas (MNI152 2009a + derived tissue labels)"
             + (f"; brain masks of the synthetic heads supervise the extraction (weight {self.cfg.mask_supervision})"
                if self.cfg.mask_supervision > 0 else "; brain labels not used (one-shot)"),
             "validation_set": "8 held-apart heads (SynthSeg maps 17-20, two fixed renderings each) and the two OASIS scans",
