@@ -101,23 +101,19 @@ def test_uncompressed_outputs_on_request(tmp_path, sample_pair, finished_run):
     assert not list(out.glob("*.nii.gz"))
 
 
-def test_progress_is_monotonic_and_time_left_converges(finished_run):
+def test_progress_is_monotonic_and_time_left_is_shown(finished_run):
+    """The real run's stream: fractions from 0 to 1 never going back, an estimate during the run, 0 at the end, and in
+    the second half never above the time already spent (true of ``t (1 - f) / f`` on any machine). How close the
+    estimate comes to the time that really remained depends on how the machine's load changes during the run, so
+    it is tested on a simulated clock below, not here."""
     _, events = finished_run
     progress = [e for e in events if e["event"] == "progress"]
     fractions = [e["fraction"] for e in progress]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert len(progress) >= FAST["iterations"]
     assert progress[-1]["seconds_left"] == 0.0
-    # Once half the work is done the estimate never exceeds the time already spent, however busy the machine.
+    assert any(e["seconds_left"] is not None for e in progress if 0.0 < e["fraction"] < 1.0)
     assert all(e["seconds_left"] <= e["elapsed"] + 0.1 for e in progress if e["fraction"] >= 0.5 and e["seconds_left"] is not None)
-    # After the first 20 % of the work the estimate stays within a factor of two of the time that really
-    # remained (measured afterwards on the same run, so a slow machine slows both sides; 3 s of slack for the
-    # last seconds, where any ratio is noise).
-    total = progress[-1]["elapsed"]
-    for e in progress:
-        if e["fraction"] >= 0.2 and e["seconds_left"] is not None:
-            remaining = total - e["elapsed"]
-            assert remaining / 2 - 3.0 <= e["seconds_left"] <= 2 * remaining + 3.0, (e, total)
 
 
 class _Clock:
