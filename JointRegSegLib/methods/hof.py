@@ -18,8 +18,9 @@ with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.regi
    image (`common.result_from_network_field`);
 4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
    its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
-   mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures) and
-   resampled (nearest) onto each image's own grid. With option ``mirror`` (default; ours, as nnU-Net's
+   mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures); each image's label map
+   on its own grid is the argmax of the class probabilities interpolated linearly there (`class_sampling.argmax_on`, as
+   nnU-Net brings its labels to the scan; before 2026-11-30 the 3 mm labels by nearest neighbour). With option ``mirror`` (default; ours, as nnU-Net's
    test-time mirroring) the class probabilities are averaged with those of the image mirrored left to
    right (the network grid's first axis, RAS+), mirrored back with each left structure's class swapped
    for its right one (`mirrored_probabilities`): benchmark pair, Dice over its 28 structures 0.605 / 0.580
@@ -42,7 +43,7 @@ from ..device import resolve_device
 from ..errors import InputError
 from ..imageio.geometry import Volume
 from ..imageio.intensity import normalise_intensity
-from ..imageio.network_grid import from_network, network_geometry, to_network
+from ..imageio.network_grid import network_geometry, to_network
 from ..labels import EVALUATION_LABELS, label_info
 from ..nets.hof import HOFNet
 from ..spatial import affine_to_displacement, compose, warp
@@ -51,7 +52,8 @@ from ..weights import load_into
 from .affine_stage import affine_or_identity
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import class_map, prepare_pair, result_from_network_field
+from .class_sampling import argmax_on
+from .common import prepare_pair, result_from_network_field
 from .options import validate_options
 
 # Segmentation classes: background plus the 28 of the 30 evaluation structures that the SynthSeg
@@ -109,24 +111,24 @@ def mirrored_probabilities(net: HOFNet, image: torch.Tensor) -> torch.Tensor:
     return 0.5 * (direct + mirrored)
 
 
-def class_scores(net: HOFNet, image: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Class scores of ``image (B, 1, I, J, K)``: averaged with the mirror image's where ``mirror``
-    (`mirrored_probabilities`), else the segmentation decoder's one pass."""
-    return mirrored_probabilities(net, image) if mirror else net.segment(image)
+def class_probabilities(net: HOFNet, image: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Class probabilities of ``image (B, 1, I, J, K)``: averaged with the mirror image's where ``mirror``
+    (`mirrored_probabilities`), else the softmax of the segmentation decoder's one pass."""
+    return mirrored_probabilities(net, image) if mirror else torch.softmax(net.segment(image), dim=1)
 
 
 def segment_volume(
     net: HOFNet, volume: Volume, spacing: float, device: torch.device, on_grid: torch.Tensor | None = None, mirror: bool = True
 ) -> Volume:
-    """Label map (FreeSurfer codes) of ``volume`` on its own grid: segmentation decoder on its network grid.
+    """Label map (FreeSurfer codes) of ``volume`` on its own grid: the segmentation decoder's class probabilities on
+    its network grid, interpolated linearly at the volume's voxels, and their argmax (`class_sampling.argmax_on`).
     ``on_grid``: the volume already on that grid and normalised (`common.prepare_pair`'s fixed image), where at hand;
     ``mirror``: averaged with the mirror image's (`mirrored_probabilities`)."""
     grid = network_geometry(volume.geometry, spacing=spacing)
     image = on_grid if on_grid is not None else torch.from_numpy(normalise_intensity(to_network(volume, grid)))[None, None].to(device)
     with torch.no_grad():
-        scores = class_scores(net, image, mirror)
-        classes = class_map(scores, 1)[0].cpu().numpy()
-    return from_network(classes_to_codes(classes), grid, volume.geometry, labels=True)
+        classes = argmax_on(class_probabilities(net, image, mirror)[0], grid, volume.geometry).cpu().numpy()
+    return Volume(classes_to_codes(classes), volume.geometry)
 
 
 class HOFMethod:
@@ -195,5 +197,5 @@ METHOD = HOFMethod()
 
 __all__ = [
     "HOF_LABELS", "METHOD", "N_CLASSES", "HOFMethod", "build_net", "classes_to_codes", "codes_to_classes", "mirror_classes",
-    "mirrored_probabilities", "segment_volume",
+    "class_probabilities", "mirrored_probabilities", "segment_volume",
 ]

@@ -18,7 +18,8 @@ The moving image is a RAW head scan (with skull); the fixed image is a labelled,
 5. outputs at the user's resolution: ``Result.affine`` (LPS, atlas point -> raw point) and the
    equivalent ``displacement`` on the atlas grid; ``warped`` = the extracted image (raw x mask at
    full resolution) resampled onto the atlas grid; ``brain_mask`` (uint8) and ``moving_seg`` on the
-   raw image's grid (network-grid masks and labels resampled nearest-neighbour); ``fixed_seg`` =
+   raw image's grid (the network-grid mask resampled nearest-neighbour, the labels the argmax of the class
+   probabilities interpolated linearly, `class_sampling.argmax_on`; before 2026-11-30 nearest-neighbour); ``fixed_seg`` =
    the atlas labels; ``warped_seg`` = the user's moving label map warped to the atlas, if given.
    ``extracted`` = the raw image times the mask on the raw grid. With the shipped atlas, segmentation
    labels are FreeSurfer's FSL-FAST tissue codes (701 CSF, 702 grey matter, 703 white matter), which
@@ -56,7 +57,7 @@ from ..timing import Stopwatch
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
-from .common import class_map
+from .class_sampling import argmax_on
 from .options import validate_options
 
 GRID_SHAPE = (64, 64, 64)
@@ -202,8 +203,9 @@ class JERSMethod:
             warped, warped_seg = _warped(extracted, inputs.moving_seg, matrix, field, inputs.fixed.geometry, device)
         with watch.step("segmentation"):
             if use_network:
-                seg_net = class_map(out.segmentation_logits, 1)[0].cpu().numpy().astype(np.uint8)
-                moving_seg = from_network(seg_net, raw.grid, inputs.moving.geometry, labels=True)
+                probabilities = torch.softmax(out.segmentation_logits, dim=1)[0]
+                classes = argmax_on(probabilities, raw.grid, inputs.moving.geometry).cpu().numpy().astype(np.uint8)
+                moving_seg = Volume(classes, inputs.moving.geometry)
             elif inputs.fixed_seg is not None:
                 moving_seg = warp_volume_affine(inputs.fixed_seg, np.linalg.inv(matrix), inputs.moving.geometry, "nearest")
             else:

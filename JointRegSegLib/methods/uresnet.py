@@ -70,12 +70,13 @@ from ..labels import label_info
 from ..losses import lncc_loss, soft_dice_loss
 from ..nets.uresnet import UReSNet, index_affine, total_displacement
 from ..spatial import warp
-from ..spatial.physical import sample_on, warp_volume
+from ..spatial.physical import warp_volume
 from ..synth.render import smoothed
 from ..timing import Stopwatch
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
 from .catalogue import method_info
+from .class_sampling import argmax_on
 from .common import class_map, prepare_pair, result_from_network_field
 from .options import validate_options
 
@@ -185,9 +186,9 @@ def network_grid(geometry: Geometry, spacing: float) -> Geometry:
 def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 32) -> Volume:
     """Softmax ``(C, I, J, K)`` on the network grid -> FreeSurfer label map on ``target``.
 
-    The probabilities are sampled trilinearly at ``target``'s voxel centres (zero outside the network
-    grid, i.e. background; `spatial.physical.sample_on`, ``slab`` planes of ``target`` at a time, on
-    the probabilities' device) and the class is their argmax; a voxel gets the left code of its class
+    The class is the argmax of the probabilities sampled trilinearly at ``target``'s voxel centres (zero
+    outside the network grid, i.e. background; `class_sampling.argmax_on`, on the probabilities' device); a voxel
+    gets the left code of its class
     where it lies left of the predicted brain's centre of mass along the patient's left-right axis
     (LPS x), the right code otherwise (module docstring).
     """
@@ -197,14 +198,12 @@ def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geo
     centre_x = (grid.index_to_physical_matrix @ np.append(index, 1.0))[0]
     to_x = target.index_to_physical_matrix[0]  # LPS x of index (i, j, k): +x is the patient's left
     jk_x = to_x[1] * np.arange(target.shape[1])[:, None] + to_x[2] * np.arange(target.shape[2])[None, :] + to_x[3]
+    classes = argmax_on(probs[0], grid, target).cpu().numpy()
     out = np.zeros(target.shape, dtype=np.int16)
     for start in range(0, target.shape[0], slab):
         rows = slice(start, min(start + slab, target.shape[0]))
-        sampled = sample_on(probs, grid, target, rows=rows)[0]
-        sampled[0] += 1e-6  # outside the network grid every class is 0: background wins
-        classes = class_map(sampled, 0).cpu().numpy()
         x = to_x[0] * np.arange(rows.start, rows.stop)[:, None, None] + jk_x[None]
-        out[rows] = classes_to_codes(classes, x > centre_x)
+        out[rows] = classes_to_codes(classes[rows], x > centre_x)
     return Volume(out, target)
 
 

@@ -91,7 +91,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..losses import gradient_l2, soft_dice_loss
-from ..methods.hof import N_CLASSES, build_net, class_scores, codes_to_classes
+from ..methods.hof import N_CLASSES, build_net, class_probabilities, codes_to_classes
 from ..methods.options import defaults
 from ..metrics.similarity import ncc
 from ..nets.hof import HOFNet
@@ -466,7 +466,7 @@ class HOFTrainer(Trainer):
         net, images, truth = self.net, self.validation, self.validation_classes
         labels = list(range(1, N_CLASSES))
         method = defaults("hof")  # scored as the method runs by default (options mirror and symmetric)
-        predicted = class_scores(net, images, method["mirror"]).argmax(dim=1, keepdim=True)
+        predicted = class_probabilities(net, images, method["mirror"]).argmax(dim=1, keepdim=True)
         following = torch.roll(images, -1, dims=0)
         psi = net.register(following, images, symmetric=method["symmetric"])
         warped = warp(torch.roll(truth, -1, dims=0).float(), psi, mode="nearest").long()
