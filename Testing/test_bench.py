@@ -270,6 +270,17 @@ def test_missing_peer_is_skipped_with_the_install_command(tmp_path, tiny_pair, b
     assert "Not run:" in text and "pip install antspyx" in text
 
 
+@pytest.mark.parametrize("count", [4, 11, 20])
+def test_every_tool_of_a_run_gets_its_own_colour_and_before_registration_grey(count):
+    # a run of every method and peer has 11 tools: tab10 gave two of them (tto and demons) the same blue
+    from JointRegSegLib.bench.figures import tool_colours
+
+    tools = [BEFORE, *(f"tool{i}" for i in range(count))]
+    colours = tool_colours(tools)
+    assert len({colours[tool] for tool in tools}) == count + 1
+    assert colours[BEFORE][0] == colours[BEFORE][1] == colours[BEFORE][2]
+
+
 def test_bench_command_line_rejects_unknown_tools(tmp_path):
     from JointRegSegLib.cli import main
 

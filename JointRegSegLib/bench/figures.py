@@ -36,10 +36,10 @@ VIEWS = ("axial", "coronal", "sagittal")
 
 
 def tool_colours(tools: list[str]) -> dict[str, tuple[float, ...]]:
-    """One colour per tool (before registration in grey)."""
-    palette = matplotlib.colormaps["tab10"]
+    """One colour per tool, distinct for up to 20 tools (tab10, tab20 beyond 10; before registration in grey)."""
     others = [tool for tool in tools if tool != BEFORE]
-    colours = {tool: palette(i % 10) for i, tool in enumerate(others)}
+    palette = matplotlib.colormaps["tab10" if len(others) <= 10 else "tab20"]
+    colours = {tool: palette(i % palette.N) for i, tool in enumerate(others)}
     colours[BEFORE] = (0.55, 0.55, 0.55, 1.0)
     return colours
 
