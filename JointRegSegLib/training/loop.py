@@ -256,32 +256,31 @@ def plot_curves(name: str, history: list[dict[str, Any]], validation: list[dict[
     return save_figure(figure, path)
 
 
-def _shipped_score(trainer: Trainer, folder: Path) -> tuple[float | None, str | None]:
-    """Validation score and SHA-256 of the weights shipped under the trainer's name (None when there are
-    none, or they do not fit the network)."""
+def _shipped(trainer: Trainer, folder: Path) -> tuple[float | None, str | None, dict[str, torch.Tensor] | None]:
+    """Validation score, SHA-256 and state of the weights shipped under the trainer's name (None when there are
+    none, or they do not fit the network); the trainer's network is left as it was."""
     if trainer.name not in read_manifest(folder):
-        return None, None
+        return None, None, None
     current = copy.deepcopy(trainer.net.state_dict())
     try:
         state, checksum = load_weights(trainer.name, folder)
         fit_state(trainer.net, state, trainer.name)
         with torch.no_grad():
-            return float(trainer.validate()["score"]), checksum
+            return float(trainer.validate()["score"]), checksum, state
     except WeightsError:
-        return None, None
+        return None, None, None
     finally:  # also after a misfit: torch copies the tensors that fit before it raises
         trainer.net.load_state_dict(current)
 
 
-def _warm_start(trainer: Trainer, folder: Path) -> tuple[int, float]:
-    """Load the shipped weights into the trainer's network; returns the iteration and wall seconds their
+def _warm_start(trainer: Trainer, folder: Path, state: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """Load the shipped weights' ``state`` into the trainer's network; returns the iteration and wall seconds their
     manifest entry records (the optimisers start afresh)."""
     provenance = read_manifest(folder)[trainer.name].get("provenance", {})
     if not isinstance(provenance.get("iterations"), int):
         raise InputError(
             f"the shipped {trainer.name} weights in {folder} record no iteration count to continue from: train without warm_start"
         )
-    state, _ = load_weights(trainer.name, folder)
     fit_state(trainer.net, state, trainer.name)
     return provenance["iterations"], float(provenance.get("wall_seconds", 0.0))
 
@@ -316,16 +315,16 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
         validation = [r for r in read_history(validation_csv) or read_history(folder / curves[1]) if r["iteration"] <= iteration]
     else:
         history, validation = [], []
-        score, checksum = _shipped_score(trainer, folder)
+        score, checksum, shipped = _shipped(trainer, folder)
         if score is not None:
             best, replaced = score, {"sha256": checksum, "score": score}
         if cfg.warm_start:
-            if score is None:
+            if shipped is None:
                 raise InputError(
                     f"warm_start continues from the shipped {trainer.name} weights in {folder}, but there are none that "
                     "fit the network: train without warm_start"
                 )
-            iteration, wall_before = _warm_start(trainer, folder)
+            iteration, wall_before = _warm_start(trainer, folder, shipped)
             history = [r for r in read_history(folder / curves[0]) if r["iteration"] <= iteration]
             validation = [r for r in read_history(folder / curves[1]) if r["iteration"] <= iteration]
 
