@@ -344,6 +344,10 @@ def test_jers_overfits_one_head(tmp_path, jers_head):
         scores = trainer.validate()
     stages = [scores[f"reg_dice_stage_{k}"] for k in range(1, trainer.cfg.registration_stages + 1)]
     assert stages[-1] == pytest.approx(scores["reg_dice"], abs=1e-9), (stages, scores["reg_dice"])  # A_c^N is the network's
+    # the stripped diagnostic heads are the held-apart heads, same poses, with only their brain left
+    held = trainer.validation_labels
+    assert torch.equal(trainer.stripped_labels, torch.where(brain_mask_of(held), held, 0)) and (held != trainer.stripped_labels).any()
+    assert all(0.0 <= scores[f"stripped_{key}"] <= 1.0 for key in ("dice_ext", "dice_seg", "reg_dice"))
 
     atlas = trainer.atlas.contiguous()
     for k in range(2):

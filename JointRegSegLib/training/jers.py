@@ -62,8 +62,9 @@ Validation (fixed renderings, never trained on): the 8 held-apart heads (maps 17
 each): ``dice_ext`` (brain mask against every brain code), ``dice_seg`` (the segmentation network's
 CSF / grey / white matter against the labels), ``reg_dice`` (the atlas labels brought into the head
 by the inverse affine, the w/o-Seg route, against the same classes; ``reg_dice_stage_k`` the same after the
-first ``k`` registration stages); and the two OASIS scans (skull-stripped: ``oasis_dice_ext`` of the mask
-against the scan's nonzero voxels).
+first ``k`` registration stages); the same three of these heads skull-stripped before rendering
+(``stripped_*``, not part of the score: what the option ``stripped`` aims at); and the two OASIS scans
+(skull-stripped: ``oasis_dice_ext`` of the mask against the scan's nonzero voxels).
 ``score = (dice_ext + dice_seg + reg_dice) / 3``.
 """
 
@@ -280,6 +281,11 @@ class JERSTrainer(Trainer):
         self.validation_labels = labels
         tissue = torch.from_numpy(np.searchsorted((0, *TISSUE_LABELS), tissue_of(labels.cpu().numpy())))
         self.validation_tissue = tissue.to(self.device)
+        stripped_labels, stripped_images = synthetic_heads(self.maps, held, 10**6, stripped=1.0)
+        self.stripped = fast_layout(stripped_images, self.device)
+        self.stripped_labels = stripped_labels
+        stripped_tissue = np.searchsorted((0, *TISSUE_LABELS), tissue_of(stripped_labels.cpu().numpy()))
+        self.stripped_tissue = torch.from_numpy(stripped_tissue).to(self.device)
         oasis = np.stack([bank.real_scan(p, cfg.spacing, cfg.shape) for p in OASIS])
         self.oasis = fast_layout(torch.from_numpy(oasis).to(self.device)[:, None], self.device)
 
@@ -310,24 +316,31 @@ class JERSTrainer(Trainer):
         return {"loss": loss.item(), **terms, "coupled": float(coupled)}
 
     def validate(self) -> dict[str, float]:
-        out = self.forward(self.validation, coupled=False, hard=True)
-        mask = torch.stack(out.masks).prod(dim=0).long()
-        truth = brain_mask_of(self.validation_labels).long()
-        seg = out.segmentation_logits.argmax(dim=1, keepdim=True)
-        atlas_classes = out.inverse_labels.argmax(dim=1, keepdim=True)
-        count = len(mask)
+        scores, out = self._head_scores(self.validation, self.validation_labels, self.validation_tissue)
         oasis = self.forward(self.oasis, coupled=False, hard=True)
         oasis_mask = torch.stack(oasis.masks).prod(dim=0).long()
-        scores = {
-            "dice_ext": float(np.mean([dice_present(truth[k], mask[k], [1]) for k in range(count)])),
-            "dice_seg": float(np.mean([dice_present(self.validation_tissue[k], seg[k], [1, 2, 3]) for k in range(count)])),
-            "reg_dice": float(np.mean([dice_present(self.validation_tissue[k], atlas_classes[k], [1, 2, 3]) for k in range(count)])),
-            "oasis_dice_ext": float(np.mean([dice_present((self.oasis[k] > 0.05).long(), oasis_mask[k], [1]) for k in range(2)])),
-            "determinant": float(torch.linalg.det(out.affine[:, :3, :3]).mean()),
-        }
+        scores["oasis_dice_ext"] = float(np.mean([dice_present((self.oasis[k] > 0.05).long(), oasis_mask[k], [1]) for k in range(2)]))
+        scores["determinant"] = float(torch.linalg.det(out.affine[:, :3, :3]).mean())
         scores.update(self._stage_dice(out.stage_affines))
+        stripped, _ = self._head_scores(self.stripped, self.stripped_labels, self.stripped_tissue)
+        scores.update({f"stripped_{key}": value for key, value in stripped.items()})
         scores["score"] = (scores["dice_ext"] + scores["dice_seg"] + scores["reg_dice"]) / 3.0
         return scores
+
+    def _head_scores(self, images: torch.Tensor, labels: torch.Tensor, tissue: torch.Tensor) -> tuple[dict[str, float], JERSOutput]:
+        """``dice_ext``, ``dice_seg`` and ``reg_dice`` (module docstring) of held-apart heads ``images`` with their
+        ``labels`` and tissue classes; and the network's output."""
+        out = self.forward(images, coupled=False, hard=True)
+        mask = torch.stack(out.masks).prod(dim=0).long()
+        truth = brain_mask_of(labels).long()
+        seg = out.segmentation_logits.argmax(dim=1, keepdim=True)
+        atlas_classes = out.inverse_labels.argmax(dim=1, keepdim=True)
+        heads = range(len(mask))
+        return {
+            "dice_ext": float(np.mean([dice_present(truth[k], mask[k], [1]) for k in heads])),
+            "dice_seg": float(np.mean([dice_present(tissue[k], seg[k], [1, 2, 3]) for k in heads])),
+            "reg_dice": float(np.mean([dice_present(tissue[k], atlas_classes[k], [1, 2, 3]) for k in heads])),
+        }, out
 
     def _stage_dice(self, stage_affines: list[torch.Tensor]) -> dict[str, float]:
         """``reg_dice`` after each registration stage (``reg_dice_stage_k``: the atlas labels brought by ``A_c^k``), to
