@@ -19,8 +19,9 @@ with AAA pseudo-labels, GRA refinement; networks in `nets.hof`). `HOFMethod.regi
 4. the segmentation decoder labels the fixed image (on its network grid) and the moving image (on
    its OWN network grid, so nothing outside the fixed field of view is lost); the classes are
    mapped to FreeSurfer codes (`HOF_LABELS`, 28 of the 30 evaluation structures); each image's label map
-   on its own grid is the argmax of the class probabilities interpolated linearly there (`class_sampling.argmax_on`, as
-   nnU-Net brings its labels to the scan; before 2026-11-30 the 3 mm labels by nearest neighbour). With option ``mirror`` (default; ours, as nnU-Net's
+   on its own grid is the argmax of the class probabilities interpolated linearly there
+   (`class_sampling.argmax_on`, as nnU-Net brings its labels to the scan; before 2026-11-30 the 3 mm labels
+   by nearest neighbour). With option ``mirror`` (default; ours, as nnU-Net's
    test-time mirroring) the class probabilities are averaged with those of the image mirrored left to
    right (the network grid's first axis, RAS+), mirrored back with each left structure's class swapped
    for its right one (`mirrored_probabilities`): benchmark pair, Dice over its 28 structures 0.605 / 0.580

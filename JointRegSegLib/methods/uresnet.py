@@ -187,10 +187,9 @@ def segmentation_volume(probabilities: torch.Tensor, grid: Geometry, target: Geo
     """Softmax ``(C, I, J, K)`` on the network grid -> FreeSurfer label map on ``target``.
 
     The class is the argmax of the probabilities sampled trilinearly at ``target``'s voxel centres (zero
-    outside the network grid, i.e. background; `class_sampling.argmax_on`, on the probabilities' device); a voxel
-    gets the left code of its class
-    where it lies left of the predicted brain's centre of mass along the patient's left-right axis
-    (LPS x), the right code otherwise (module docstring).
+    outside the network grid, i.e. background; `class_sampling.argmax_on`, on the probabilities' device); a
+    voxel gets the left code of its class where it lies left of the predicted brain's centre of mass along the
+    patient's left-right axis (LPS x), the right code otherwise (module docstring).
     """
     probs = probabilities.detach().float()[None]
     brain = (class_map(probs[0], 0) > 0).cpu().numpy()
