@@ -276,18 +276,17 @@ class JERSTrainer(Trainer):
             [{"params": others, "lr": cfg.lr}, {"params": registration, "lr": cfg.lr_registration}]
         )
         held = [i for i in range(TRAIN_MAPS, len(self.maps)) for _ in range(RENDERS)]
-        labels, images = synthetic_heads(self.maps, held, 10**6)
-        self.validation = fast_layout(images, self.device)
-        self.validation_labels = labels
-        tissue = torch.from_numpy(np.searchsorted((0, *TISSUE_LABELS), tissue_of(labels.cpu().numpy())))
-        self.validation_tissue = tissue.to(self.device)
-        stripped_labels, stripped_images = synthetic_heads(self.maps, held, 10**6, stripped=1.0)
-        self.stripped = fast_layout(stripped_images, self.device)
-        self.stripped_labels = stripped_labels
-        stripped_tissue = np.searchsorted((0, *TISSUE_LABELS), tissue_of(stripped_labels.cpu().numpy()))
-        self.stripped_tissue = torch.from_numpy(stripped_tissue).to(self.device)
+        self.validation, self.validation_labels, self.validation_tissue = self._held_apart(held, stripped=0.0)
+        self.stripped, self.stripped_labels, self.stripped_tissue = self._held_apart(held, stripped=1.0)
         oasis = np.stack([bank.real_scan(p, cfg.spacing, cfg.shape) for p in OASIS])
         self.oasis = fast_layout(torch.from_numpy(oasis).to(self.device)[:, None], self.device)
+
+    def _held_apart(self, held: list[int], stripped: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The held-apart maps ``held`` posed and rendered with validation's fixed seed (skull-stripped with
+        probability ``stripped``): images, labels and tissue classes (0 background, 1 CSF, 2 GM, 3 WM)."""
+        labels, images = synthetic_heads(self.maps, held, 10**6, stripped)
+        tissue = np.searchsorted((0, *TISSUE_LABELS), tissue_of(labels.cpu().numpy()))
+        return fast_layout(images, self.device), labels, torch.from_numpy(tissue).to(self.device)
 
     def optimisers(self) -> dict[str, torch.optim.Optimizer]:
         return {"adam": self.optimiser}
