@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
     """Turn 'cpu', 'cuda', 'cuda:N' or 'auto' into a usable torch device, or raise InputError."""
     name = (name or "cpu").strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
@@ -35,8 +35,17 @@ def resolve_device(name: str) -> torch.device:
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise InputError(f"device '{name}' does not exist: torch sees {torch.cuda.device_count()} GPU(s).")
-        return torch.device(name)
+        return torch.device("cuda", index)  # with its index: tensors report one, and a bare "cuda" would differ from it
     raise InputError(f"unknown device '{name}': choose one of cpu, cuda, cuda:N or auto.")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: a device without an index (``cuda``, as ``torch.Generator(device="cuda")``
+    reports itself) stands for the current one of its type, so ``cuda`` and ``cuda:0`` are taken as the same
+    (torch checks only the type where a generator meets a tensor)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
 
 
 SMALL_WORK = 1_000_000

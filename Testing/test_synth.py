@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from JointRegSegLib import spatial
+from JointRegSegLib.device import same_device
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.synth import (
     AffineRanges,
@@ -235,6 +236,14 @@ def test_load_synthseg_maps_rejects_a_missing_folder(tmp_path):
         load_synthseg_maps(tmp_path / "nowhere", (32, 32, 32))
     with pytest.raises(InputError, match="no label maps"):
         load_synthseg_maps(tmp_path, (32, 32, 32))
+
+
+def test_a_device_without_an_index_is_the_current_one_of_its_type():
+    """``torch.Generator(device="cuda").device`` is ``cuda`` while a tensor on that GPU reports ``cuda:0``: renderings
+    compare the two with `same_device` (``!=`` refused every training generator made from a bare ``cuda``)."""
+    cuda, first, second, cpu = (torch.device(name) for name in ("cuda", "cuda:0", "cuda:1", "cpu"))
+    assert cuda != first and same_device(cuda, first) and same_device(first, cuda) and same_device(cuda, second)
+    assert not same_device(first, second) and not same_device(cpu, cuda) and same_device(cpu, torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -21,7 +21,7 @@ import torch
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
-from JointRegSegLib.training.all import adopt, train_all
+from JointRegSegLib.training.all import adopt, failures, train_all
 from JointRegSegLib.training.common import with_real_pair
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
 from JointRegSegLib.weights import load_into, load_weights, read_manifest, record_weights
@@ -171,9 +171,15 @@ def test_tto_teacher_resumes_and_records_provenance(tmp_path):
 
 
 def test_train_all_runs_the_schedule_and_adopt_takes_better_weights(tmp_path):
-    out, shipped = tmp_path / "run", tmp_path / "shipped"
-    summaries = train_all(0.4, only=["tto teacher"], output=str(out), options={**NOISE, "log_every": 1}, log=open("/dev/null", "w"))
-    assert [s["name"] for s in summaries] == ["tto_teacher"] and summaries[0]["iterations"] >= 1
+    """uresnet, scheduled first, fails (it takes no ``sources`` setting): the log says why, the tto teacher trains
+    after it all the same, and uresnet is not tried again."""
+    out, shipped, log = tmp_path / "run", tmp_path / "shipped", tmp_path / "train_all.log"
+    with open(log, "w") as handle:
+        summaries = train_all(0.75, only=["uresnet", "tto teacher"], output=str(out), options={**NOISE, "log_every": 1}, log=handle)
+    assert [s["name"] for s in summaries] == ["uresnet", "tto_teacher"] and summaries[1]["iterations"] >= 1
+    assert "sources" in summaries[0]["error"] and "iterations" not in summaries[0]
+    assert failures(summaries) == [f"uresnet: {summaries[0]['error']}"]
+    assert "Traceback" in log.read_text() and not (out / "uresnet.pt").exists()
     assert (out / "tto_teacher.pt").is_file() and (out / "tto_teacher_training.png").is_file()
     shipped.mkdir()
     assert adopt(out, shipped) == ["tto_teacher"]

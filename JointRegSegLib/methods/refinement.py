@@ -291,7 +291,7 @@ def choose_similarity(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 16)
 
 def _correlation_ratio(y: torch.Tensor, x: torch.Tensor, bins: int) -> float:
     """``eta^2``: the share of the variance of ``y`` explained by the mean of ``y`` in each of ``bins`` quantile bins of ``x``."""
-    edges = torch.quantile(x[:: max(1, x.numel() // 100_000)], torch.linspace(0.0, 1.0, bins + 1, dtype=x.dtype)[1:-1])
+    edges = torch.quantile(x[:: max(1, x.numel() // 100_000)], torch.linspace(0.0, 1.0, bins + 1, dtype=x.dtype, device=x.device)[1:-1])
     which = torch.bucketize(x, edges)
     counts = torch.bincount(which, minlength=bins).double()
     means = torch.bincount(which, weights=y, minlength=bins) / counts.clamp_min(1.0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ..device import same_device
 from ..errors import InputError
 from ..labels import EXTRACEREBRAL_FIRST_CODE
 from .deform import smooth_noise
@@ -89,7 +90,7 @@ def render_image(
         raise InputError(f"labels must be an integer tensor (B, 1, I, J, K); got {labels.dtype} {tuple(labels.shape)}")
     if labels.min() < 0:
         raise InputError("labels must be non-negative codes")
-    if generator.device != labels.device:
+    if not same_device(generator.device, labels.device):
         raise InputError(
             f"the generator is on {generator.device} but the labels are on {labels.device}: use one device"
         )

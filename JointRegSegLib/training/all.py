@@ -5,7 +5,9 @@ it follows it) and each one's share of a round. ``train_all(minutes, round_minut
 ``round_minutes`` until ``minutes`` are spent: in every round each network trains for its share
 (`loop.fit`: it resumes from its checkpoint, validates on its held-apart set, and writes weights
 only when they improve), so a long background run improves every network along the way and a
-stopped one loses at most one validation interval of one network.
+stopped one loses at most one validation interval of one network. A network that fails (a bug, the
+GPU's memory, data it cannot find) is reported in the log and in its summary (``error``) and left out of
+the rounds after; the others go on, so one failure does not cost a GPU run the remaining networks.
 
 On a GPU (``device="cuda"``), `GPU_SETTINGS` apply: batches of 4 and hof's phases shortened, so the
 whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU).
@@ -17,6 +19,7 @@ import json
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,8 @@ def train_all(
         raise InputError(f"no network matches {only}; the networks are {[label(n, s) for n, s, _ in SCHEDULE]}")
     total_share = sum(share for _, _, share in schedule)
     deadline = time.monotonic() + 60.0 * minutes
-    summaries = []
+    summaries: list[dict[str, Any]] = []
+    failed: set[str] = set()
     while time.monotonic() < deadline - STARTUP_S:
         round_end = min(deadline, time.monotonic() + 60.0 * round_minutes)
         for index, (name, settings, share) in enumerate(schedule):
@@ -87,11 +91,25 @@ def train_all(
             }
             tick = time.monotonic()
             print(f"== {label(name, settings)}: {seconds / 60:.1f} minutes ({share / total_share:.0%} of the round)", file=log, flush=True)
-            summary = fit(make_trainer(name, config), log=log)
+            try:
+                summary = fit(make_trainer(name, config), log=log)
+            except Exception as error:  # one network's failure must not end the others' training
+                traceback.print_exc(file=log)
+                failed.add(label(name, settings))
+                summary = {"name": label(name, settings), "error": f"{type(error).__name__}: {error}"}
+                print(f"== {label(name, settings)} failed and is left out from now on: {summary['error']}", file=log, flush=True)
             summary["slice_seconds"] = round(time.monotonic() - tick, 1)
             summaries.append(summary)
-            print(json.dumps({k: summary[k] for k in ("name", "iterations", "best_score", "seconds_per_iteration", "step_share")}), file=log, flush=True)
+            print(json.dumps({k: summary.get(k) for k in ("name", "iterations", "best_score", "seconds_per_iteration", "step_share", "error")}), file=log, flush=True)
+        schedule = [entry for entry in schedule if label(entry[0], entry[1]) not in failed]
+        if not schedule:
+            break
     return summaries
+
+
+def failures(summaries: list[dict[str, Any]]) -> list[str]:
+    """``"<network>: <error>"`` for each slice of `train_all`'s summaries that failed."""
+    return [f"{s['name']}: {s['error']}" for s in summaries if "error" in s]
 
 
 def archive(folder: Path, path: Path) -> Path:

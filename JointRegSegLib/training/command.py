@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({"adopted": adopt(args.folder)}, indent=2))
         return
     if args.network == "all":
-        from .all import archive, train_all
+        from .all import archive, failures, train_all
 
         if args.minutes is None:
             raise InputError("train all needs --minutes (the time for every network together)")
@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> None:
 
             archive(Path(args.output) if args.output else weights_dir(), args.archive)
         print(json.dumps(summaries, indent=2, default=str))
+        failed = failures(summaries)
+        if failed:
+            raise InputError("training failed for " + "; ".join(failed) + " (the traceback is in the log above); "
+                             "the other networks' weights were written")
         return
     from . import train
 
