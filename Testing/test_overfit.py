@@ -306,6 +306,25 @@ def test_hof_same_brain_pairs_render_one_map_twice(tmp_path):
         make_trainer("hof", {**config, "other_subject": 1.5})
 
 
+def test_hof_pairs_start_where_the_affine_stage_leaves_them(tmp_path):
+    """With ``prealign`` (the default) the bank's two brains, the sample pair's label maps an affine apart, are
+    brought to their mean shape and the scans onto them, so training and validation pairs start affinely aligned,
+    as the method's affine stage hands its pairs to the network."""
+    from JointRegSegLib.metrics.similarity import ncc
+    from JointRegSegLib.training.common import dice_present
+    from JointRegSegLib.training.prealign import shared_codes
+
+    config = {"iterations": 1, "size": 32, "crop": 32, "spacing": SPACING, "output": str(tmp_path)}
+    given, aligned = make_trainer("hof", {**config, "prealign": False}), make_trainer("hof", config)
+    codes = shared_codes(given.maps[:2])
+    dice = [dice_present(t.maps[0], t.maps[1], codes) for t in (given, aligned)]
+    similarity = [ncc(t.real[0, 0].numpy(), t.real[1, 0].numpy()) for t in (given, aligned)]
+    assert dice[1] > dice[0] + 0.05 and similarity[1] > similarity[0], (dice, similarity)
+    assert given.validate()["identity_dice"] < aligned.validate()["identity_dice"]
+    with pytest.raises(InputError, match="prealign"):
+        make_trainer("hof", {**config, "prealign": "yes"})
+
+
 def _rotation(degrees: float, shift: float) -> torch.Tensor:
     """A normalised 4x4 affine: a rotation by ``degrees`` in the plane of two grid axes and a shift along the third
     (a fraction of the half field of view); on a cubic grid of isotropic voxels a rigid motion."""
