@@ -324,6 +324,14 @@ def test_hof_pairs_start_where_the_affine_stage_leaves_them(tmp_path):
     with pytest.raises(InputError, match="prealign"):
         make_trainer("hof", {**config, "prealign": "yes"})
 
+    # each pair then takes one random pose, both its volumes together, and the segmentation is validated posed
+    still = make_trainer("hof", {**config, "pose": [0, 0, 0, 0], "other_subject": 0.0, "max_std": 1e-6})
+    posed = make_trainer("hof", {**config, "other_subject": 0.0, "max_std": 1e-6})
+    first, moved = still.batch(700), posed.batch(700)  # a registration-phase batch of same-brain pairs, with labels
+    assert torch.equal(moved["y_u"], moved["y_l"])  # one pose for both brains of a pair
+    assert dice_present(first["y_l"][:1].argmax(1), moved["y_l"][:1].argmax(1), list(range(1, first["y_l"].shape[1]))) < 0.9
+    assert torch.equal(still.posed_classes, still.validation_classes) and not torch.equal(posed.posed_classes, posed.validation_classes)
+
 
 def _rotation(degrees: float, shift: float) -> torch.Tensor:
     """A normalised 4x4 affine: a rotation by ``degrees`` in the plane of two grid axes and a shift along the third
