@@ -360,9 +360,12 @@ class HOFTrainer(Trainer):
     def _pose_ranges(self) -> AffineRanges:
         return AffineRanges(*self.cfg.pose)
 
-    def _posed(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The volumes of each pair of a pre-aligned batch moved together by one random affine (``pose``): pairs stay
-        aligned to each other while the brains take the poses of real scans, which the segmentation must meet."""
+    def _pairs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch as it is trained on: with ``prealign``, the volumes of each pair moved together by one random affine
+        (``pose``), so pairs stay aligned to each other while the brains take the poses of real scans, which the
+        segmentation must meet."""
+        if not self.cfg.prealign:
+            return batch
         keys = [k for k in ("x_l", "x_u", "y_l", "y_u") if k in batch]
         shape = batch["x_l"].shape[2:]
         pose = affine_to_displacement(random_affine_matrices(shape, generator, len(batch["x_l"]), self._pose_ranges()), shape)
@@ -423,10 +426,6 @@ class HOFTrainer(Trainer):
         else:
             batch["x_u"] = self._unlabelled(draw([*UNLABELLED, -1, -2], b), window, generator)
         return self._pairs(batch, generator)
-
-    def _pairs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """A batch as it is trained on: each pair posed together where the volumes are pre-aligned (`_posed`)."""
-        return self._posed(batch, generator) if self.cfg.prealign else batch
 
     def step(self, batch: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         phase = self.phase(n)
