@@ -135,7 +135,7 @@ from ..imageio.geometry import Volume
 from ..imageio.network_grid import corner_points, network_geometry, resample
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..nets import RegistrationUNet
-from ..spatial import affine_to_displacement, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial import affine_to_displacement, fit_to_points, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..spatial.physical import grid_indices_of, grid_steps_to_physical
 from ..synth.render import gaussian_blur
 from ..timing import Stopwatch
@@ -440,16 +440,9 @@ def label_affine(fixed_labels: np.ndarray, moving_labels: np.ndarray) -> np.ndar
     moving_c = np.array(ndimage.center_of_mass(np.ones_like(moving_labels), moving_labels, codes)).reshape(-1, 3)
     weights = np.minimum(ndimage.sum_labels(np.ones_like(fixed_labels), fixed_labels, codes),
                          ndimage.sum_labels(np.ones_like(moving_labels), moving_labels, codes)).reshape(-1)
-    matrix = np.eye(4)
-    w = weights / max(weights.sum(), 1e-12)
-    fixed_mean, moving_mean = w @ fixed_c, w @ moving_c
-    spread = (fixed_c - fixed_mean) * np.sqrt(w)[:, None]  # centred, so the conditioning reflects the 3D spread
-    singular = np.linalg.svd(spread, compute_uv=False) if len(codes) >= 4 else np.zeros(1)
-    if len(codes) >= 4 and singular[-1] > 0.05 * singular[0]:
-        linear, *_ = np.linalg.lstsq(spread, (moving_c - moving_mean) * np.sqrt(w)[:, None], rcond=None)
-        matrix[:3, :3] = linear.T
-        matrix[:3, 3] = moving_mean - linear.T @ fixed_mean
-    else:
+    matrix = fit_to_points(fixed_c, moving_c, weights)
+    if matrix is None:
+        matrix = np.eye(4)
         matrix[:3, 3] = np.array(ndimage.center_of_mass(moving_labels > 0)) - np.array(ndimage.center_of_mass(fixed_labels > 0))
     return matrix
 

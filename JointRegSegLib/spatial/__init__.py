@@ -12,6 +12,7 @@ from .affine import (
     affine_matrix,
     affine_to_displacement,
     compose_affines,
+    fit_to_points,
     index_affine_to_normalised,
     index_affine_to_physical,
     normalised_affine_to_index,
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "affine_matrix",
+    "fit_to_points",
     "affine_to_displacement",
     "check_field",
     "compose",

@@ -73,6 +73,32 @@ def compose_affines(*matrices: Matrix) -> Matrix:
     return result
 
 
+def fit_to_points(
+    source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None, min_spread: float = 0.05
+) -> np.ndarray | None:
+    """The 4x4 affine ``M`` minimising ``sum_l w_l |M (source_l, 1) - target_l|^2`` for ``(L, 3)`` corresponding
+    points (equal weights by default), solved on coordinates centred on their weighted means; None where no affine
+    is determined: fewer than 4 points, or source points too close to a plane (the smallest singular value of the
+    centred, weighted points under ``min_spread`` of the largest)."""
+    source, target = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 3:
+        raise InputError(f"corresponding points must be two (L, 3) arrays; got {source.shape} and {target.shape}")
+    if len(source) < 4:
+        return None
+    w = np.ones(len(source)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    w = w / max(w.sum(), 1e-12)
+    source_mean, target_mean = w @ source, w @ target
+    spread = (source - source_mean) * np.sqrt(w)[:, None]  # centred, so the conditioning reflects the 3D spread
+    singular = np.linalg.svd(spread, compute_uv=False)
+    if not singular[-1] > min_spread * singular[0]:
+        return None
+    linear, *_ = np.linalg.lstsq(spread, (target - target_mean) * np.sqrt(w)[:, None], rcond=None)
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear.T
+    matrix[:3, 3] = target_mean - linear.T @ source_mean
+    return matrix
+
+
 def affine_matrix(
     rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
     translation: Sequence[float] = (0.0, 0.0, 0.0),

@@ -11,7 +11,8 @@ OASIS volumes come pre-aligned):
 
 - ``c[k, l]``: the centroid (voxel indices) of structure ``l`` in map ``k``, for every structure present in
   all maps; ``r[l] = mean_k c[k, l]``;
-- ``M_k = argmin_M sum_l |M (c[k, l], 1) - r[l]|^2``: least squares, 12 parameters from some thirty centroids;
+- ``M_k = argmin_M sum_l |M (c[k, l], 1) - r[l]|^2``: least squares (`spatial.fit_to_points`, as segreg's label
+  affine), 12 parameters from some thirty centroids;
 - the aligned map ``k`` at index ``x`` is map ``k`` at ``M_k^-1 x`` (nearest neighbour, background outside).
 
 Scans without labels are aligned by the methods' affine stage (`methods.affine_stage.fit_affine`, NMI) to a
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..errors import InputError
 from ..methods.affine_stage import fit_affine
-from ..spatial import affine_to_displacement, identity_grid, warp
+from ..spatial import affine_to_displacement, fit_to_points, warp
 
 
 def shared_codes(maps: torch.Tensor) -> list[int]:
@@ -34,36 +36,24 @@ def shared_codes(maps: torch.Tensor) -> list[int]:
     return sorted(set.intersection(*present))
 
 
-def centroids(maps: torch.Tensor, codes: list[int]) -> torch.Tensor:
-    """``(N, L, 3)`` float64: the mean voxel index of each of ``codes`` in each map."""
-    size = max(codes) + 1
-    grid = identity_grid(maps.shape[2:], device=maps.device, dtype=torch.float64)[0].reshape(3, -1)
-    out = []
-    for labels in maps.reshape(maps.shape[0], -1):
-        count = torch.bincount(labels, minlength=size).double()
-        sums = torch.stack([torch.bincount(labels, weights=axis, minlength=size) for axis in grid], dim=1)
-        out.append(sums[codes] / count[codes, None])
-    return torch.stack(out)
+def centroids(maps: torch.Tensor, codes: list[int]) -> np.ndarray:
+    """``(N, L, 3)``: the mean voxel index of each of ``codes`` in each map (scipy's ``center_of_mass``)."""
+    return np.stack([np.array(ndimage.center_of_mass(np.ones(m.shape[1:]), m[0], codes)) for m in maps.cpu().numpy()])
 
 
-def least_squares_affine(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The 4x4 affine ``M`` minimising ``sum_l |M (source[l], 1) - target[l]|^2`` (``(L, 3)`` points, L >= 4)."""
-    if source.shape != target.shape or source.shape[0] < 4:
-        raise InputError(f"an affine needs at least 4 corresponding points; got {tuple(source.shape)} and {tuple(target.shape)}")
-    design = torch.cat([source, torch.ones_like(source[:, :1])], dim=1)
-    solution = torch.linalg.lstsq(design, target).solution  # (4, 3): M's rows are its columns
-    return torch.cat([solution.T, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=source.dtype, device=source.device)])
-
-
-def align_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def align_maps(maps: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """``maps`` brought to their mean shape (module docstring), and each map's ``M_k`` ``(N, 4, 4)``."""
     codes = shared_codes(maps)
     if len(codes) < 4:
         raise InputError(f"pre-alignment needs at least 4 structures present in every label map; found {len(codes)}")
     points = centroids(maps, codes)
-    reference = points.mean(dim=0)
-    matrices = torch.stack([least_squares_affine(p, reference) for p in points])
-    sampling = affine_to_displacement(torch.linalg.inv(matrices).float(), maps.shape[2:])  # aligned index -> map index
+    reference = points.mean(axis=0)
+    fits = [fit_to_points(p, reference) for p in points]  # M_k, equal weights
+    if any(m is None for m in fits):
+        raise InputError("pre-alignment needs structures whose centroids span 3D in every label map; some lie near a plane")
+    matrices = np.stack(fits)
+    inverse = torch.as_tensor(np.linalg.inv(matrices), dtype=torch.float32, device=maps.device)
+    sampling = affine_to_displacement(inverse, maps.shape[2:])  # aligned index -> map index
     aligned = warp(maps.float(), sampling, mode="nearest").round().to(maps.dtype)
     return aligned, matrices
 
