@@ -349,5 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``jointregseg`` command: `main`, then the process ends at once (`quick_exit`)."""
+    from .quick_exit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -125,6 +125,7 @@ def test_run_loads_and_shows_results_inputs_untouched(app):
     job = json.loads((run.folder / "job.json").read_text())
     assert "iterations" not in job and "time_budget" not in job, "the panel's iterations are for test-time optimisation only"
     assert job["jacobian"] == "whole"
+    assert job["compress"] is False and job["moving"].endswith(".nii"), "scratch files are written once and read once"
     assert controller.state.state == RunState.RUNNING
     progress = []
     controller.on_progress = lambda r: progress.append((r.fraction, r.stage))
@@ -147,7 +148,30 @@ def test_run_loads_and_shows_results_inputs_untouched(app):
     assert core.scene.GetNodeByID(loaded.jacobian).GetDescription().startswith(jacobian_title(WHOLE_MAPPING))
     assert {name: _state(node) for name, node in nodes.items()} == before, "an input node was modified"
     assert nodes["moving"].GetParentTransformNode() is None
-    assert not (run.folder / "inputs").exists() and (run.output / "displacement.nii.gz").is_file()
+    assert not (run.folder / "inputs").exists() and (run.output / "displacement.nii").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_the_next_run_goes_to_a_worker_started_ahead(app, tmp_path):
+    """At the end of a run the controller starts the next one's worker (its imports overlap the loading and the
+    user's next choices): the second run's worker existed before Apply; `shutdown` ends it when no run comes.
+    A run into an output folder of the user's writes compressed files."""
+    core, controller, nodes, log, finished = app
+    request = RunRequest(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"])
+    first = controller.start(request, ["uresnet"])
+    controller.wait(TIMEOUT)
+    assert first.error is None, first.error
+    before_apply = _descendants(os.getpid())
+    request.output_folder = str(tmp_path / "kept")
+    second = controller.start(request, ["uresnet"])
+    assert second.process.pid in before_apply and second.process.pid != first.process.pid
+    controller.wait(TIMEOUT)
+    assert second.error is None and core.scene.GetNodeByID(second.loaded.warped) is not None, second.error
+    assert (second.output / "displacement.nii.gz").is_file() and second.output.is_relative_to(tmp_path / "kept")
+    spare = _descendants(os.getpid()) - before_apply
+    assert spare, "no worker was started ahead of a third run"
+    controller.shutdown()
+    assert not _gone(spare), "shutdown left the worker started ahead running"
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")

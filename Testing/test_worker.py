@@ -240,6 +240,50 @@ def _wait_for_stage(proc: subprocess.Popen, fraction: float) -> None:
     raise AssertionError("the worker ended before the expected progress")
 
 
+def _waiting_worker(cwd: Path) -> tuple[subprocess.Popen, dict]:
+    """``python -m JointRegSegLib.worker --wait`` and its ``ready`` event."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "JointRegSegLib.worker", "--wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd
+    )
+    ready = json.loads(proc.stdout.readline())
+    assert ready["event"] == "ready", ready
+    return proc, ready
+
+
+def test_a_worker_started_ahead_runs_the_job_it_is_given_later(tmp_path, sample_pair, finished_run):
+    """``--wait``: ready after its imports, idle until a job's path comes on stdin, then the run a worker started
+    with the job makes (the same warped image); its start-up is the imports' time and its clock starts with the job."""
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(_job(sample_pair, tmp_path / "out")))
+    proc, ready = _waiting_worker(tmp_path)
+    time.sleep(2.0)  # the user chooses the inputs
+    sent = time.monotonic()
+    proc.stdin.write(f"{job_file}\n")
+    proc.stdin.close()
+    events = [json.loads(line) for line in proc.stdout]
+    assert proc.wait(timeout=300) == 0 and events[-1]["event"] == "result", events[-3:]
+    took = time.monotonic() - sent
+    assert all(e["elapsed"] <= took for e in events if e["event"] == "progress"), "elapsed must count from the job"
+    timings = json.loads((tmp_path / "out" / "provenance.json").read_text())["timings_s"]
+    assert timings["startup_s"] == pytest.approx(ready["startup_s"])
+    reference, _ = finished_run
+    warped, expected = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / "warped.nii.gz"))) for f in (tmp_path / "out", reference))
+    np.testing.assert_allclose(warped, expected, atol=1e-4 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("ending", ["stdin closed", "SIGTERM"])
+def test_a_worker_started_ahead_without_a_job_ends_and_writes_nothing(tmp_path, ending):
+    proc, _ = _waiting_worker(tmp_path)
+    if ending == "stdin closed":
+        proc.stdin.close()
+    else:
+        proc.send_signal(signal.SIGTERM)
+    rest = [json.loads(line) for line in proc.stdout]
+    assert proc.wait(timeout=60) == (0 if ending == "stdin closed" else 143)
+    assert [e["event"] for e in rest] == ([] if ending == "stdin closed" else ["error"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_kill_leaves_no_partial_output_and_inputs_intact(tmp_path, sample_pair, sig):
     inputs = tmp_path / "inputs"

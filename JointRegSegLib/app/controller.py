@@ -6,7 +6,12 @@ in scripts and tests), and listens through the ``on_*`` callbacks. The controlle
 
 - checks a request against what the method needs (`request.problem`), in the user's words;
 - writes the input nodes to files (`mrml.export`: world coordinates, segmentations through a colour
-  table of its own), writes the job file and starts the worker in the background;
+  table of its own; uncompressed, as are the results of a run without an output folder of the user's:
+  files written once and read once), writes the job file and hands it to a worker in the background;
+- keeps one worker started ahead of the next job (``prestart``): its imports (about 2 s on 2 cores)
+  run while the user chooses the inputs, or while the previous results load, instead of after Apply.
+  It starts once the dependency check found torch, and again at the end of each run; it ends with
+  `shutdown`, a new dependency check, or the end of its stdin (Slicer gone);
 - turns the worker's events into progress (fraction, stage, time left) and log lines;
 - cancels the whole worker tree (SIGTERM, then SIGKILL after a grace period, by a watchdog that
   does not depend on `poll`), also when the scene is closed, and stops everything on `shutdown`;
@@ -90,8 +95,10 @@ class Controller:
         requirements: Path,
         app_logic: Any = None,
         environment: Optional[dict[str, str]] = None,
+        prestart: bool = True,
     ) -> None:
         self.scene = scene
+        self.prestart = prestart
         self.python = python
         self.work_root = Path(work_root)
         self.requirements = Path(requirements)
@@ -110,6 +117,7 @@ class Controller:
         self._pending: list[str] = []
         self._comparison: Optional[dict[str, dict[str, Any]]] = None
         self._describe: Optional[BackgroundProcess] = None
+        self._spare: Optional[BackgroundProcess] = None
         self._describe_events: list[dict[str, Any]] = []
         self._describe_lines: list[str] = []
         self._polling = False
@@ -142,6 +150,7 @@ class Controller:
     def refresh_dependencies(self) -> Dependencies:
         """Re-read what is installed; ask the worker's Python which devices torch can use (answer via `poll`)."""
         self.dependencies = dependencies(self.requirements)
+        self._stop_spare()  # it may hold modules from before an install
         if self._describe is not None:
             self._describe.stop()
             self._describe = None
@@ -223,7 +232,7 @@ class Controller:
             )
             job = self._write_job(run, request, fixed, request.atlas_segmentation if atlas else request.fixed_segmentation)
             self._log(f"{method}: inputs written to {folder}")
-            run.process = BackgroundProcess(worker_command(self.python, job), env=self.environment, cwd=str(folder))
+            run.process = self._worker(job, folder)
         except Exception:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -243,11 +252,12 @@ class Controller:
         job: dict[str, Any] = {
             "method": run.method,
             "output": str(run.output),
-            "moving": str(export.write_volume(self.scene, request.moving, inputs / "moving.nii.gz")),
+            "moving": str(export.write_volume(self.scene, request.moving, inputs / "moving.nii")),
             "device": run.device,
             "seed": int(request.seed),
             "options": dict(request.options),
             "pictures": False,
+            "compress": bool(request.output_folder),  # scratch results are read once, by the scene: not compressed
             "jacobian": "whole" if request.whole_jacobian else "deformable",
         }
         if method_info(run.method).supports_tto:  # the panel's iterations and time budget are for these only
@@ -257,12 +267,12 @@ class Controller:
         names = [name for s in segmentations if s.IsA("vtkMRMLSegmentationNode") for name in export.segment_names(s)]
         codes = codes_for_names(names)  # one table for both, so the same structure gets the same code
         if fixed is not None:
-            job["fixed"] = str(export.write_volume(self.scene, fixed, inputs / "fixed.nii.gz"))
+            job["fixed"] = str(export.write_volume(self.scene, fixed, inputs / "fixed.nii"))
             if fixed_segmentation is not None:
-                job["fixed_seg"] = str(export.write_labels(self.scene, fixed_segmentation, fixed, inputs / "fixed_seg.nii.gz", codes))
+                job["fixed_seg"] = str(export.write_labels(self.scene, fixed_segmentation, fixed, inputs / "fixed_seg.nii", codes))
         if request.moving_segmentation is not None:
             job["moving_seg"] = str(
-                export.write_labels(self.scene, request.moving_segmentation, request.moving, inputs / "moving_seg.nii.gz", codes)
+                export.write_labels(self.scene, request.moving_segmentation, request.moving, inputs / "moving_seg.nii", codes)
             )
         path = run.folder / "job.json"
         path.write_text(json.dumps(job, indent=2))
@@ -313,6 +323,7 @@ class Controller:
     def shutdown(self) -> None:
         """Stop everything now and wait for the processes to end (module clean-up, application exit)."""
         self.cancel()
+        self._stop_spare()
         for process in (self.run.process if self.run else None, self._describe):
             if process is not None and process.process.poll() is None:
                 process.stop()
@@ -347,6 +358,7 @@ class Controller:
 
     def _finish(self, run: Run, exit_code: Optional[int]) -> None:
         run.elapsed = time.monotonic() - run.started
+        self._start_spare()  # its imports overlap the loading of these results
         if run.cancelled:
             self._log(f"{run.method}: cancelled; nothing was added to the scene.")
             shutil.rmtree(run.folder, ignore_errors=True)
@@ -423,6 +435,33 @@ class Controller:
         self._comparison = None
         return False
 
+    # Workers
+
+    def _worker(self, job: Path, folder: Path) -> BackgroundProcess:
+        """A worker running ``job``: the one started ahead (`_start_spare`) where it is still alive, else a new one."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.process.poll() is None:
+            try:
+                spare.send(str(job))
+                return spare
+            except OSError:  # it ended between the check and the write
+                spare.stop()
+        elif spare is not None:
+            spare.stop()
+        return BackgroundProcess(worker_command(self.python, job), env=self.environment, cwd=str(folder))
+
+    def _start_spare(self) -> None:
+        """Start a worker ahead of the next job (module docstring), unless one is there or it cannot run."""
+        if not self.prestart or self._spare is not None or self.python is None or not self.dependencies.ready:
+            return
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self._spare = BackgroundProcess(worker_command(self.python), env=self.environment, cwd=str(self.work_root), stdin=True)
+
+    def _stop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.process.poll() is None:
+            spare.stop()
+
     # Showing results
 
     def show(self, run: Run, overlay: str = OVERLAYS[0], opacity: float = 0.5) -> None:
@@ -451,6 +490,8 @@ class Controller:
         answers = [e for e in self._describe_events if e.get("event") == "describe"]
         if answers:
             self.dependencies = dependencies(self.requirements, answers[-1])
+            if not self.state.busy:  # a run's end starts one otherwise
+                self._start_spare()
         else:
             tail = " ".join(self._describe_lines[-3:])
             self.dependencies = dependencies(self.requirements, problem=f"PyTorch could not be loaded: {tail}")

@@ -47,9 +47,10 @@ def worker_environment(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
-def worker_command(python: str, job_file: Path) -> list[str]:
-    """The command line that runs one job with the worker."""
-    return [python, "-m", "JointRegSegLib.worker", str(job_file)]
+def worker_command(python: str, job_file: Optional[Path] = None) -> list[str]:
+    """The command line that runs one job with the worker; without ``job_file``, a worker that loads
+    everything a job needs and then reads the job file's path from stdin (``--wait``)."""
+    return [python, "-m", "JointRegSegLib.worker", "--wait" if job_file is None else str(job_file)]
 
 
 def slicer_python(slicer_home: str) -> str:

@@ -7,7 +7,9 @@ after a grace period, whether or not anybody still polls. On Windows a process w
 cannot be asked to stop (``taskkill`` without ``/F`` only posts a window message), so the tree is
 ended at once with ``taskkill /T /F``; the worker's janitor removes its partial output then.
 Two reader threads move stdout and stderr lines into a queue that `poll` empties, so the caller
-(a Qt timer on Slicer's GUI thread, the web server's loop, a test) never waits on a pipe.
+(a Qt timer on Slicer's GUI thread, the web server's loop, a test) never waits on a pipe. With
+``stdin=True`` the process reads what `send` writes (a worker started ahead of its job reads the job's
+path there); otherwise its stdin is empty.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def parse_event(line: str) -> Optional[Dict[str, Any]]:
 class BackgroundProcess:
     """Run ``args`` in its own process group; collect its output through `poll`."""
 
-    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> None:
+    def __init__(
+        self, args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, stdin: bool = False
+    ) -> None:
         self.args = list(args)
         options: Dict[str, Any] = {}
         if os.name == "nt":
@@ -61,7 +65,7 @@ class BackgroundProcess:
             self.args,
             env=env,
             cwd=cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -89,6 +93,13 @@ class BackgroundProcess:
     @property
     def cancelling(self) -> bool:
         return self._watchdog is not None
+
+    def send(self, line: str) -> None:
+        """Write one line to the process's stdin (started with ``stdin=True``) and close it: the process gets no more."""
+        if self.process.stdin is None:
+            raise ValueError("this process was started without a stdin to write to")
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.close()
 
     def _read(self, name: str, stream: IO[str]) -> None:
         for line in stream:

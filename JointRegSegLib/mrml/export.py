@@ -24,7 +24,8 @@ from ..labels import codes_for_names
 
 
 def write_volume(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLVolumeNode, path: Path) -> Path:
-    """Write ``node`` (scalar or label map volume) to ``path`` in world coordinates."""
+    """Write ``node`` (scalar or label map volume) to ``path`` in world coordinates, compressed where ``path`` ends
+    in ``.gz``."""
     if node.GetImageData() is None:
         raise InputError(f"'{node.GetName()}' has no voxels; load or select another volume.")
     copy = None
@@ -39,7 +40,7 @@ def write_volume(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLVolumeNode, pat
     try:
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
-        storage.SetUseCompression(True)
+        storage.SetUseCompression(path.name.endswith(".gz"))
         if not storage.WriteData(source):
             raise InputError(f"could not write '{node.GetName()}' to {path}; check the folder's free space and permissions.")
     finally:

@@ -1,5 +1,11 @@
 """``python -m JointRegSegLib.worker JOB.json``: run one job, streaming JSON events on stdout.
 
+``python -m JointRegSegLib.worker --wait``: a worker started ahead of its job (the controller keeps one
+ready while the user chooses the inputs): it loads everything a job needs (torch, the methods; about
+2 s), says ``ready``, then reads the job file's path from one line of stdin and runs it as above; at
+the end of stdin without a path (the controller or Slicer gone) it exits with 0 and does nothing.
+The job's start-up time is then the imports' time, not the time spent waiting.
+
 Exit codes: 0 success (a failed evaluation or picture step is reported in the ``result`` event's
 ``failed_steps``), 2 a problem the user can act on (inputs, options, weights, output folder, full
 disk, memory; the ``error`` event says what to do), 1 an unexpected internal error, 143 cancelled
@@ -16,6 +22,8 @@ import traceback
 from pathlib import Path
 
 from ..errors import InputError
+from ..quick_exit import exit_now
+from ..timing import process_age
 from .events import EventWriter
 from .failures import EXIT_BAD_INPUT, describe_failure
 from .job import parse_job
@@ -69,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     install_cancel_handler(events)
     try:
         if len(argv) != 1:
-            raise InputError("usage: python -m JointRegSegLib.worker JOB.json")
+            raise InputError("usage: python -m JointRegSegLib.worker JOB.json | --wait")
+        startup = None
+        if argv[0] == "--wait":
+            startup = prepare()
+            events.emit("ready", startup_s=startup)
+            line = sys.stdin.readline().strip()
+            if not line:
+                return 0
+            events.begin()
+            argv = [line]
         path = Path(argv[0])
         try:
             text = path.read_text()
@@ -78,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         job = parse_job(text, source=f"job file {path}")
         from .run import run_job
 
-        run_job(job, events)
+        run_job(job, events, startup=startup)
         return 0
     except Exception as error:
         failure = describe_failure(error, events.stage)
@@ -87,8 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         return failure.exit_code
 
 
+def prepare() -> float | None:
+    """Import what every job needs (the run, torch, each method's module); the seconds since the process started."""
+    from ..methods import get_method, method_names
+    from .run import run_job  # noqa: F401  (torch, numpy, SimpleITK, the evaluation)
+
+    for name in method_names():
+        get_method(name)
+    return process_age()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
 
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERRUPTED", "main"]  # the exit codes batch reads

@@ -39,6 +39,10 @@ class EventWriter:
         self.stage = "starting"
         self._lock = threading.Lock()
 
+    def begin(self) -> None:
+        """The job begins now (a worker started ahead of its job has just received it): ``elapsed`` counts from here."""
+        self.start = self.work_start = self.clock()
+
     def emit(self, event: str, **fields: Any) -> None:
         """Write one event line and flush it."""
         line = json.dumps(to_json({"event": event, **fields}), allow_nan=False)

@@ -136,7 +136,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None) -> dict[str, Any]:
+def run_job(
+    job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None, startup: float | None = None
+) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
     The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
@@ -144,14 +146,14 @@ def run_job(job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = 
     by a forked child on Linux (`beside.Beside`; elsewhere after the metrics); then the run waits for them.
 
     ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
-    the job started), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
+    the job started: ``startup``, or where None the process's age now), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
     start), ``steps`` and ``cpu_steps``, the wall-clock and CPU seconds of every named step (`timing`),
     the method's own under ``registration: ...`` (the background writing's overlap the evaluation's
     and the pictures'; ``writing: waiting for the files`` is what the run waited for them at the end).
     """
     started = time.time()
     watch = Stopwatch()
-    startup = process_age()
+    startup = process_age() if startup is None else startup
     if startup is not None:
         watch.add("start-up", startup, time.process_time())
     timings: dict[str, Any] = {}
