@@ -145,3 +145,24 @@ def test_numbers_before_registration_equal_resampling_and_the_single_pair_functi
             "nmi_initial": arithmetic_normalised_mutual_information(f, m, mask=mask),
             "pmm_mean_initial": pmm_mean(pmm_map(f, m, mask), mask),
         }
+
+
+def test_numbers_before_registration_beside_the_maps_equal_the_numbers_after_an_identity_result():
+    """`Evaluation.maps` computes the numbers before registration on a thread beside the PMM and the Jacobian; for a
+    result that leaves the moving image as it lies, every number after must equal its number before."""
+    from scipy.ndimage import gaussian_filter
+
+    from JointRegSegLib.evaluation import Evaluation
+    from JointRegSegLib.methods.base import Inputs, Result
+
+    rng = np.random.default_rng(11)
+    grid = Geometry((40, 36, 38), (1.0, 1.1, 0.9), (5.0, -3.0, 2.0), np.eye(3))
+    image = lambda: Volume((1000 * gaussian_filter(rng.random(grid.shape), 2.0)).astype(np.float32), grid)  # noqa: E731
+    labels = lambda: Volume(rng.integers(0, 4, grid.shape).astype(np.int32), grid)  # noqa: E731
+    evaluation = Evaluation(Inputs(image(), image(), labels(), labels()))
+    identity = Result(Volume(np.zeros((*grid.shape, 3), np.float32), grid), evaluation.inputs.moving,
+                      warped_seg=evaluation.inputs.moving_seg)
+    maps = evaluation.maps(identity)
+    metrics = evaluation.metrics(identity, maps)
+    for key in ("ncc", "mi", "nmi", "pmm_mean", "dice_mean"):
+        assert np.isfinite(metrics[key]) and metrics[key] == metrics[f"{key}_initial"], key

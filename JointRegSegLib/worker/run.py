@@ -193,6 +193,7 @@ def run_job(
         maps = _kept_on_failure("evaluation", failed, events, lambda: evaluation.maps(result, job.jacobian == "whole"))
         writer.submit(partial(write_maps, staging.path, maps, job.compress, watch, threads))
         if job.pictures:  # drawn by a forked child while the metrics are computed (`beside`)
+            evaluation.wait_for_numbers_before()  # no thread of ours runs when the child is forked
             with suppress(Exception):  # the moving image as it lies, once for both; a failure shows in the metrics
                 evaluation.initial
             drawing = Beside(partial(_pictures, staging.path, evaluation, result, maps, method.info.name))
