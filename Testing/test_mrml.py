@@ -267,6 +267,22 @@ def _displayed_colours(core, values: np.ndarray, display) -> np.ndarray:
     return rgba
 
 
+def test_warped_volume_is_shown_over_the_moving_volumes_window(worker_output, sample_pair):
+    """The warped volume takes the grey window the moving volume is shown with (the two look alike); without a
+    moving volume, the window Slicer computes from its voxels."""
+    core = core_scene()
+    fixed = core.volumes_logic.AddArchetypeVolume(str(sample_pair["fixed"]), "fixed")
+    moving = core.volumes_logic.AddArchetypeVolume(str(sample_pair["moving"]), "moving")
+    moving.GetDisplayNode().AutoWindowLevelOff()
+    moving.GetDisplayNode().SetWindowLevelMinMax(12.0, 345.0)
+    shown = core.scene.GetNodeByID(load_result(core.scene, worker_output, fixed, moving).warped).GetDisplayNode()
+    assert not shown.GetAutoWindowLevel()
+    assert (shown.GetWindowLevelMin(), shown.GetWindowLevelMax()) == pytest.approx((12.0, 345.0))
+    alone = core_scene()
+    shown = alone.scene.GetNodeByID(load_result(alone.scene, worker_output).warped).GetDisplayNode()
+    assert shown.GetAutoWindowLevel() and shown.GetWindow() > 0 and shown.GetWindowLevelMax() != pytest.approx(345.0)
+
+
 def test_pmm_values_and_no_value_is_transparent(loaded, worker_output):
     core, result, *_ = loaded
     node = core.scene.GetNodeByID(result.pmm)
