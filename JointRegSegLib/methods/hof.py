@@ -107,9 +107,9 @@ def mirror_classes() -> list[int]:
 def mirrored_probabilities(net: HOFNet, image: torch.Tensor) -> torch.Tensor:
     """Class probabilities of ``image (B, 1, I, J, K)`` (RAS+ grid) averaged with those of its left-right mirror image,
     mirrored back with left and right classes swapped (module docstring): mirroring the image mirrors the result."""
-    direct = torch.softmax(net.segment(image), dim=1)
-    mirrored = torch.softmax(net.segment(image.flip(2)), dim=1).flip(2)[:, mirror_classes()]
-    return 0.5 * (direct + mirrored)
+    n = len(image)
+    both = torch.softmax(net.segment(torch.cat([image, image.flip(2)])), dim=1)  # one batch: faster than two on the CPU
+    return 0.5 * (both[:n] + both[n:].flip(2)[:, mirror_classes()])
 
 
 def class_probabilities(net: HOFNet, image: torch.Tensor, mirror: bool) -> torch.Tensor:

@@ -141,11 +141,14 @@ class HOFNet(nn.Module):
     def register(self, moving: torch.Tensor, fixed: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
         """Displacement psi with ``warp(moving, psi) ~ fixed``; ``symmetric``: of ``(v(m, f) - v(f, m)) / 2``
         (module docstring), so registering the pair the other way gives the inverse mapping."""
-        f_moving, f_fixed = self.encoder(moving), self.encoder(fixed)
+        n = len(moving)
+        features = self.encoder(torch.cat([moving, fixed]))  # both images in one batch: faster than two on the CPU
+        f_moving, f_fixed = [f[:n] for f in features], [f[n:] for f in features]
         if not symmetric:
             return self.registration(f_moving, f_fixed)
         decoder = self.registration
-        return decoder.integrate(0.5 * (decoder.velocity(f_moving, f_fixed) - decoder.velocity(f_fixed, f_moving)))
+        both = decoder.velocity([torch.cat([m, f]) for m, f in zip(f_moving, f_fixed)], [torch.cat([f, m]) for m, f in zip(f_moving, f_fixed)])
+        return decoder.integrate(0.5 * (both[:n] - both[n:]))
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Class logits of ``image``."""
