@@ -342,3 +342,17 @@ def test_requests_checked_in_the_users_words(app):
     with pytest.raises(InputError, match="segmentation"):
         controller.start(RunRequest(nodes["fixed"], nodes["moving"]), ["tto", "segreg"])
     assert controller.state.state == RunState.IDLE and controller.runs == []
+
+
+def test_slicer_flow_experiment_times_a_whole_apply(tmp_path):
+    """`experiments.slicer_flow` (a script run in a session process of its own) on the bundled pair: one Apply
+    measured whole, its parts inside it, the results loaded (a Dice), the table written."""
+    from JointRegSegLib.experiments import slicer_flow
+
+    assert slicer_flow.main(["--out", str(tmp_path), "--pair", "sample", "--methods", "uresnet", "--repeats", "1", "--think", "2"]) == 0
+    [run] = json.loads((tmp_path / "slicer_flow.json").read_text())
+    assert "error" not in run, run.get("error")
+    assert 0.0 <= run["dice"] <= 1.0 and run["method"] == "uresnet"
+    parts = run["writing the inputs"] + run["worker start-up after Apply"] + run["worker's job"]
+    assert 0.0 < parts <= run["Apply to results"] and run["loading and the rest"] >= 0.0
+    assert "| uresnet | this |" in (tmp_path / "slicer_flow.md").read_text()

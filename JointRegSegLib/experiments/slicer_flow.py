@@ -1,7 +1,7 @@
 """What a user of the Slicer module waits for: from Apply to the results in the scene.
 
     python -m JointRegSegLib.experiments.slicer_flow --out slicer_flow \\
-        [--methods "uresnet,hof,jers"] [--repeats 2] [--threads 2] [--before DIR] [--pair shared|sample] [--think 5]
+        [--methods "uresnet,hof,jers,segreg[variant=learned]"] [--repeats 2] [--threads 2] [--before DIR] [--pair shared|sample] [--think 5]
 
 Each Apply runs in a process of its own, as a fresh Slicer session would: slicer-core's real MRML scene
 (`mrml.core`) holding the pair's images and label maps, the module's `app.Controller` on it, whose
@@ -32,7 +32,7 @@ from typing import Any
 COLUMNS = ("Apply to results", "writing the inputs", "worker start-up after Apply", "worker's job", "loading and the rest")
 
 
-def child(method: str, files: dict[str, str], work: Path, think: float) -> dict[str, Any]:
+def child(method: str, options: dict[str, Any], files: dict[str, str], work: Path, think: float) -> dict[str, Any]:
     """One session: the scene, the controller, ``think`` seconds, Apply, the results loaded (module docstring)."""
     from JointRegSegLib import mrml
     from JointRegSegLib.app import Controller, RunRequest
@@ -53,7 +53,8 @@ def child(method: str, files: dict[str, str], work: Path, think: float) -> dict[
         controller.wait(300)
         time.sleep(think)
         pressed = time.monotonic()
-        run = controller.start(RunRequest(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"]), [method])
+        request = RunRequest(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"], options=options)
+        run = controller.start(request, [method])
         handed = time.monotonic()
         worker_started = process_started(run.process.pid)
         controller.wait(1800)
@@ -83,13 +84,15 @@ def process_started(pid: int) -> float:
 
 
 def run_session(method: str, files: dict[str, str], folder: Path, threads: int, think: float, source: Path) -> dict[str, Any]:
-    """One child session from the checkout ``source``."""
+    """One child session of ``method`` (``name[key=value;...]``, `bench.runner.method_spec`) from the checkout ``source``."""
     from JointRegSegLib.bench.processes import child_environment
+    from JointRegSegLib.bench.runner import method_spec
 
     folder.mkdir(parents=True, exist_ok=True)
     env = {**child_environment(threads), "PYTHONPATH": str(source)}
     load = os.getloadavg()
-    args = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--files", json.dumps(files),
+    name, options = method_spec(method)
+    args = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--options", json.dumps(options), "--files", json.dumps(files),
             "--work", str(folder / "work"), "--think", str(think)]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -129,16 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pair", default="shared", choices=("shared", "sample"))
     parser.add_argument("--think", type=float, default=5.0, help="seconds between the dependency check and Apply")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, json.loads(args.files), args.work, args.think)), flush=True)
+        print(json.dumps(child(args.child, json.loads(args.options), json.loads(args.files), args.work, args.think)), flush=True)
         return 0
     if args.out is None:
         parser.error("--out is required")
 
     from JointRegSegLib.bench.pairs import resolve_pairs
+    from JointRegSegLib.bench.command import split_names
+    from JointRegSegLib.bench.runner import folder_name
     from JointRegSegLib.errors import InputError
 
     try:
@@ -151,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     checkouts = [("before", args.before.resolve()), ("after", this)] if args.before else [("this", this)]
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        for method in split_names(args.methods):
             for name, source in checkouts:
-                record = run_session(method, files, args.out / f"{method}-{name}-{repeat}", args.threads, args.think, source)
+                folder = args.out / f"{folder_name(method)}-{name}-{repeat}"
+                record = run_session(method, files, folder, args.threads, args.think, source)
                 record.update(method=method, checkout=name, repeat=repeat)
                 runs.append(record)
                 shown = record.get("error") or f"{record['Apply to results']:.1f} s"
