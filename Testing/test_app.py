@@ -86,6 +86,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -170,8 +177,15 @@ def test_the_next_run_goes_to_a_worker_started_ahead(app, tmp_path):
     assert (second.output / "displacement.nii.gz").is_file() and second.output.is_relative_to(tmp_path / "kept")
     spare = _descendants(os.getpid()) - before_apply
     assert spare, "no worker was started ahead of a third run"
-    controller.shutdown()
-    assert not _gone(spare), "shutdown left the worker started ahead running"
+    third = controller.start(RunRequest(nodes["fixed"], nodes["moving"], iterations=100000, time_budget=3600), ["tto"])
+    assert third.process.pid in spare
+    seen: set[int] = set()
+    _run_until(controller, third, 0.02, seen)
+    controller.shutdown()  # during a run; the view may still poll once afterwards
+    controller.poll()
+    assert not _gone(spare | seen), "shutdown left a worker running"
+    workers = [pid for pid in _descendants(os.getpid()) if b"JointRegSegLib.worker" in _command_line(pid)]
+    assert not workers, "a worker was started ahead after shutdown"
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")

@@ -118,6 +118,7 @@ class Controller:
         self._comparison: Optional[dict[str, dict[str, Any]]] = None
         self._describe: Optional[BackgroundProcess] = None
         self._spare: Optional[BackgroundProcess] = None
+        self._closed = False  # after `shutdown`: no worker is started ahead any more
         self._describe_events: list[dict[str, Any]] = []
         self._describe_lines: list[str] = []
         self._polling = False
@@ -322,6 +323,7 @@ class Controller:
 
     def shutdown(self) -> None:
         """Stop everything now and wait for the processes to end (module clean-up, application exit)."""
+        self._closed = True
         self.cancel()
         self._stop_spare()
         for process in (self.run.process if self.run else None, self._describe):
@@ -444,15 +446,13 @@ class Controller:
             try:
                 spare.send(str(job))
                 return spare
-            except OSError:  # it ended between the check and the write
-                spare.stop()
-        elif spare is not None:
-            spare.stop()
+            except OSError:  # it ended between the check and the write: a new one runs the job
+                pass
         return BackgroundProcess(worker_command(self.python, job), env=self.environment, cwd=str(folder))
 
     def _start_spare(self) -> None:
         """Start a worker ahead of the next job (module docstring), unless one is there or it cannot run."""
-        if not self.prestart or self._spare is not None or self.python is None or not self.dependencies.ready:
+        if self._closed or not self.prestart or self._spare is not None or self.python is None or not self.dependencies.ready:
             return
         self.work_root.mkdir(parents=True, exist_ok=True)
         self._spare = BackgroundProcess(worker_command(self.python), env=self.environment, cwd=str(self.work_root), stdin=True)
