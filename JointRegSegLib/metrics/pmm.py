@@ -162,9 +162,9 @@ def _pmm_in_window(domain: np.ndarray, patch: int, stride: int, bins: int, min_f
     for axis in range(3):
         total, count = _box_sum(total, width, axis), _box_sum(count, width, axis)
     with np.errstate(invalid="ignore", divide="ignore"):
-        block_mean = np.where(count > 0, total / count, np.nan)
+        block_mean = np.where(count > 0, total / count, np.nan).astype(np.float32)  # the map's type before it is spread
     voxel_mean = block_mean.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: shape[0], : shape[1], : shape[2]]
-    return np.where(domain, voxel_mean, np.nan).astype(np.float32)
+    return np.where(domain, voxel_mean, np.float32(np.nan))
 
 
 def pmm_mean(pmm: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> float:
