@@ -32,7 +32,7 @@ from .errors import InputError
 from .imageio.geometry import Volume
 from .imageio.intensity import normalise_intensity
 from .imageio.network_grid import resample
-from .labels import EVALUATION_LABELS, TISSUE_LABELS, label_info, tissue_of
+from .labels import EVALUATION_LABELS, is_tissue_map, label_info, tissue_of
 from .methods.base import Inputs, Result
 from .metrics import (
     deformable_jacobian,
@@ -258,7 +258,7 @@ def segmentation_dice(truth: Volume, predicted: Volume) -> float:
     """
     if not predicted.geometry.same_as(truth.geometry):
         predicted = resample(predicted, truth.geometry, interpolation="nearest")
-    if set(labels_in(predicted.array)) <= {0, *TISSUE_LABELS}:
+    if is_tissue_map(labels_in(predicted.array)):
         truth = truth.with_array(tissue_of(truth.array))
     present = sorted(set(labels_in(truth.array)) - {0})
     chosen = [label for label in present if label in EVALUATION_LABELS] or present
@@ -273,9 +273,13 @@ def label_metrics(
     (``device`` and ``workers``: where the HD95 search runs and on how many CPU threads, `metrics.overlap.hd95_per_label`).
 
     The mean Dice is over the 30 standard evaluation structures (../shared/data/README.md) where the
-    label maps use FreeSurfer codes and share any of them, otherwise over all shared labels.
+    label maps use FreeSurfer codes and share any of them, otherwise over all shared labels. Against a fixed
+    tissue map (codes 701-703: the shipped atlas, `labels.is_tissue_map`) the moving label maps are scored by
+    their tissue classes (`labels.tissue_of`), as `segmentation_dice` scores a tissue segmentation.
     """
     fixed = fixed_seg.array
+    if is_tissue_map(labels_in(fixed)) and not is_tissue_map(labels_in(initial_seg)):  # scored as tissue (`tissue_of`)
+        warped_seg, initial_seg = tissue_of(warped_seg), tissue_of(initial_seg)
     shared = sorted(set(labels_in(fixed)) & set(labels_in(initial_seg)) - {0})
     dice = dice_per_label(fixed, warped_seg, labels=shared)
     dice_initial = dice_per_label(fixed, initial_seg, labels=shared)

@@ -137,6 +137,18 @@ CSF_CODES: tuple[int, ...] = (4, 5, 14, 15, 24, 30, 31, 43, 44, 62, 63, 72)
 EXTRACEREBRAL_FIRST_CODE = 500  # SynthSeg generation classes (skull, scalp, eyes, ...) start here
 
 
+def tissue_codes(classes: np.ndarray) -> np.ndarray:
+    """Tissue classes 0-3 (the shipped atlas's codes, FSL FAST's: 1 CSF, 2 grey matter, 3 white matter) to 0 and
+    FreeSurfer's FSL-FAST codes 701 CSF, 702 grey matter, 703 white matter."""
+    return np.asarray((0, *TISSUE_LABELS), dtype=np.int16)[np.asarray(classes, dtype=np.int64)]
+
+
+def is_tissue_map(values: Iterable[int]) -> bool:
+    """Whether a label map's values are tissue codes only (0, 701-703: jers' segmentation, the shipped atlas scored)."""
+    present = set(values) - {0}
+    return bool(present) and present <= set(TISSUE_LABELS)
+
+
 def tissue_of(labels: np.ndarray) -> np.ndarray:
     """FreeSurfer codes to tissue codes (701 CSF, 702 grey matter, 703 white matter, 0 elsewhere);
     brain codes that are neither CSF nor white matter count as grey matter."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,16 +12,18 @@ from scipy import ndimage
 
 from JointRegSegLib.atlas import atlas_paths, load_atlas
 from JointRegSegLib.errors import InputError
+from JointRegSegLib.imageio import read_labels
 from JointRegSegLib.imageio.geometry import Geometry, Volume
 from JointRegSegLib.imageio.network_grid import RAS_DIRECTION
 from JointRegSegLib.imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from JointRegSegLib.methods import get_method
 from JointRegSegLib.methods.base import Inputs, Options
-from JointRegSegLib.labels import EXTRACEREBRAL_FIRST_CODE, TISSUE_LABELS
-from JointRegSegLib.methods.jers import affine_displacement, tissue_codes
+from JointRegSegLib.labels import EXTRACEREBRAL_FIRST_CODE, TISSUE_LABELS, label_info, tissue_codes, tissue_of
+from JointRegSegLib.methods.jers import affine_displacement
 from JointRegSegLib.nets.jers import JERS, affine_warp
 from JointRegSegLib.spatial import affine_matrix
 from JointRegSegLib.spatial.physical import warp_volume
+from conftest import run_worker
 from JointRegSegLib.training.jers import brain_mask_of, mask_gradient_l2, reference_brain, synthetic_heads
 
 
@@ -233,3 +237,23 @@ def test_training_heads_skull_stripped_keep_the_brain_and_its_csf():
     assert torch.equal(labels, raw_labels * brain_mask_of(raw_labels))
     assert (labels == 24).any()  # the CSF around the brain stays
     assert float(images[raw_labels >= EXTRACEREBRAL_FIRST_CODE].mean()) < 0.05 < float(raw[raw_labels >= EXTRACEREBRAL_FIRST_CODE].mean())
+
+
+def test_the_shipped_atlas_scores_the_moving_labels_by_their_tissue(tmp_path, sample_pair):
+    """Registered to the shipped atlas (no fixed image given), the moving label map is scored by its tissue classes
+    against the atlas's (FSL FAST's 1 CSF, 2 grey, 3 white matter, read as the tissue codes 701-703, not as FreeSurfer's
+    2 left white matter and 3 left cortex): each tissue's Dice is numpy's of the written warped label map's tissue."""
+    job = {"method": "jers", "output": str(tmp_path / "out"), "moving": str(sample_pair["moving"]),
+           "moving_seg": str(sample_pair["moving_seg"]), "pictures": False}
+    code, events, stderr = run_worker(job, tmp_path)
+    assert code == 0, stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    atlas = read_labels(atlas_paths()[1]).array
+    warped = tissue_of(read_labels(tmp_path / "out" / "warped_seg.nii.gz").array)
+    assert set(metrics["labels"]) == {str(code) for code in TISSUE_LABELS}
+    for tissue_class, code in enumerate(TISSUE_LABELS, start=1):
+        a, b = atlas == tissue_class, warped == code
+        scored = metrics["labels"][str(code)]
+        assert scored["name"] == label_info(code).name
+        assert scored["dice"] == pytest.approx(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+    assert metrics["dice_mean"] == pytest.approx(np.mean([metrics["labels"][str(code)]["dice"] for code in TISSUE_LABELS]))

@@ -99,7 +99,8 @@ def atlas_route(shared: Path) -> dict[str, Any]:
     from ..atlas import load_atlas
     from ..methods import get_method
     from ..methods.base import Inputs, Options
-    from ..methods.jers import GRID_SHAPE, affine_displacement, physical_affine, tissue_codes, to_network_image
+    from ..labels import tissue_codes
+    from ..methods.jers import GRID_SHAPE, affine_displacement, physical_affine, to_network_image
     from ..training.jers import REAL_SCANS, reference_brain
 
     atlas_image, atlas_labels = load_atlas()

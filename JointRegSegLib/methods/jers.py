@@ -52,7 +52,7 @@ from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..nets.jers import JERS
 from ..spatial.affine import normalised_affine_to_index
 from ..spatial.physical import mapped_coordinates, warp_volume, warp_volume_affine
-from ..labels import TISSUE_LABELS
+from ..labels import tissue_codes
 from ..timing import Stopwatch
 from ..weights import load_into
 from .base import Inputs, Options, ProgressCallback, Result
@@ -93,11 +93,6 @@ def atlas_on_grid(image: Volume, labels: Volume | None, device: torch.device) ->
     if labels is None or not set(np.unique(labels.array).tolist()) <= set(TISSUE_CODES):
         return atlas, None
     return atlas, labels_to_onehot(to_network(labels, atlas.grid, labels=True), CLASSES, device)
-
-
-def tissue_codes(classes: np.ndarray) -> np.ndarray:
-    """Tissue classes 0-3 (the atlas' codes) to 0 and FreeSurfer's codes 701 CSF, 702 GM, 703 WM."""
-    return np.asarray((0, *TISSUE_LABELS), dtype=np.int16)[np.asarray(classes, dtype=np.int64)]
 
 
 def index_affine(theta: torch.Tensor) -> np.ndarray:

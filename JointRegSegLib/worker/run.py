@@ -14,6 +14,7 @@ import errno
 import random
 import time
 from contextlib import suppress
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from ..evaluation import Evaluation, Maps, undefined_metrics
 from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels
 from ..imageio.validate import check_same_grid
+from ..labels import tissue_codes
 from ..methods import get_method
 from ..methods.base import Inputs, Options, Result
 from ..methods.catalogue import MethodInfo
@@ -116,6 +118,17 @@ def read_inputs(job: Job, events: EventWriter | None = None) -> Inputs:
     return Inputs(fixed, moving, fixed_seg, moving_seg)
 
 
+def scored_inputs(job: Job, inputs: Inputs) -> Inputs:
+    """The inputs the evaluation scores against: the shipped atlas's label map (`resolve_inputs`) by the tissue codes
+    701-703, not its own 1-3 (FSL FAST's classes, which are FreeSurfer's left white matter and cortex), so the
+    moving label map is scored by its tissue classes (`evaluation.label_metrics`)."""
+    from ..atlas import atlas_paths
+
+    if inputs.fixed_seg is None or job.fixed_seg is None or Path(job.fixed_seg).resolve() != Path(atlas_paths()[1]).resolve():
+        return inputs
+    return replace(inputs, fixed_seg=inputs.fixed_seg.with_array(tissue_codes(inputs.fixed_seg.array)))
+
+
 def _looks_binary(array: np.ndarray, samples: int = 200_000) -> bool:
     step = max(1, array.size // samples)
     return np.unique(array.ravel()[::step]).size <= 2
@@ -181,7 +194,7 @@ def run_job(
         timings["register_s"] = time.monotonic() - tick
         _add_method_steps(watch, result.details, timings["register_s"], time.process_time() - cpu)
         threads = torch.get_num_threads()
-        evaluation = Evaluation(inputs, str(device), threads, watch)
+        evaluation = Evaluation(scored_inputs(job, inputs), str(device), threads, watch)
         tick = time.monotonic()
         evaluation.check(result)
         writer.submit(partial(write_registration, staging.path, result, job.compress, watch, threads))
