@@ -147,7 +147,8 @@ class HOFNet(nn.Module):
         if not symmetric:
             return self.registration(f_moving, f_fixed)
         decoder = self.registration
-        both = decoder.velocity([torch.cat([m, f]) for m, f in zip(f_moving, f_fixed)], [torch.cat([f, m]) for m, f in zip(f_moving, f_fixed)])
+        swapped = [torch.cat([f[n:], f[:n]]) for f in features]  # each pair's images the other way round
+        both = decoder.velocity(features, swapped)  # v(m, f) for the first n, v(f, m) for the rest
         return decoder.integrate(0.5 * (both[:n] - both[n:]))
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
