@@ -328,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a malformed command line (one error line already printed)
         return int(done.code or 0)
+    if argv is None and args.func in (cmd_register, cmd_demo):  # this process runs one job
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)

@@ -316,8 +316,12 @@ def write_nifti(
     units: tuple[str, str] = ("mm", "sec"),
     codes: tuple[int, int] = (1, 1),
     threads: int | None = None,
+    negated: tuple[int, ...] = (),
 ) -> None:
-    """A NIfTI-1 file of ``array`` (``[i, j, k, ...]``, i fastest in the file) with the voxel-to-RAS ``ras_affine``.
+    """A NIfTI-1 file of ``array`` (``[i, j, k, ...]``, i fastest in the file) with the voxel-to-RAS ``ras_affine``;
+    the components ``negated`` (indices of the last axis) are stored with their signs flipped (a displacement field's
+    LPS x and y as RAS: each a contiguous block of the file, flipped there after the copy instead of in a copy of
+    the array).
 
     The header is the one ITK writes (qform and sform codes ``codes`` = scanner, units mm and s);
     ``intent`` is NIfTI's intent code (1006 for a displacement field). ``.nii.gz`` is compressed by
@@ -339,6 +343,8 @@ def write_nifti(
     buffer[:348] = header.binaryblock
     stored = np.frombuffer(buffer, dtype=header.get_data_dtype(), offset=offset).reshape(array.shape, order="F")
     stored[...] = array  # one copy, straight into the file's voxel order
+    for component in negated:
+        np.negative(stored[..., component], out=stored[..., component])
     parts = gzip_parts(buffer, threads=threads) if path.name.lower().endswith(".gz") else [buffer]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,11 @@ def write_displacement_field(field: Volume, path: str | Path, threads: int | Non
         raise InputError(f"{path}: the folder {path.parent} does not exist; create it first")
     vectors = np.asarray(field.array, dtype=np.float32)
     if str(path).lower().endswith((".nii", ".nii.gz")):
-        ras = vectors * np.float32([-1.0, -1.0, 1.0])  # LPS -> RAS components
         affine = field.geometry.index_to_ras_matrix
-        write_nifti(path, ras[:, :, :, None, :], affine, intent=DISPLACEMENT_INTENT, units=("mm", "unknown"), codes=(0, 2), threads=threads)
+        write_nifti(  # LPS -> RAS components: x and y negated
+            path, vectors[:, :, :, None, :], affine, intent=DISPLACEMENT_INTENT, units=("mm", "unknown"), codes=(0, 2),
+            threads=threads, negated=(0, 1),
+        )
         return
     sitk.WriteImage(to_sitk(field.with_array(vectors)), str(path), useCompression=True)
 

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import InputError
+from ..allocator import keep_freed_memory
 from ..quick_exit import exit_now
 from ..timing import process_age
 from .events import EventWriter
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(sys.stdout)
     sys.stdout = sys.stderr  # anything printed by libraries must not corrupt the event stream
     install_cancel_handler(events)
+    keep_freed_memory()
     try:
         if len(argv) != 1:
             raise InputError("usage: python -m JointRegSegLib.worker JOB.json | --wait")
