@@ -209,6 +209,15 @@ def _gzipped_garbage(root, pair, out):
     return register(pair, out, moving=root / "noise2.nii.gz")
 
 
+def _broken_image_and_label_maps(root, pair, out):
+    """The files are read side by side; the error names the first broken one in the order fixed, moving, labels."""
+    garbage = np.random.default_rng(3).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    for name in ("bad_fixed.nii.gz", "bad_labels.nii.gz"):
+        (root / name).write_bytes(garbage)
+    labels = str(root / "bad_labels.nii.gz")
+    return register(pair, out, "--fixed-seg", labels, "--moving-seg", labels, fixed=root / "bad_fixed.nii.gz")
+
+
 def _four_d(root, pair, out):
     nib.save(nib.Nifti1Image(np.random.default_rng(2).random((20, 20, 20, 2)).astype(np.float32), np.eye(4)), root / "t.nii.gz")
     return register(pair, out, moving=root / "t.nii.gz")
@@ -444,6 +453,7 @@ CASES: dict[str, tuple[Builder, tuple[str, ...]]] = {
     "truncated .nii": (_truncated_nii, ("cut.nii", "truncated")),
     "garbage bytes": (_garbage, ("corrupt",)),
     "gzip of garbage": (_gzipped_garbage, ("corrupt",)),
+    "broken image and label maps": (_broken_image_and_label_maps, ("fixed image", "bad_fixed.nii.gz", "corrupt")),
     "4D image": (_four_d, ("4 dimensions",)),
     "2D image": (_two_d, ("2 dimensions",)),
     "single slice": (_one_slice, ("single slice",)),
