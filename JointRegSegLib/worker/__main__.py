@@ -21,8 +21,8 @@ import threading
 import traceback
 from pathlib import Path
 
-from ..errors import InputError
 from ..allocator import keep_freed_memory
+from ..errors import InputError
 from ..quick_exit import exit_now
 from ..timing import process_age
 from .events import EventWriter
