@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ def freed_and_resident(mode: str) -> tuple[bool, float, float]:
     return output[0] == "True", float(output[1]), float(output[2])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux) only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only (Linux with glibc)")
 def test_a_freed_large_array_stays_in_the_process_only_when_asked():
     kept, held, after_free = freed_and_resident("keep")
     assert kept
