@@ -18,7 +18,7 @@ import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from .errors import InputError
 from .timing import process_age
@@ -34,36 +34,64 @@ if TYPE_CHECKING:
 DEMO_OUT = Path("jointregseg_demo")
 
 
+PLAIN_EVERY_S = 10.0
+"""Where stderr is no terminal, a stage's progress is written as a plain line at most this often (`ProgressBar`)."""
+
+
 class ProgressBar(EventWriter):
     """Worker events shown as a tqdm bar (progress) and plain lines (logs) on stderr.
 
     The bar reads ``stage:  42%|####      | 00:31 elapsed, about 48 s left``: the whole stage name, the time
     spent and the estimate. It is drawn only once the first progress event arrives, so a run refused at
     once prints its error line alone; on an error it is cleared rather than left half drawn.
+
+    Where stderr is no terminal (``interactive`` false: a log file, a pipe, a job scheduler's output) a bar
+    redrawn at every event would fill the file with carriage returns (thousands in one tto run); there each
+    stage gets a plain line when it begins, another every `PLAIN_EVERY_S` seconds while it lasts, and the run
+    one at its end: ``affine:  12%, 00:03 elapsed, about 21 s left``.
     """
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
+    def __init__(self, interactive: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(sys.stderr, clock)
         self.bar: tqdm | None = None
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._plain: tuple[str, float] | None = None  # the stage and the time of the last plain line
 
     def emit(self, event: str, **fields: Any) -> None:
         from tqdm import tqdm  # here: `jointregseg --help` starts without it
 
         if event == "progress":
-            if self.bar is None:
-                self.bar = tqdm(total=1000, desc=fields["stage"], bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)
-            self.bar.n = int(round(1000 * fields["fraction"]))
-            self.bar.set_description(fields["stage"], refresh=False)
-            left = fields["seconds_left"]
-            if fields["fraction"] >= 1.0:
-                self.bar.set_postfix_str("", refresh=True)
+            if self.interactive:
+                self._draw(fields)
             else:
-                self.bar.set_postfix_str("time left not known yet" if left is None else f"about {left:.0f} s left", refresh=True)
+                self._write_plain(fields)
         elif event == "log":
             with tqdm.external_write_mode(file=self.stream) if self.bar is not None else nullcontext():
                 self.stream.write(f"[{fields['level']}] {fields['message']}\n")
         elif event == "result":
             self.close()
+
+    def _draw(self, fields: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=1000, desc=fields["stage"], bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", file=sys.stderr)
+        self.bar.n = int(round(1000 * fields["fraction"]))
+        self.bar.set_description(fields["stage"], refresh=False)
+        self.bar.set_postfix_str(_time_left(fields), refresh=True)
+
+    def _write_plain(self, fields: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        now, done = self.clock(), fields["fraction"] >= 1.0
+        if not done and self._plain is not None and self._plain[0] == fields["stage"] and now - self._plain[1] < PLAIN_EVERY_S:
+            return
+        self._plain = (fields["stage"], now)
+        left = _time_left(fields)
+        self.stream.write(
+            f"{fields['stage']}: {100 * fields['fraction']:3.0f}%, {tqdm.format_interval(fields['elapsed'])} elapsed{left and ', ' + left}\n"
+        )
+        self.stream.flush()
 
     def close(self, failed: bool = False) -> None:
         """End the bar: kept on screen after a finished run, cleared after a failure."""
@@ -71,6 +99,14 @@ class ProgressBar(EventWriter):
             self.bar.leave = not failed
             self.bar.close()
             self.bar = None
+
+
+def _time_left(fields: dict[str, Any]) -> str:
+    """The estimate of a progress event in words: empty once the run is done."""
+    if fields["fraction"] >= 1.0:
+        return ""
+    left = fields["seconds_left"]
+    return "time left not known yet" if left is None else f"about {left:.0f} s left"
 
 
 def _register_args(parser: argparse.ArgumentParser, with_inputs: bool = True) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-from JointRegSegLib.cli import main
+from JointRegSegLib.cli import PLAIN_EVERY_S, ProgressBar, main
 from JointRegSegLib.methods.options import parse_options
 from JointRegSegLib.errors import InputError
 
@@ -25,7 +25,30 @@ def test_register_writes_a_complete_output(tmp_path, sample_pair, capsys):
     assert code == 0
     manifest = json.loads((out / "result.json").read_text())
     assert all((out / name).is_file() for name in manifest.values())
-    assert "mean Dice" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "mean Dice" in printed.out
+    # captured, stderr is no terminal: plain progress lines, no bar redrawn with carriage returns
+    assert "\r" not in printed.err and "done: 100%" in printed.err.splitlines()[-1]
+
+
+def test_progress_without_a_terminal_is_a_line_per_stage_and_interval(capsys):
+    """A stage's first event gives a line, then one per PLAIN_EVERY_S seconds while it lasts; the end gives one."""
+    now = [0.0]
+    bar = ProgressBar(interactive=False, clock=lambda: now[0])
+    steps = [(0.0, 0.0, "reading"), (0.5, 0.02, "affine"), (1.0, 0.05, "affine"), (9.0, 0.3, "affine"),
+             (11.0, 0.35, "affine"), (12.0, 0.5, "network"), (13.0, 1.0, "done")]
+    for seconds, fraction, stage in steps:
+        now[0] = seconds
+        bar.progress(fraction, stage)
+    lines = capsys.readouterr().err.splitlines()
+    assert PLAIN_EVERY_S == 10.0
+    assert lines == [
+        "reading:   0%, 00:00 elapsed, time left not known yet",
+        "affine:   2%, 00:00 elapsed, time left not known yet",
+        "affine:  35%, 00:11 elapsed, about 20 s left",  # 11 s for 35 %: 11 * 0.65 / 0.35 s to go
+        "network:  50%, 00:12 elapsed, about 12 s left",
+        "done: 100%, 00:13 elapsed",
+    ]
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, sample_pair, capsys):
