@@ -278,9 +278,11 @@ def label_metrics(
     their tissue classes (`labels.tissue_of`), as `segmentation_dice` scores a tissue segmentation.
     """
     fixed = fixed_seg.array
-    if is_tissue_map(labels_in(fixed)) and not is_tissue_map(labels_in(initial_seg)):  # scored as tissue (`tissue_of`)
+    fixed_labels, initial_labels = labels_in(fixed), labels_in(initial_seg)
+    if is_tissue_map(fixed_labels) and not is_tissue_map(initial_labels):  # scored as tissue (`tissue_of`)
         warped_seg, initial_seg = tissue_of(warped_seg), tissue_of(initial_seg)
-    shared = sorted(set(labels_in(fixed)) & set(labels_in(initial_seg)) - {0})
+        initial_labels = labels_in(initial_seg)
+    shared = sorted(set(fixed_labels) & set(initial_labels) - {0})
     dice = dice_per_label(fixed, warped_seg, labels=shared)
     dice_initial = dice_per_label(fixed, initial_seg, labels=shared)
     hd95 = hd95_per_label(fixed, warped_seg, fixed_seg.geometry.spacing, labels=shared, device=device, workers=workers)
