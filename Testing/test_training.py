@@ -12,6 +12,7 @@ import csv
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
-from JointRegSegLib.training.all import adopt, failures, train_all
+from JointRegSegLib.training.all import adopt, archive, failures, train_all
 from JointRegSegLib.training.common import with_real_pair
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
 from JointRegSegLib.weights import load_into, load_weights, read_manifest, record_weights
@@ -182,13 +183,65 @@ def test_train_all_runs_the_schedule_and_adopt_takes_better_weights(tmp_path):
     assert "Traceback" in log.read_text() and not (out / "uresnet.pt").exists()
     assert (out / "tto_teacher.pt").is_file() and (out / "tto_teacher_training.png").is_file()
     shipped.mkdir()
-    assert adopt(out, shipped) == ["tto_teacher"]
+    assert adopt(out, shipped, log=open("/dev/null", "w")) == ["tto_teacher"]
     assert load_weights("tto_teacher", folder=shipped)[1] == read_manifest(out)["tto_teacher"]["sha256"]
-    assert adopt(out, shipped) == []  # not better than itself
+    assert adopt(out, shipped, log=open("/dev/null", "w")) == []  # the weights there already
     with pytest.raises(InputError, match="no network matches"):
         train_all(0.4, only=["nothing"], output=str(out), log=open("/dev/null", "w"))
 
 
+def test_warm_start_into_a_folder_of_its_own_continues_the_shipped_weights(tmp_path):
+    """A GPU run's own output folder holds no weights: warm_start takes the shipped ones (their iteration count)."""
+    shipped = read_manifest()["tto_teacher"]["provenance"]["iterations"]
+    config = {**NOISE, "stage": "teacher", "iterations": shipped + 1, "output": str(tmp_path), "warm_start": True}
+    summary = fit(make_trainer("tto", config), log=open("/dev/null", "w"))
+    assert summary["iterations"] == shipped + 1 and summary["iterations_this_run"] == 1
+
+
+def _recorded(folder: Path, state: dict[str, torch.Tensor], score: float) -> None:
+    """tto teacher weights ``state`` written into ``folder`` with a validation score of ``score`` on record."""
+    torch.save(state, folder / "tto_teacher.pt")
+    record_weights("tto_teacher", folder / "tto_teacher.pt", {"method": "tto", "config": {**NOISE, "stage": "teacher"},
+                                                              "validation": {"score": score}})
+
+
+def test_adopt_scores_both_weights_on_one_set_not_by_their_records(tmp_path):
+    """Scores recorded on other validation sets (another device's draw, an older validation) decide nothing: weights
+    that shift every point by 4 voxels lose to the identity network here whatever either manifest says."""
+    net = build_network("teacher")
+    identity = {k: v.clone() for k, v in net.state_dict().items()}  # its last layer starts at zero: no displacement
+    shifted = {**identity, "head.bias": identity["head.bias"] + 4.0}
+    run, target = tmp_path / "run", tmp_path / "target"
+    run.mkdir(), target.mkdir()
+    _recorded(run, identity, 0.0)
+    _recorded(target, shifted, 1.0)
+    assert adopt(run, target, log=open("/dev/null", "w")) == ["tto_teacher"]
+    provenance = read_manifest(target)["tto_teacher"]["provenance"]
+    assert provenance["validation_in_run"] == {"score": 0.0}
+    assert provenance["validation"]["score"] > provenance["replaced_weights"]["score"]
+    assert provenance["validation"]["score"] == pytest.approx(provenance["validation"]["identity_dice"], abs=1e-4)
+    _recorded(run, shifted, 1.0)
+    assert adopt(run, target, log=open("/dev/null", "w")) == []
+    assert load_weights("tto_teacher", folder=target)[1] == read_manifest(target)["tto_teacher"]["sha256"]
+
+
+def test_train_all_in_parallel_gives_each_network_the_whole_time(tmp_path):
+    """``parallel``: one process per network, each with all of the minutes (not its share of a round), each with its
+    log; a network that fails there is reported as in `train_all`'s own rounds, the others train on."""
+    out = tmp_path / "run"
+    summaries = train_all(0.5, only=["uresnet", "tto teacher"], output=str(out), options={**NOISE, "log_every": 1},
+                          parallel=True, log=open("/dev/null", "w"))
+    assert sorted(s["name"] for s in summaries) == ["tto_teacher", "uresnet"]
+    by_name = {s["name"]: s for s in summaries}
+    assert "sources" in by_name["uresnet"]["error"] and by_name["tto_teacher"]["iterations"] >= 1
+    tto_log = (out / "logs" / "train_all_tto.log").read_text()
+    assert "== tto teacher: 0.5 minutes (100% of the round)" in tto_log and "tto student" not in tto_log
+    assert "Traceback" in (out / "logs" / "train_all_uresnet.log").read_text()
+    assert (out / "tto_teacher.pt").is_file() and not (out / "uresnet.pt").exists()
+    with tarfile.open(archive(out, tmp_path / "run.tar")) as tar:  # what a GPU machine sends back
+        names = set(tar.getnames())
+    assert {"tto_teacher.pt", "manifest.json", "logs/train_all_tto.log", "logs/train_all_uresnet.log"} <= names
+    assert not any(name.startswith("checkpoints") for name in names)
 def test_cli_train_needs_a_budget_and_names_the_networks(tmp_path):
     from JointRegSegLib.cli import main
 

@@ -10,12 +10,16 @@ GPU's memory, data it cannot find) is reported in the log and in its summary (``
 the rounds after; the others go on, so one failure does not cost a GPU run the remaining networks.
 
 On a GPU (``device="cuda"``), `GPU_SETTINGS` apply: batches of 4 and hof's phases shortened, so the
-whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU).
+whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU). There ``parallel``
+(`train_in_parallel`) trains the networks side by side, each in a process of its own for the whole time: one
+small network leaves a GPU mostly idle (2026-11-30, one H200, seven such processes: 0.11-0.43 s per iteration each).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -25,7 +29,7 @@ from typing import Any
 
 from ..errors import InputError
 from . import make_trainer
-from .loop import fit
+from .loop import fit, log_dir
 
 # (network, its fixed settings, share of each round's time)
 SCHEDULE: tuple[tuple[str, dict[str, Any], float], ...] = (
@@ -61,9 +65,11 @@ def train_all(
     only: list[str] | None = None,
     options: dict[str, Any] | None = None,
     log: Any = sys.stderr,
+    parallel: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every network (`SCHEDULE`, or the entries whose label starts with one of ``only``) for ``minutes``
-    in rounds of ``round_minutes`` (default: one round); returns each slice's summary."""
+    in rounds of ``round_minutes`` (default: one round); returns each slice's summary. ``parallel``: each network
+    in a process of its own for the whole ``minutes`` (`train_in_parallel`)."""
     if not minutes > 0:
         raise InputError(f"--minutes must be positive; got {minutes}")
     round_minutes = float(round_minutes or minutes)
@@ -72,6 +78,8 @@ def train_all(
     schedule = [e for e in SCHEDULE if not only or any(label(e[0], e[1]).startswith(o) for o in only)]
     if not schedule:
         raise InputError(f"no network matches {only}; the networks are {[label(n, s) for n, s, _ in SCHEDULE]}")
+    if parallel:
+        return train_in_parallel(schedule, minutes, device, round_minutes, output, threads, seed, options, log)
     total_share = sum(share for _, _, share in schedule)
     deadline = time.monotonic() + 60.0 * minutes
     summaries: list[dict[str, Any]] = []
@@ -107,24 +115,70 @@ def train_all(
     return summaries
 
 
+def train_in_parallel(
+    schedule: list[tuple[str, dict[str, Any], float]], minutes: float, device: str, round_minutes: float,
+    output: str | None, threads: int | None, seed: int, options: dict[str, Any] | None, log: Any,
+) -> list[dict[str, Any]]:
+    """The networks of ``schedule`` each in a `train_all` process of its own for all of ``minutes`` (tto's teacher and
+    student in one, in turn), side by side: on a GPU, which one small network leaves mostly idle, every network
+    trains for the whole time rather than its share of it. They share the output folder (the manifest is written
+    under a lock); each process's log is ``<logs>/train_all_<network>.log``; ``threads`` each (default: the cores
+    shared out). Returns every process's summaries; one that ends without them counts as that network's failure."""
+    networks: dict[str, list[str]] = {}
+    for name, settings, _ in schedule:
+        networks.setdefault(name, []).append(label(name, settings))
+    logs = log_dir(output)
+    logs.mkdir(parents=True, exist_ok=True)
+    per_process = threads or max(1, (os.cpu_count() or 1) // len(networks))
+    running = []
+    for name, labels in networks.items():
+        command = [
+            sys.executable, "-m", __package__, "all", "--minutes", str(minutes), "--round-minutes", str(round_minutes),
+            "--device", device, "--seed", str(seed), "--threads", str(per_process),
+            *[a for item in labels for a in ("--only", item)],
+            *(["--output", output] if output else []),
+            *[a for key, value in (options or {}).items() for a in ("--option", f"{key}={json.dumps(value)}")],
+        ]
+        path = logs / f"train_all_{name}.log"
+        with open(path, "w") as handle:
+            running.append((name, path, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, text=True)))
+        print(f"== {name}: a process of its own, log {path}", file=log, flush=True)
+    summaries: list[dict[str, Any]] = []
+    for name, path, process in running:
+        out, _ = process.communicate()
+        try:
+            summaries += json.loads(out)
+        except ValueError:
+            summaries.append({"name": name, "error": f"its process ended (exit {process.returncode}) without a summary; see {path}"})
+        print(f"== {name}: done (exit {process.returncode})", file=log, flush=True)
+    return summaries
+
+
 def failures(summaries: list[dict[str, Any]]) -> list[str]:
     """``"<network>: <error>"`` for each slice of `train_all`'s summaries that failed."""
     return [f"{s['name']}: {s['error']}" for s in summaries if "error" in s]
 
 
 def archive(folder: Path, path: Path) -> Path:
-    """The weights, manifest, curves and log of a run's ``folder`` (not its checkpoints) as one tar file."""
+    """The weights, manifest and curves of a run's ``folder`` and its processes' logs (``logs/*.log``; not its
+    checkpoints) as one tar file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for item in sorted(folder.iterdir()):
             if item.is_file():
                 tar.add(item, arcname=item.name)
+        for item in sorted((folder / "logs").glob("*.log")):
+            tar.add(item, arcname=f"logs/{item.name}")
     return path
 
 
-def adopt(folder: Path, target: Path | None = None) -> list[str]:
+def adopt(folder: Path, target: Path | None = None, device: str = "cpu", log: Any = sys.stderr) -> list[str]:
     """Copy the weights of another run's ``folder`` (a GPU run's output) into ``target`` (default the shipped
-    weights) where their validation score beats the shipped one's; their curves come along. Returns the names."""
+    weights) where they validate better than the weights there. Both are scored here, on ``device``, by one trainer
+    made with the run's own settings, so on one held-apart set: the scores the two manifests record may come from
+    other sets (another device's draw before `loop.held_apart_generator`, a validation changed since). The adopted
+    weights' provenance holds this validation (``validation``; the run's own in ``validation_in_run``) and the
+    weights they replaced with their score; their curves come along. Returns the names."""
     import shutil
 
     from ..weights import read_manifest, record_weights, sha256_of, weights_dir
@@ -133,15 +187,44 @@ def adopt(folder: Path, target: Path | None = None) -> list[str]:
     theirs, ours = read_manifest(folder), read_manifest(target)
     adopted = []
     for name, entry in theirs.items():
-        score = entry.get("provenance", {}).get("validation", {}).get("score")
-        mine = ours.get(name, {}).get("provenance", {}).get("validation", {}).get("score")
-        if score is None or (mine is not None and mine >= score):
-            continue
+        if not (folder / entry["file"]).is_file() or entry["sha256"] == ours.get(name, {}).get("sha256"):
+            continue  # listed but not in the folder (an archive of the run's new files), or the weights there already
         if sha256_of(folder / entry["file"]) != entry["sha256"]:
             raise InputError(f"{folder / entry['file']} does not match its checksum in {folder / 'manifest.json'}")
+        provenance = entry.get("provenance", {})
+        trainer = _validating_trainer(provenance, folder, device)
+        score = _validation(trainer, name, folder)
+        mine = _validation(trainer, name, target) if name in ours else None
+        verdict = "adopted" if mine is None or score["score"] > mine["score"] else "kept the weights there"
+        print(f"{name}: run {score['score']:.4f}, {target} {'-' if mine is None else format(mine['score'], '.4f')}: {verdict}", file=log, flush=True)
+        if verdict != "adopted":
+            continue
         for suffix in (".pt", "_loss.csv", "_validation.csv", "_training.png"):
             if (folder / f"{name}{suffix}").is_file():
                 shutil.copy2(folder / f"{name}{suffix}", target / f"{name}{suffix}")
-        record_weights(name, target / entry["file"], entry["provenance"])
+        replaced = None if mine is None else {"sha256": ours[name]["sha256"], "score": mine["score"]}
+        record_weights(name, target / entry["file"], {
+            **provenance, "validation": {"iteration": provenance.get("iterations"), **score},
+            "validation_in_run": provenance.get("validation"), "replaced_weights": replaced,
+        })
         adopted.append(name)
     return adopted
+
+
+def _validating_trainer(provenance: dict[str, Any], folder: Path, device: str) -> Any:
+    """The trainer of the run that wrote weights with ``provenance`` (its method and settings), on ``device``."""
+    config = {k: v for k, v in provenance.get("config", {}).items() if k not in ("resume", "warm_start", "threads", "workers")}
+    return make_trainer(provenance["method"], {**config, "device": device, "output": str(folder), "iterations": 1})
+
+
+def _validation(trainer: Any, name: str, folder: Path) -> dict[str, float]:
+    """``trainer``'s validation scores of the weights called ``name`` in ``folder``."""
+    import torch
+
+    from ..weights import fit_state, load_weights
+
+    fit_state(trainer.net, load_weights(name, folder)[0], name)
+    for module in trainer.modules().values():
+        module.eval()
+    with torch.no_grad():
+        return {k: round(float(v), 5) for k, v in trainer.validate().items()}

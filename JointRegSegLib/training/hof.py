@@ -114,7 +114,7 @@ from .augment import deform_labels, render_t1
 from .common import config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities, with_real_pair
 from .gra import MODES as GRA_MODES
 from .gra import hypergradient
-from .loop import CommonConfig, Trainer, checkpoint_dir, fast_layout
+from .loop import CommonConfig, Trainer, checkpoint_dir, fast_layout, held_apart_generator
 from .prealign import align_maps, align_scans
 
 PHASES = ("pretrain", "registration", "segmentation", "refine")
@@ -340,12 +340,12 @@ class HOFTrainer(Trainer):
         self.leader_opt = torch.optim.Adam(self.w_pretrain, lr=cfg.alpha)
         self.follower_opt = torch.optim.Adam(self.net.segmentation.parameters(), lr=cfg.lr_follower)
         held = list(HELD_APART)
-        generator = torch.Generator(device=self.device).manual_seed(10**6)
-        self.validation = fast_layout(render_t1(self.maps[held], generator), self.device)
+        generator = held_apart_generator()
+        self.validation = fast_layout(render_t1(self.maps[held].cpu(), generator), self.device)
         self.validation_classes = self.lookup[self.maps[held]]
         self.posed, self.posed_classes = self.validation, self.validation_classes
         if cfg.prealign:  # the segmentation is scored on the held-apart images each in a pose of its own
-            pose = affine_to_displacement(random_affine_matrices(shape, generator, len(held), self._pose_ranges()), shape)
+            pose = affine_to_displacement(random_affine_matrices(shape, generator, len(held), self._pose_ranges()), shape).to(self.device)
             self.posed = fast_layout(warp(self.validation, pose), self.device)
             self.posed_classes = warp(self.validation_classes.float(), pose, mode="nearest").round().long()
         if cfg.run != "full":

@@ -6,13 +6,15 @@ A network's training module supplies a `Trainer` (its data, its optimisation ste
 - **resume**: a checkpoint (networks, optimisers, iteration, wall time, best validation score and the
   trainer's own state) in ``<checkpoints>/<name>.pt`` is written at every validation and at the end,
   so a killed run loses at most one validation interval and a later call continues where it stopped.
-  Where the checkpoint is lost (a fresh clone, another machine), ``warm_start`` continues from the shipped
-  weights instead: their networks, iteration count, wall time and curves, with fresh optimisers.
+  Where the checkpoint is lost (a fresh clone, another machine), ``warm_start`` continues from the weights in
+  the output folder, or from the shipped ones where it has none (a GPU run's own folder) instead: their networks,
+  iteration count, wall time and curves, with fresh optimisers; the run writes weights only where they beat them.
   Iteration ``n`` draws its data from generators seeded with ``(seed, n)``, so a resumed run sees the
   data an uninterrupted one would have seen;
 - **time**: ``time_limit`` seconds of this call and/or ``iterations`` in total, whichever ends first;
 - **validation**: a fixed, held-apart set (`Trainer.validate`: synthetic pairs from label maps never
-  trained on, and the real OASIS scans; never augmented, same seeds at every call) every
+  trained on, and the real OASIS scans; never augmented, same seeds at every call, drawn on the CPU on any
+  device, `held_apart_generator`) every
   ``validate_every`` seconds and at the end. Its ``score`` (higher is better) decides:
 - **weights**: ``<output>/<name>.pt`` (the shipped state dict, loaded with ``weights_only=True``) and its
   manifest entry (SHA-256 and provenance: data, command, iterations, seed, device, validation scores)
@@ -153,6 +155,12 @@ class Trainer:
         return torch.Generator(device=self.device).manual_seed(int(self.cfg.seed) * 1000003 + int(n) * 7 + int(stream))
 
 
+def held_apart_generator(seed: int = 10**6) -> torch.Generator:
+    """The generator a validation set is drawn with: on the CPU whatever the training device (`fast_layout` moves
+    the set there), so a GPU run validates on the very pairs a CPU run does and their scores compare."""
+    return torch.Generator().manual_seed(seed)
+
+
 def command_line() -> str:
     """This process's command as a user would type it again (``python -m JointRegSegLib.training ...`` rather
     than the path of ``__main__.py``)."""
@@ -167,12 +175,13 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 
 def fast_layout(value: Any, device: torch.device) -> Any:
-    """``value`` (a network, a 5D tensor, or a dict / list of them) in `memory_format` on ``device``;
-    other values unchanged."""
+    """``value`` (a network, a tensor, or a dict / list of them) on ``device``, 5D floating-point tensors and the
+    network in `memory_format`; other values unchanged."""
     layout = memory_format(device)
     if isinstance(value, torch.nn.Module):
-        return value.to(memory_format=layout)
+        return value.to(device=device, memory_format=layout)
     if isinstance(value, torch.Tensor):
+        value = value.to(device)
         return value.contiguous(memory_format=layout) if value.ndim == 5 and value.is_floating_point() else value
     if isinstance(value, dict):
         return {k: fast_layout(v, device) for k, v in value.items()}
@@ -315,18 +324,22 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
         validation = [r for r in read_history(validation_csv) or read_history(folder / curves[1]) if r["iteration"] <= iteration]
     else:
         history, validation = [], []
-        score, checksum, shipped = _shipped(trainer, folder)
+        source = folder
+        score, checksum, shipped = _shipped(trainer, source)
+        if cfg.warm_start and shipped is None and folder.resolve() != weights_dir().resolve():
+            source = weights_dir()  # an output folder of its own (a GPU run's): it continues the shipped weights
+            score, checksum, shipped = _shipped(trainer, source)
         if score is not None:
             best, replaced = score, {"sha256": checksum, "score": score}
         if cfg.warm_start:
             if shipped is None:
                 raise InputError(
-                    f"warm_start continues from the shipped {trainer.name} weights in {folder}, but there are none that "
-                    "fit the network: train without warm_start"
+                    f"warm_start continues from the {trainer.name} weights in {folder} or, where they are not, the shipped "
+                    f"ones in {weights_dir()}, but there are none that fit the network: train without warm_start"
                 )
-            iteration, wall_before = _warm_start(trainer, folder, shipped)
-            history = [r for r in read_history(folder / curves[0]) if r["iteration"] <= iteration]
-            validation = [r for r in read_history(folder / curves[1]) if r["iteration"] <= iteration]
+            iteration, wall_before = _warm_start(trainer, source, shipped)
+            history = [r for r in read_history(source / curves[0]) if r["iteration"] <= iteration]
+            validation = [r for r in read_history(source / curves[1]) if r["iteration"] <= iteration]
 
     run_start = time.perf_counter()
     deadline = None if cfg.time_limit is None else run_start + cfg.time_limit

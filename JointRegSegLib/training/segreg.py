@@ -60,7 +60,7 @@ from ..synth import DeformationOptions, render_image
 from . import bank
 from .augment import deform_labels
 from .common import as_shape, config_from_dict, run_device
-from .loop import CommonConfig, Trainer, fast_layout
+from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
 
 TRAIN_MAPS = 16
 VALIDATION_REGIONS = 8
@@ -138,10 +138,9 @@ class SegRegTrainer(Trainer):
     def optimisers(self) -> dict[str, torch.optim.Optimizer]:
         return {"adam": self.optimiser}
 
-    def _pair(self, index: int, seed: int) -> dict[str, Any]:
-        """Map ``index`` deformed twice, rendered, skull-stripped, with its region plan."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        labels = self.maps[[index, index]]
+    def _pair(self, index: int, generator: torch.Generator) -> dict[str, Any]:
+        """Map ``index`` deformed twice, rendered, skull-stripped, with its region plan (on ``generator``'s device)."""
+        labels = self.maps[[index, index]].to(generator.device)
         fixed_labels = deform_labels(labels[:1], generator, self.deformation)
         moving_labels = deform_labels(labels[1:], generator, self.deformation)
         fixed = render_image(fixed_labels, generator) * (fixed_labels > 0)
@@ -151,8 +150,8 @@ class SegRegTrainer(Trainer):
         present = [r for r in range(1, plan.count) if sizes[r] and (plan.moving == r).any()]
         return {
             "fixed": fixed, "moving": moving, "plan": plan, "regions": present, "sizes": sizes,
-            "fixed_regions": torch.from_numpy(plan.fixed.astype(np.int64)).to(self.device),
-            "moving_regions": torch.from_numpy(plan.moving.astype(np.int64)).to(self.device),
+            "fixed_regions": torch.from_numpy(plan.fixed.astype(np.int64)).to(generator.device),
+            "moving_regions": torch.from_numpy(plan.moving.astype(np.int64)).to(generator.device),
         }
 
     def _crops(self, pair: dict[str, Any], regions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +171,7 @@ class SegRegTrainer(Trainer):
         held = range(TRAIN_MAPS, len(self.maps))
         crops = []
         for k, index in enumerate(held):
-            pair = self._pair(index, 10**6 + k)
+            pair = self._pair(index, held_apart_generator(10**6 + k))
             plan = pair["plan"]
             small = [r for r in pair["regions"] if max(region_crop(plan.fixed == r, plan.moving == r).shape()) <= VALIDATION_CROP]
             largest = sorted(small, key=lambda r: -pair["sizes"][r])[:VALIDATION_REGIONS]
@@ -185,7 +184,7 @@ class SegRegTrainer(Trainer):
         if self.current is None or self.current[0] != pair_index:
             pick = torch.Generator().manual_seed(cfg.seed * 1000003 + pair_index)
             index = int(torch.randint(TRAIN_MAPS, (), generator=pick))
-            self.current = (pair_index, self._pair(index, cfg.seed * 1000003 + pair_index + 500009))
+            self.current = (pair_index, self._pair(index, torch.Generator(device=self.device).manual_seed(cfg.seed * 1000003 + pair_index + 500009)))
         pair = self.current[1]
         pick = torch.Generator().manual_seed(cfg.seed * 1000003 + n + 700001)
         regions = [pair["regions"][int(i)] for i in torch.randint(len(pair["regions"]), (cfg.batch_size,), generator=pick)]

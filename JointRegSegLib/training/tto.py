@@ -55,7 +55,7 @@ from ..weights import load_into, weights_dir
 from . import bank
 from .augment import deform_labels
 from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats
-from .loop import CommonConfig, Trainer, fast_layout
+from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
 
 STAGES = ("teacher", "student")
 MAP_SHAPE = (80, 96, 112)
@@ -149,9 +149,9 @@ class TTOTrainer(Trainer):
         }
 
     def _validation_pairs(self) -> dict[str, torch.Tensor]:
-        generator = torch.Generator(device=self.device).manual_seed(10**6)
+        generator = held_apart_generator()
         if "brain" in self.maps:
-            labels = self.maps["brain"][TRAIN_MAPS:]
+            labels = self.maps["brain"][TRAIN_MAPS:].cpu()
         else:
             labels = smooth_noise_labelmap(self.cfg.shape, NOISE_LABELS, generator, 4)
         return self._pairs(labels, generator)

@@ -54,7 +54,7 @@ from ..synth import AffineRanges, DeformationOptions
 from . import bank
 from .augment import deform_labels, render_random, render_t1
 from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities, with_real_pair
-from .loop import CommonConfig, Trainer, fast_layout
+from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
 
 TRAIN_MAPS = 16
 OASIS = ("oasis_unlabelled/OASIS_0001_0000.nii.gz", "oasis_unlabelled/OASIS_0075_0000.nii.gz")
@@ -134,7 +134,7 @@ class UReSNetTrainer(Trainer):
             max_std=cfg.max_std, factor=2, affine=AffineRanges(rotation, scale, shear, translation)
         )
         held = list(range(TRAIN_MAPS, len(self.maps)))
-        validation = self.pair(held, held[1:] + held[:1], 10**6, t1_like=True, deformations=VALIDATION_DEFORMATIONS)
+        validation = self.pair(held, held[1:] + held[:1], held_apart_generator(), t1_like=True, deformations=VALIDATION_DEFORMATIONS)
         self.validation = fast_layout(validation, self.device)
         oasis = torch.stack([torch.from_numpy(bank.real_scan(p, cfg.spacing, cfg.shape)) for p in OASIS])[:, None]
         self.oasis = fast_layout(oasis.to(self.device), self.device)
@@ -144,21 +144,20 @@ class UReSNetTrainer(Trainer):
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
         """FreeSurfer codes -> U-ReSNet class indices (`methods.uresnet.CLASSES`)."""
-        return self.lookup[labels.clamp(0, len(self.lookup) - 1)]
+        return self.lookup.to(labels.device)[labels.clamp(0, len(self.lookup) - 1)]
 
     def pair(
-        self, moving_maps: list[int], fixed_maps: list[int], seed: int, t1_like: bool | None = None,
+        self, moving_maps: list[int], fixed_maps: list[int], generator: torch.Generator, t1_like: bool | None = None,
         deformations: tuple[DeformationOptions, DeformationOptions] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pairs of maps ``moving_maps[k] -> fixed_maps[k]``, deformed and rendered (module docstring); ``deformations``:
-        the fixed and the moving maps' (default the run's)."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        the fixed and the moving maps' (default the run's); on ``generator``'s device."""
         fixed, moving = deformations or (self.fixed_deformation, self.moving_deformation)
-        fixed_labels = deform_labels(self.maps[fixed_maps], generator, fixed)
-        moving_labels = deform_labels(self.maps[moving_maps], generator, moving)
+        fixed_labels = deform_labels(self.maps[fixed_maps].to(generator.device), generator, fixed)
+        moving_labels = deform_labels(self.maps[moving_maps].to(generator.device), generator, moving)
         both = torch.stack([moving_labels, fixed_labels], dim=1).flatten(0, 1)  # moving_k, fixed_k interleaved
         if t1_like is None:
-            t1_like = float(torch.rand((), generator=generator, device=self.device)) < self.cfg.t1_like
+            t1_like = float(torch.rand((), generator=generator, device=generator.device)) < self.cfg.t1_like
         images = render_t1(both, generator, pairs=True) if t1_like else render_random(both, generator, pairs=True, background_zero=True)
         return {
             "moving": images[0::2], "fixed": images[1::2],
@@ -173,7 +172,7 @@ class UReSNetTrainer(Trainer):
             if float(torch.rand((), generator=generator)) < self.cfg.other_subject else a
             for a in moving
         ]
-        return self.pair(moving, fixed, self.cfg.seed * 1000003 + n + 500009)
+        return self.pair(moving, fixed, torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1000003 + n + 500009))
 
     def step(self, batch: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         for group in self.optimiser.param_groups:
