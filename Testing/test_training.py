@@ -12,7 +12,6 @@ import csv
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.methods.tto import build_network
 from JointRegSegLib.training import make_trainer
-from JointRegSegLib.training.all import adopt, archive, failures, train_all
+from JointRegSegLib.training.all import adopt, failures, train_all
 from JointRegSegLib.training.common import with_real_pair
 from JointRegSegLib.training.loop import CommonConfig, Trainer, fit
 from JointRegSegLib.weights import load_into, load_weights, read_manifest, record_weights
@@ -223,25 +222,11 @@ def test_adopt_scores_both_weights_on_one_set_not_by_their_records(tmp_path):
     _recorded(run, shifted, 1.0)
     assert adopt(run, target, log=open("/dev/null", "w")) == []
     assert load_weights("tto_teacher", folder=target)[1] == read_manifest(target)["tto_teacher"]["sha256"]
+    _recorded(target, {"head.bias": torch.zeros(5)}, 1.0)  # weights of another architecture: replaced
+    assert adopt(run, target, log=open("/dev/null", "w")) == ["tto_teacher"]
+    assert read_manifest(target)["tto_teacher"]["provenance"]["replaced_weights"]["score"] is None
 
 
-def test_train_all_in_parallel_gives_each_network_the_whole_time(tmp_path):
-    """``parallel``: one process per network, each with all of the minutes (not its share of a round), each with its
-    log; a network that fails there is reported as in `train_all`'s own rounds, the others train on."""
-    out = tmp_path / "run"
-    summaries = train_all(0.5, only=["uresnet", "tto teacher"], output=str(out), options={**NOISE, "log_every": 1},
-                          parallel=True, log=open("/dev/null", "w"))
-    assert sorted(s["name"] for s in summaries) == ["tto_teacher", "uresnet"]
-    by_name = {s["name"]: s for s in summaries}
-    assert "sources" in by_name["uresnet"]["error"] and by_name["tto_teacher"]["iterations"] >= 1
-    tto_log = (out / "logs" / "train_all_tto.log").read_text()
-    assert "== tto teacher: 0.5 minutes (100% of the round)" in tto_log and "tto student" not in tto_log
-    assert "Traceback" in (out / "logs" / "train_all_uresnet.log").read_text()
-    assert (out / "tto_teacher.pt").is_file() and not (out / "uresnet.pt").exists()
-    with tarfile.open(archive(out, tmp_path / "run.tar")) as tar:  # what a GPU machine sends back
-        names = set(tar.getnames())
-    assert {"tto_teacher.pt", "manifest.json", "logs/train_all_tto.log", "logs/train_all_uresnet.log"} <= names
-    assert not any(name.startswith("checkpoints") for name in names)
 def test_cli_train_needs_a_budget_and_names_the_networks(tmp_path):
     from JointRegSegLib.cli import main
 

@@ -10,16 +10,14 @@ GPU's memory, data it cannot find) is reported in the log and in its summary (``
 the rounds after; the others go on, so one failure does not cost a GPU run the remaining networks.
 
 On a GPU (``device="cuda"``), `GPU_SETTINGS` apply: batches of 4 and hof's phases shortened, so the
-whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU). There ``parallel``
-(`train_in_parallel`) trains the networks side by side, each in a process of its own for the whole time: one
-small network leaves a GPU mostly idle (2026-11-30, one H200, seven such processes: 0.11-0.43 s per iteration each).
+whole schedule fits in minutes (the prepared run of the README: 8 minutes on one GPU). The networks train in
+turn there too: on one H200 (2026-11-30) seven training processes side by side took turns on the GPU and made
+about as many iterations together as one alone (docs/results/gpu_training.md).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -27,9 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 from . import make_trainer
-from .loop import fit, log_dir
+from .loop import fit
 
 # (network, its fixed settings, share of each round's time)
 SCHEDULE: tuple[tuple[str, dict[str, Any], float], ...] = (
@@ -65,11 +63,9 @@ def train_all(
     only: list[str] | None = None,
     options: dict[str, Any] | None = None,
     log: Any = sys.stderr,
-    parallel: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every network (`SCHEDULE`, or the entries whose label starts with one of ``only``) for ``minutes``
-    in rounds of ``round_minutes`` (default: one round); returns each slice's summary. ``parallel``: each network
-    in a process of its own for the whole ``minutes`` (`train_in_parallel`)."""
+    in rounds of ``round_minutes`` (default: one round); returns each slice's summary."""
     if not minutes > 0:
         raise InputError(f"--minutes must be positive; got {minutes}")
     round_minutes = float(round_minutes or minutes)
@@ -78,8 +74,6 @@ def train_all(
     schedule = [e for e in SCHEDULE if not only or any(label(e[0], e[1]).startswith(o) for o in only)]
     if not schedule:
         raise InputError(f"no network matches {only}; the networks are {[label(n, s) for n, s, _ in SCHEDULE]}")
-    if parallel:
-        return train_in_parallel(schedule, minutes, device, round_minutes, output, threads, seed, options, log)
     total_share = sum(share for _, _, share in schedule)
     deadline = time.monotonic() + 60.0 * minutes
     summaries: list[dict[str, Any]] = []
@@ -115,60 +109,18 @@ def train_all(
     return summaries
 
 
-def train_in_parallel(
-    schedule: list[tuple[str, dict[str, Any], float]], minutes: float, device: str, round_minutes: float,
-    output: str | None, threads: int | None, seed: int, options: dict[str, Any] | None, log: Any,
-) -> list[dict[str, Any]]:
-    """The networks of ``schedule`` each in a `train_all` process of its own for all of ``minutes`` (tto's teacher and
-    student in one, in turn), side by side: on a GPU, which one small network leaves mostly idle, every network
-    trains for the whole time rather than its share of it. They share the output folder (the manifest is written
-    under a lock); each process's log is ``<logs>/train_all_<network>.log``; ``threads`` each (default: the cores
-    shared out). Returns every process's summaries; one that ends without them counts as that network's failure."""
-    networks: dict[str, list[str]] = {}
-    for name, settings, _ in schedule:
-        networks.setdefault(name, []).append(label(name, settings))
-    logs = log_dir(output)
-    logs.mkdir(parents=True, exist_ok=True)
-    per_process = threads or max(1, (os.cpu_count() or 1) // len(networks))
-    running = []
-    for name, labels in networks.items():
-        command = [
-            sys.executable, "-m", __package__, "all", "--minutes", str(minutes), "--round-minutes", str(round_minutes),
-            "--device", device, "--seed", str(seed), "--threads", str(per_process),
-            *[a for item in labels for a in ("--only", item)],
-            *(["--output", output] if output else []),
-            *[a for key, value in (options or {}).items() for a in ("--option", f"{key}={json.dumps(value)}")],
-        ]
-        path = logs / f"train_all_{name}.log"
-        with open(path, "w") as handle:
-            running.append((name, path, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, text=True)))
-        print(f"== {name}: a process of its own, log {path}", file=log, flush=True)
-    summaries: list[dict[str, Any]] = []
-    for name, path, process in running:
-        out, _ = process.communicate()
-        try:
-            summaries += json.loads(out)
-        except ValueError:
-            summaries.append({"name": name, "error": f"its process ended (exit {process.returncode}) without a summary; see {path}"})
-        print(f"== {name}: done (exit {process.returncode})", file=log, flush=True)
-    return summaries
-
-
 def failures(summaries: list[dict[str, Any]]) -> list[str]:
     """``"<network>: <error>"`` for each slice of `train_all`'s summaries that failed."""
     return [f"{s['name']}: {s['error']}" for s in summaries if "error" in s]
 
 
 def archive(folder: Path, path: Path) -> Path:
-    """The weights, manifest and curves of a run's ``folder`` and its processes' logs (``logs/*.log``; not its
-    checkpoints) as one tar file."""
+    """The weights, manifest, curves and log of a run's ``folder`` (not its checkpoints) as one tar file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for item in sorted(folder.iterdir()):
             if item.is_file():
                 tar.add(item, arcname=item.name)
-        for item in sorted((folder / "logs").glob("*.log")):
-            tar.add(item, arcname=f"logs/{item.name}")
     return path
 
 
@@ -194,7 +146,9 @@ def adopt(folder: Path, target: Path | None = None, device: str = "cpu", log: An
         provenance = entry.get("provenance", {})
         trainer = _validating_trainer(provenance, folder, device)
         score = _validation(trainer, name, folder)
-        mine = _validation(trainer, name, target) if name in ours else None
+        if score is None:
+            raise InputError(f"{folder / entry['file']} does not fit the {provenance['method']} network it was trained as")
+        mine = _validation(trainer, name, target) if name in ours else None  # None: none there, or none that fit
         verdict = "adopted" if mine is None or score["score"] > mine["score"] else "kept the weights there"
         print(f"{name}: run {score['score']:.4f}, {target} {'-' if mine is None else format(mine['score'], '.4f')}: {verdict}", file=log, flush=True)
         if verdict != "adopted":
@@ -202,7 +156,7 @@ def adopt(folder: Path, target: Path | None = None, device: str = "cpu", log: An
         for suffix in (".pt", "_loss.csv", "_validation.csv", "_training.png"):
             if (folder / f"{name}{suffix}").is_file():
                 shutil.copy2(folder / f"{name}{suffix}", target / f"{name}{suffix}")
-        replaced = None if mine is None else {"sha256": ours[name]["sha256"], "score": mine["score"]}
+        replaced = {"sha256": ours[name]["sha256"], "score": mine and mine["score"]} if name in ours else None
         record_weights(name, target / entry["file"], {
             **provenance, "validation": {"iteration": provenance.get("iterations"), **score},
             "validation_in_run": provenance.get("validation"), "replaced_weights": replaced,
@@ -217,13 +171,17 @@ def _validating_trainer(provenance: dict[str, Any], folder: Path, device: str) -
     return make_trainer(provenance["method"], {**config, "device": device, "output": str(folder), "iterations": 1})
 
 
-def _validation(trainer: Any, name: str, folder: Path) -> dict[str, float]:
-    """``trainer``'s validation scores of the weights called ``name`` in ``folder``."""
+def _validation(trainer: Any, name: str, folder: Path) -> dict[str, float] | None:
+    """``trainer``'s validation scores of the weights called ``name`` in ``folder``; None where they do not fit its
+    network (another architecture)."""
     import torch
 
     from ..weights import fit_state, load_weights
 
-    fit_state(trainer.net, load_weights(name, folder)[0], name)
+    try:
+        fit_state(trainer.net, load_weights(name, folder)[0], name)
+    except WeightsError:
+        return None
     for module in trainer.modules().values():
         module.eval()
     with torch.no_grad():

@@ -38,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--output", help="folder for weights, manifest and curves (default Resources/weights)")
     parser.add_argument("--archive", type=Path, help="all: also pack the output folder's files into this tar")
-    parser.add_argument("--parallel", action="store_true",
-                        help="all: every network in a process of its own for the whole --minutes (a GPU: it trains them side by side)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes making the batches (CPU)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="training setting (JSON value), repeatable")
 
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
             raise InputError("train all needs --minutes (the time for every network together)")
         summaries = train_all(
             args.minutes, args.device, args.round_minutes, args.output, args.threads, args.seed, args.only,
-            {**options, "workers": args.workers}, parallel=args.parallel,
+            {**options, "workers": args.workers},
         )
         if args.archive is not None:
             from ..weights import weights_dir
