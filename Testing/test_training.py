@@ -282,3 +282,21 @@ def test_uresnet_validation_is_the_same_whatever_the_run_settings(shared_data_di
             scores = trainer.validate()
         for key in ("reg_dice", "identity_dice", "seg_dice"):
             assert scores[key] == pytest.approx(shipped[key], abs=1e-4), (settings, key)
+
+
+def test_tto_logs_its_gradient_norm_and_clips_it_where_asked(tmp_path):
+    """``grad_norm`` is the gradient's norm before any clipping (a blow-up shows in it first); ``clip_norm`` scales the
+    gradient down to that norm before Adam's step (the tto teacher's field blew up without: gpu_training.md)."""
+    config = {**NOISE, "stage": "teacher", "iterations": 1, "output": str(tmp_path)}
+
+    def gradient_norm(trainer: Any) -> float:
+        return float(torch.stack([p.grad.norm() for p in trainer.net.parameters() if p.grad is not None]).norm())
+
+    free = make_trainer("tto", config)
+    terms = free.step(free.batch(0), 0)
+    assert terms["grad_norm"] > 1e-3 and gradient_norm(free) == pytest.approx(terms["grad_norm"], rel=1e-4)
+    clipped = make_trainer("tto", {**config, "clip_norm": 1e-3})
+    terms = clipped.step(clipped.batch(0), 0)
+    assert terms["grad_norm"] > 1e-3 and gradient_norm(clipped) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(InputError, match="clip_norm"):
+        make_trainer("tto", {**config, "clip_norm": 0})

@@ -284,7 +284,7 @@ class JERSTrainer(Trainer):
     def _held_apart(self, held: list[int], stripped: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The held-apart maps ``held`` posed and rendered with validation's fixed seed (skull-stripped with
         probability ``stripped``): images, labels and tissue classes (0 background, 1 CSF, 2 GM, 3 WM)."""
-        labels, images = synthetic_heads(self.maps.cpu(), held, 10**6, stripped)  # drawn on the CPU: `held_apart_generator`
+        labels, images = synthetic_heads(self.maps.cpu(), held, 10**6, stripped)  # on the CPU, as every validation set
         tissue = np.searchsorted((0, *TISSUE_LABELS), tissue_of(labels.numpy()))
         return fast_layout(images, self.device), labels.to(self.device), torch.from_numpy(tissue).to(self.device)
 

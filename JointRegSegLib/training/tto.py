@@ -37,6 +37,7 @@ are smooth-noise maps with other seeds (the tests use this).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class TrainConfig(CommonConfig):
     mi_stride: int = 2
     sources: dict[str, float] = field(default_factory=lambda: {"brain": 0.7, "head": 0.15, "noise": 0.15})
     max_std: float = 3.0
+    clip_norm: float | None = None  # the gradient's norm is clipped to this (None: not clipped; the paper says nothing)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
@@ -97,6 +99,8 @@ class TrainConfig(CommonConfig):
                 raise InputError(f"tto training setting '{key}' must be a positive integer; got {getattr(c, key)!r}")
             setattr(c, key, int(getattr(c, key)))
         set_floats(c, ("spacing", "max_std"))
+        if c.clip_norm is not None:
+            set_floats(c, ("clip_norm",))
         set_floats(c, ("lambda_smooth", "lambda_dist", "lambda_sim"), positive=False)
         if not isinstance(c.sources, dict) or set(c.sources) - {"brain", "head", "noise"} or sum(c.sources.values()) <= 0:
             raise InputError(f"'sources' must map some of brain, head, noise to probabilities; got {c.sources!r}")
@@ -190,8 +194,9 @@ class TTOTrainer(Trainer):
             loss = cfg.lambda_dist * distillation + cfg.lambda_sim * similarity + cfg.lambda_smooth * smooth  # L_KD
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf if cfg.clip_norm is None else cfg.clip_norm)
         self.optimiser.step()
-        return {"loss": loss.item(), **terms}
+        return {"loss": loss.item(), **terms, "grad_norm": float(norm)}
 
     def validate(self) -> dict[str, float]:
         v = self.validation
