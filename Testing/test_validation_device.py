@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from JointRegSegLib.training import make_trainer
+from JointRegSegLib.training.loop import validation_scores
 from JointRegSegLib.weights import load_into
 
 NETWORKS = [
@@ -28,10 +29,7 @@ def test_shipped_weights_validate_alike_on_cpu_and_gpu(shared_data_dir, network,
     for device in ("cpu", "cuda"):
         trainer = make_trainer(network, {**settings, "iterations": 1, "device": device})
         load_into(trainer.net, weights)
-        for module in trainer.modules().values():
-            module.eval()
-        with torch.no_grad():
-            scores[device] = trainer.validate()
+        scores[device] = validation_scores(trainer)
     print(weights, {k: (round(scores["cpu"][k], 4), round(scores["cuda"][k], 4)) for k in scores["cpu"]})
     for key, value in scores["cpu"].items():
         if key.startswith("identity_"):

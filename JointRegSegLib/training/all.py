@@ -25,9 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, WeightsError
+from ..errors import InputError
 from . import make_trainer
-from .loop import fit
+from .loop import fit, rounded_scores, validate_weights
 
 # (network, its fixed settings, share of each round's time)
 SCHEDULE: tuple[tuple[str, dict[str, Any], float], ...] = (
@@ -145,10 +145,10 @@ def adopt(folder: Path, target: Path | None = None, device: str = "cpu", log: An
             raise InputError(f"{folder / entry['file']} does not match its checksum in {folder / 'manifest.json'}")
         provenance = entry.get("provenance", {})
         trainer = _validating_trainer(provenance, folder, device)
-        score = _validation(trainer, name, folder)
+        score = rounded_scores(validate_weights(trainer, folder)[0])
         if score is None:
             raise InputError(f"{folder / entry['file']} does not fit the {provenance['method']} network it was trained as")
-        mine = _validation(trainer, name, target) if name in ours else None  # None: none there, or none that fit
+        mine = rounded_scores(validate_weights(trainer, target)[0])  # None: none there, or none that fit
         verdict = "adopted" if mine is None or score["score"] > mine["score"] else "kept the weights there"
         print(f"{name}: run {score['score']:.4f}, {target} {'-' if mine is None else format(mine['score'], '.4f')}: {verdict}", file=log, flush=True)
         if verdict != "adopted":
@@ -170,19 +170,3 @@ def _validating_trainer(provenance: dict[str, Any], folder: Path, device: str) -
     config = {k: v for k, v in provenance.get("config", {}).items() if k not in ("resume", "warm_start", "threads", "workers")}
     return make_trainer(provenance["method"], {**config, "device": device, "output": str(folder), "iterations": 1})
 
-
-def _validation(trainer: Any, name: str, folder: Path) -> dict[str, float] | None:
-    """``trainer``'s validation scores of the weights called ``name`` in ``folder``; None where they do not fit its
-    network (another architecture)."""
-    import torch
-
-    from ..weights import fit_state, load_weights
-
-    try:
-        fit_state(trainer.net, load_weights(name, folder)[0], name)
-    except WeightsError:
-        return None
-    for module in trainer.modules().values():
-        module.eval()
-    with torch.no_grad():
-        return {k: round(float(v), 5) for k, v in trainer.validate().items()}

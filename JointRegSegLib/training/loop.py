@@ -265,17 +265,29 @@ def plot_curves(name: str, history: list[dict[str, Any]], validation: list[dict[
     return save_figure(figure, path)
 
 
-def _shipped(trainer: Trainer, folder: Path) -> tuple[float | None, str | None, dict[str, torch.Tensor] | None]:
-    """Validation score, SHA-256 and state of the weights shipped under the trainer's name (None when there are
-    none, or they do not fit the network); the trainer's network is left as it was."""
+def validation_scores(trainer: Trainer) -> dict[str, float]:
+    """`Trainer.validate` with the trainer's modules in eval mode (left so) and no gradients."""
+    for module in trainer.modules().values():
+        module.eval()
+    with torch.no_grad():
+        return trainer.validate()
+
+
+def rounded_scores(scores: dict[str, float] | None) -> dict[str, float] | None:
+    """Validation scores as they are recorded (5 decimals); None stays None."""
+    return None if scores is None else {k: round(float(v), 5) for k, v in scores.items()}
+
+
+def validate_weights(trainer: Trainer, folder: Path) -> tuple[dict[str, float] | None, str | None, dict[str, torch.Tensor] | None]:
+    """Validation scores, SHA-256 and state of the weights called the trainer's name in ``folder`` (None when there
+    are none, or they do not fit the network); the trainer's network is left as it was."""
     if trainer.name not in read_manifest(folder):
         return None, None, None
     current = copy.deepcopy(trainer.net.state_dict())
     try:
         state, checksum = load_weights(trainer.name, folder)
         fit_state(trainer.net, state, trainer.name)
-        with torch.no_grad():
-            return float(trainer.validate()["score"]), checksum, state
+        return validation_scores(trainer), checksum, state
     except WeightsError:
         return None, None, None
     finally:  # also after a misfit: torch copies the tensors that fit before it raises
@@ -325,12 +337,13 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
     else:
         history, validation = [], []
         source = folder
-        score, checksum, shipped = _shipped(trainer, source)
+        scores, checksum, shipped = validate_weights(trainer, source)
         if cfg.warm_start and shipped is None and folder.resolve() != weights_dir().resolve():
             source = weights_dir()  # an output folder of its own (a GPU run's): it continues the shipped weights
-            score, checksum, shipped = _shipped(trainer, source)
-        if score is not None:
-            best, replaced = score, {"sha256": checksum, "score": score}
+            scores, checksum, shipped = validate_weights(trainer, source)
+        if scores is not None:
+            best = float(scores["score"])
+            replaced = {"sha256": checksum, "score": best}
         if cfg.warm_start:
             if shipped is None:
                 raise InputError(
@@ -358,13 +371,10 @@ def fit(trainer: Trainer, progress: ProgressCallback | None = None, log: Any = s
 
     def validate_and_save() -> dict[str, float]:
         nonlocal best
-        for module in modules.values():
-            module.eval()
-        with torch.no_grad():
-            scores = trainer.validate()
+        scores = validation_scores(trainer)
         for module in modules.values():
             module.train()
-        row = {"iteration": iteration, "wall_s": round(wall(), 1), **{k: round(float(v), 5) for k, v in scores.items()}}
+        row = {"iteration": iteration, "wall_s": round(wall(), 1), **rounded_scores(scores)}
         validation.append(row)
         write_history(history, loss_csv)
         write_history(validation, validation_csv)
