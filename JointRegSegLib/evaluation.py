@@ -30,7 +30,7 @@ import numpy as np
 from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
 from .errors import InputError
 from .imageio.geometry import Volume
-from .imageio.intensity import normalise_intensity
+from .imageio.intensity import intensity_window, normalise_intensity, scale_to_window
 from .imageio.network_grid import resample
 from .labels import EVALUATION_LABELS, is_tissue_map, label_info, tissue_of
 from .methods.base import Inputs, Result
@@ -45,7 +45,7 @@ from .metrics import (
     sdlogj,
 )
 from .metrics.foreground import foreground_mask
-from .metrics.pmm import BINS as PMM_BINS, pmm_map_of_bins
+from .metrics.pmm import BINS as PMM_BINS, PatchGrid
 from .metrics.similarity import MaskedImage, joint_codes, quantise, similarity_scores
 from .timing import Stopwatch
 
@@ -98,6 +98,13 @@ class Evaluation:
             return MaskedImage(normalised, mask)
 
     @cached_property
+    def patches(self) -> PatchGrid:
+        """The PMM's patches over the fixed image's foreground, shared by the maps before and after registration."""
+        mask = self.mask
+        with self.watch.step("evaluation: foreground"):
+            return PatchGrid(mask)
+
+    @cached_property
     def initial(self) -> Volume:
         """The moving image as it lies (identity transform), on the fixed grid."""
         with self.watch.step("evaluation: before registration"):
@@ -116,7 +123,7 @@ class Evaluation:
         """NCC, MI, NMI and PMM mean of the fixed image and the moving image as it lies."""
         reference, initial = self.reference, self.initial
         with self.watch.step("evaluation: before registration"):
-            moving = reference.of(normalise_intensity(initial.array))
+            moving = self._normalised_in_mask(initial.array)
             scores = similarity_scores(reference, moving)
             scores["pmm_mean"] = pmm_mean(self._pmm(moving), self.mask)
             return {f"{key}_initial": value for key, value in scores.items()}
@@ -126,7 +133,8 @@ class Evaluation:
         or under way; `wait_for_numbers_before` joins it. A failure there is raised again where they are asked for."""
         if self._beside is not None or "initial_numbers" in self.__dict__:
             return
-        self.reference  # both threads read it: prepared first
+        self.reference  # both threads read them: prepared first
+        self.patches
 
         def numbers() -> None:
             with suppress(Exception):
@@ -147,13 +155,17 @@ class Evaluation:
         """A registered image's normalised intensities inside the fixed foreground (`MaskedImage.of`),
         kept for the last image asked for (the maps and the metrics of one result share them)."""
         if self._last is None or self._last[0] is not warped.array:
-            self._last = (warped.array, self.reference.of(normalise_intensity(warped.array)))
+            self._last = (warped.array, self._normalised_in_mask(warped.array))
         return self._last[1]
+
+    def _normalised_in_mask(self, array: np.ndarray) -> np.ndarray:
+        """``reference.of(normalise_intensity(array))``, the same numbers, with only the foreground's voxels scaled
+        (the window still from the whole image)."""
+        return scale_to_window(self.reference.of(array), *intensity_window(array)).astype(np.float64)
 
     def _pmm(self, moving: np.ndarray) -> np.ndarray:
         """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``."""
-        reference = self.reference
-        return pmm_map_of_bins(joint_codes(reference.bins(PMM_BINS), quantise(moving, PMM_BINS), PMM_BINS), reference.mask, bins=PMM_BINS)
+        return self.patches.pmm(joint_codes(self.reference.bins(PMM_BINS), quantise(moving, PMM_BINS), PMM_BINS), PMM_BINS)
 
     def check(self, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
         """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.

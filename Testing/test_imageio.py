@@ -134,12 +134,18 @@ def _written_by_simpleitk(volume: Volume, path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("library", ["isal.isal_zlib", "zlib"])
 @pytest.mark.parametrize("size", [0, 5, (1 << 22) - 3, 3 * (1 << 22) + 12345])
-def test_parallel_gzip_is_one_stream_every_reader_reads(size: int) -> None:
+def test_parallel_gzip_is_one_stream_every_reader_reads(size: int, library: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import gzip
     import zlib
 
-    from JointRegSegLib.imageio.gzip_parallel import gzip_parts
+    from JointRegSegLib.imageio import gzip_parallel
+    from JointRegSegLib.imageio.gzip_parallel import deflater, gzip_parts
+
+    if library == "zlib":  # without python-isal installed
+        monkeypatch.setattr(gzip_parallel, "_fast_zlib", None)
+    assert deflater().__name__ == library
 
     rng = np.random.default_rng(size)
     # incompressible (stored) and compressible blocks in one file

@@ -30,7 +30,7 @@ from JointRegSegLib.metrics import (
     pmm_mean,
     sdlogj,
 )
-from JointRegSegLib.metrics.pmm import pmm_map_of_bins
+from JointRegSegLib.metrics.pmm import PatchGrid, pmm_map_of_bins
 from JointRegSegLib.metrics.similarity import MaskedImage, quantise, similarity_scores
 
 
@@ -513,3 +513,18 @@ def test_pmm_of_a_domain_at_one_end_of_a_wide_image():
     pmm = pmm_map(image, image, domain)
     assert np.isnan(pmm[24:]).all() and np.isfinite(pmm[:24]).all()
     np.testing.assert_allclose(pmm[:24], 1.0, atol=1e-6)  # an image against itself: NMI 1 in every patch
+
+
+def test_pmm_patch_grid_serves_several_maps():
+    """One `PatchGrid` scores the fixed image against two moving images as two separate calls do."""
+    rng = np.random.default_rng(3)
+    shape = (40, 36, 44)
+    fixed = gaussian_filter(rng.normal(size=shape), 2.0)
+    domain = _ball(shape, (20.0, 18.0, 22.0), 15.0)
+    grid = PatchGrid(domain)
+    fixed_bins = MaskedImage(fixed, domain)
+    for moving in (fixed**2, np.roll(fixed, 4, axis=1)):
+        codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(moving), 16)
+        np.testing.assert_array_equal(grid.pmm(codes), pmm_map(fixed, moving, domain))
+    with pytest.raises(InputError, match="one joint bin code per voxel"):
+        grid.pmm(codes[:-1])

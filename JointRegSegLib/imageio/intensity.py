@@ -16,6 +16,13 @@ def normalise_intensity(
 
     Falls back to the minimum and maximum when the two percentiles coincide (e.g. a mostly empty image).
     """
+    return scale_to_window(array, *intensity_window(array, mask, low, high))
+
+
+def intensity_window(
+    array: np.ndarray, mask: np.ndarray | None = None, low: float = 0.5, high: float = 99.5
+) -> tuple[float, float]:
+    """The values `normalise_intensity` maps to 0 and 1."""
     if not 0.0 <= low < high <= 100.0:
         raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}.")
     values = np.asarray(array)
@@ -31,7 +38,13 @@ def normalise_intensity(
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         raise InputError(f"cannot normalise intensities: every voxel considered has the value {lo:g}.")
-    scaled = np.array(array, dtype=np.float64)  # one float64 copy, scaled and clipped in place
+    return float(lo), float(hi)
+
+
+def scale_to_window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``values`` with ``lo`` and ``hi`` mapped to 0 and 1, clipped to [0, 1], as float32 (`normalise_intensity` of an
+    image's values where only some of them are wanted: its window from the whole image, `intensity_window`)."""
+    scaled = np.array(values, dtype=np.float64)  # one float64 copy, scaled and clipped in place
     scaled -= lo
     scaled /= hi - lo
     return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32)
