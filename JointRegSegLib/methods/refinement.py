@@ -59,6 +59,7 @@ from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..losses import LocalNCC, bending_energy, box_sum, gradient_l2, mi_loss, multi_axis_mi_loss
 from ..spatial import compose, identity_grid, integrate_velocity, regrid_voxel_field
+from ..spatial.sampling import grid_sample_3d
 from .adam import Adam
 from .options import REFINE_DEFAULTS, REFINE_FIELDS, REFINE_LEVELS, REFINE_REGULARISERS, REFINE_SIMILARITIES
 
@@ -237,7 +238,7 @@ class _Sampler:
 
     def __call__(self, deformable: torch.Tensor) -> torch.Tensor:
         coordinates = self.base + torch.einsum("rc,bcijk->bijkr", self.linear, deformable)
-        return F.grid_sample(self.moving, coordinates, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return grid_sample_3d(self.moving, coordinates)
 
 
 def _window(window_mm: float, spacing: float) -> int:

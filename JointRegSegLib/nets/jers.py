@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
+from ..spatial.sampling import grid_sample_3d
 from .unet import RegistrationUNet
 
 EXTRACTION_ENCODER = (8, 16, 16, 32)
@@ -115,7 +116,7 @@ class AffineNet(nn.Module):
 def affine_warp(image: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """``image`` resampled at ``theta @ x`` for every output point ``x`` (normalised 4x4, zero padding)."""
     grid = F.affine_grid(theta[:, :3, :], list(image.shape), align_corners=True)
-    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return grid_sample_3d(image, grid, mode)
 
 
 @dataclass

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..imageio.geometry import Geometry, Volume
 from .affine import normaliser, to_sitk_affine
+from .sampling import grid_sample_3d
 from .separable import sample_separable
 
 
@@ -46,7 +46,7 @@ def _mapped_indices(shape: Sequence[int], matrix: np.ndarray, device: torch.devi
 
 def _sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``image (B, C, I, J, K)`` at the normalised coordinates ``grid (B, I', J', K', 3)`` of `_sampling_grid`."""
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample_3d(image, grid, mode, padding_mode)
 
 
 def _resampled(values: torch.Tensor, matrix: np.ndarray, shape: Sequence[int], mode: str, padding_mode: str) -> torch.Tensor:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
+from .sampling import grid_sample_3d
 
 _MODES = ("bilinear", "nearest")
 _PADDING = ("zeros", "border")
@@ -57,7 +57,7 @@ def sample_at_indices(
         raise InputError(f"the image to sample must be a floating-point tensor; got {image.dtype} (convert with .float())")
     sizes = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], dtype=image.dtype, device=image.device)
     normalised = 2.0 * indices.to(image.dtype) / sizes - 1.0
-    return F.grid_sample(image, normalised.flip(-1), mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample_3d(image, normalised.flip(-1), mode, padding_mode)
 
 
 def check_field(image: torch.Tensor, disp: torch.Tensor) -> None:
