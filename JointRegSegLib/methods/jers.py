@@ -109,13 +109,14 @@ def affine_displacement(matrix: np.ndarray, grid: Geometry) -> Volume:
     """Physical displacement ``u(x) = M x - x`` (LPS mm) on ``grid`` of an LPS affine ``M``.
 
     ``u`` is affine in the voxel index ``p`` (``x = G p``): ``u = (M - I) G p``, summed axis by axis in
-    float64 with broadcasting, one component at a time (no array of every voxel's position).
+    float64 with broadcasting, one component at a time, each rounded to float32 as it is stored (no array of every
+    voxel's position, no float64 volume).
     """
     b = (np.asarray(matrix, dtype=np.float64) - np.eye(4)) @ grid.index_to_physical_matrix
     i, j, k = (np.arange(n, dtype=np.float64) for n in grid.shape)
     field = np.empty((*grid.shape, 3), dtype=np.float32)
     for c in range(3):
-        field[..., c] = b[c, 0] * i[:, None, None] + (b[c, 1] * j[:, None] + (b[c, 2] * k + b[c, 3]))
+        np.add(b[c, 0] * i[:, None, None], b[c, 1] * j[:, None] + (b[c, 2] * k + b[c, 3]), out=field[..., c], casting="same_kind")
     return Volume(field, grid)
 
 
