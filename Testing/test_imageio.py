@@ -568,3 +568,22 @@ def test_shared_data_pair_and_freesurfer_subject() -> None:
     np.testing.assert_allclose(norm.geometry.direction, [[1, 0, 0], [0, 0, -1], [0, -1, 0]], atol=1e-6)
     np.testing.assert_allclose(norm.geometry.spacing, 1.0)
     assert network_geometry(norm.geometry).shape == (256, 256, 256)
+
+
+@pytest.mark.parametrize(
+    "values, stored",
+    [((0, 3), sitk.sitkInt8), ((0, 2035), sitk.sitkInt16), ((0, 200), sitk.sitkInt16), ((0, 14175), sitk.sitkInt16), ((0, 70000), sitk.sitkInt32)],
+)
+def test_label_maps_are_written_in_the_smallest_type_that_holds_them(tmp_path: Path, values: tuple[int, int], stored: int) -> None:
+    from JointRegSegLib.imageio.io import compact_labels
+
+    labels = np.zeros(SHAPE, dtype=np.int32)
+    labels[2:6, 3:8, 1:4], labels[9:14, 4:9, 5:9] = values
+    compact = compact_labels(Volume(labels, OBLIQUE))
+    write_volume(compact, tmp_path / "seg.nii.gz")
+    assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetPixelID() == stored
+    back = read_labels(tmp_path / "seg.nii.gz")
+    assert back.array.dtype == np.int32
+    np.testing.assert_array_equal(back.array, labels)
+    image = Volume(labels.astype(np.float32), OBLIQUE)
+    assert compact_labels(image) is image  # not a label map: as it is

@@ -280,6 +280,19 @@ def _sitk_array(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def compact_labels(volume: Volume) -> Volume:
+    """A label map in the smallest of int8, int16 and int32 that holds its values (`read_labels` reads any as int32):
+    FreeSurfer's codes fit int16, half the bytes of the int32 maps are written and read as. Other arrays as they are."""
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.signedinteger) or array.dtype.itemsize <= 1 or not array.size:
+        return volume
+    low, high = int(array.min()), int(array.max())
+    for kind in (np.int8, np.int16):
+        if np.dtype(kind).itemsize < array.dtype.itemsize and np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return volume.with_array(array.astype(kind))
+    return volume
+
+
 def write_volume(volume: Volume, path: str | Path, threads: int | None = None) -> None:
     """Write a 3D scalar or vector volume; the extension picks the format (see `SUPPORTED_EXTENSIONS`).
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ..evaluation import Maps
-from ..imageio.io import write_error, write_volume
+from ..imageio.io import compact_labels, write_error, write_volume
 from ..methods.base import Result
 from ..spatial.affine import to_sitk_affine
 from ..spatial.field_io import write_displacement_field
@@ -84,8 +84,9 @@ def write_registration(
             write_affine(result.affine, folder / names["affine"])
             files["affine"] = names["affine"]
     with watch.step("writing: images"):
-        kinds = ("fixed_seg", "moving_seg", "warped_seg", "brain_mask", "extracted")
-        files.update(_volumes(folder, names, {kind: getattr(result, kind) for kind in kinds}, threads))
+        labels = {kind: getattr(result, kind) for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask")}
+        files.update(_volumes(folder, names, {kind: v if v is None else compact_labels(v) for kind, v in labels.items()}, threads))
+        files.update(_volumes(folder, names, {"extracted": result.extracted}, threads))
     return files
 
 
