@@ -85,7 +85,7 @@ def write_registration(
             files["affine"] = names["affine"]
     with watch.step("writing: images"):
         labels = {kind: getattr(result, kind) for kind in ("fixed_seg", "moving_seg", "warped_seg", "brain_mask")}
-        files.update(_volumes(folder, names, {kind: v if v is None else compact_labels(v) for kind, v in labels.items()}, threads))
+        files.update(_volumes(folder, names, {kind: compact_labels(v) for kind, v in labels.items() if v is not None}, threads))
         files.update(_volumes(folder, names, {"extracted": result.extracted}, threads))
     return files
 
