@@ -32,9 +32,6 @@ ROBUST_PERCENTILES: tuple[float, float] = (1.0, 99.0)
 
 JACOBIAN_RANGE: tuple[float, float] = (0.0, 2.0)
 JACOBIAN_FOLDING_RGB: tuple[float, float, float] = (0.0, 1.0, 0.0)
-# Width of the step from the folding colour to the ramp in `jacobian_control_points(include_folding=True)`,
-# for colour tables that can only interpolate between points (e.g. vtkColorTransferFunction).
-JACOBIAN_FOLDING_STEP: float = 1e-4
 
 _JACOBIAN_RAMP: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 0.03, 0.15, 0.45),
@@ -74,17 +71,9 @@ _PMM_RAMP: tuple[tuple[float, float, float, float], ...] = (
 )
 
 
-def jacobian_control_points(include_folding: bool = False) -> list[tuple[float, float, float, float]]:
-    """The Jacobian colour ramp as ``(det J, r, g, b)`` points (rgb in [0, 1]) over `JACOBIAN_RANGE`.
-
-    With ``include_folding`` the list starts with the folding colour from ``-JACOBIAN_RANGE[1]`` up
-    to 0 and steps to the ramp at ``JACOBIAN_FOLDING_STEP``, for interpolating colour tables.
-    """
-    ramp = [tuple(float(v) for v in p) for p in _JACOBIAN_RAMP]
-    if not include_folding:
-        return ramp
-    folding = [(-JACOBIAN_RANGE[1], *JACOBIAN_FOLDING_RGB), (0.0, *JACOBIAN_FOLDING_RGB)]
-    return folding + [(JACOBIAN_FOLDING_STEP, *ramp[0][1:])] + ramp[1:]
+def jacobian_control_points() -> list[tuple[float, float, float, float]]:
+    """The Jacobian colour ramp as ``(det J, r, g, b)`` points (rgb in [0, 1]) over `JACOBIAN_RANGE`."""
+    return [tuple(float(v) for v in p) for p in _JACOBIAN_RAMP]
 
 
 def pmm_control_points() -> list[tuple[float, float, float, float]]:

@@ -243,7 +243,11 @@ def test_jacobian_values_and_colours(loaded, worker_output):
     for value, expected in ((0.5, ramp[0.5]), (1.0, ramp[1.0]), (1.5, ramp[1.5]), (2.0, ramp[2.0]), (3.0, ramp[2.0])):
         got = rgba[list(values).index(np.float32(value)), :3] / 255
         assert np.allclose(got, expected, atol=2 / 255), (value, got, expected)
-    assert np.allclose(jacobian_table_rgb()[round(1.0 / JACOBIAN_STEP)], (1.0, 1.0, 1.0))
+    assert np.allclose(jacobian_table_rgb()[int((1.0 - JACOBIAN_WINDOW[0]) / JACOBIAN_STEP)], (1.0, 1.0, 1.0))
+    # Slicer's colour legend labels the display window's ends (vtkMRMLColorLegendDisplayableManager::UpdateActor
+    # takes level -+ window / 2 as its range): they must read as the map's range, not "-0.00".
+    legend_ends = (display.GetLevel() - display.GetWindow() / 2, display.GetLevel() + display.GetWindow() / 2)
+    assert ["%.2f" % end for end in legend_ends] == ["0.00", "2.00"]
 
 
 def _displayed_colours(core, values: np.ndarray, display) -> np.ndarray:

@@ -6,10 +6,12 @@ the display window ``[low, high]`` is mapped to a byte ``b = floor((v - low) / (
 (clamped to 0..255) and ``b`` picks entry ``b`` of a 256-entry colour table. So entry ``b`` shows
 the values ``low + [b, b + 1) * step`` with ``step = (high - low) / 255``.
 
-Jacobian table: ``step = JACOBIAN_RANGE[1] / 254`` and ``low = -step / 2``, so entry ``b`` is centred
-on ``det J = b * step``: entry 0 (``det J < step / 2``, i.e. <= 0 up to 0.4 % of the range) has the
-folding colour, entry 127 is exactly ``det J = 1`` (white), entry 254 is ``det J = 2`` and entry 255
-everything above.
+Jacobian table: the window is `JACOBIAN_RANGE` itself, (0, 2), so ``step = 2 / 255`` and entry ``b`` shows
+``det J`` in ``[b, b + 1) * step``, coloured as its centre ``(b + 1/2) * step``: entry 0 (``det J < step``, i.e.
+<= 0 up to 0.4 % of the range, and everything below) has the folding colour, entry 127 is centred exactly on
+``det J = 1`` (white), entry 255 is ``det J >= 2``. The colour legend, which Slicer labels from the display window
+(vtkMRMLColorLegendDisplayableManager), then reads 0.00 to 2.00 (a window starting half a step below 0 printed
+its lowest label as "-0.00").
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import numpy as np
 import slicer
 
 from ..labels import label_info
-from ..colour_scales import JACOBIAN_RANGE, jacobian_control_points, pmm_control_points
+from ..colour_scales import JACOBIAN_FOLDING_RGB, JACOBIAN_RANGE, jacobian_control_points, pmm_control_points
 
 TABLE_SIZE = 256
-JACOBIAN_STEP = JACOBIAN_RANGE[1] / (TABLE_SIZE - 2)
-JACOBIAN_WINDOW: tuple[float, float] = (-JACOBIAN_STEP / 2, (TABLE_SIZE - 1.5) * JACOBIAN_STEP)
+JACOBIAN_WINDOW: tuple[float, float] = JACOBIAN_RANGE
+JACOBIAN_STEP = (JACOBIAN_WINDOW[1] - JACOBIAN_WINDOW[0]) / (TABLE_SIZE - 1)
 
 
 def _interpolate(points: list[tuple[float, float, float, float]], values: np.ndarray) -> np.ndarray:
@@ -32,13 +34,15 @@ def _interpolate(points: list[tuple[float, float, float, float]], values: np.nda
 
 
 def jacobian_table_values() -> np.ndarray:
-    """The det J value each of the 256 Jacobian table entries stands for (``b * JACOBIAN_STEP``)."""
-    return np.arange(TABLE_SIZE) * JACOBIAN_STEP
+    """The det J value each of the 256 Jacobian table entries stands for: the centre of the values it shows."""
+    return JACOBIAN_WINDOW[0] + (np.arange(TABLE_SIZE) + 0.5) * JACOBIAN_STEP
 
 
 def jacobian_table_rgb() -> np.ndarray:
     """(256, 3) colours of the Jacobian table: folding colour at entry 0, then the diverging ramp."""
-    return _interpolate(jacobian_control_points(include_folding=True), jacobian_table_values())
+    rgb = _interpolate(jacobian_control_points(), jacobian_table_values())
+    rgb[0] = JACOBIAN_FOLDING_RGB
+    return rgb
 
 
 def pmm_table_rgb() -> np.ndarray:

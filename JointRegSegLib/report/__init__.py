@@ -2,7 +2,6 @@
 
 from ..colour_scales import (
     JACOBIAN_FOLDING_RGB,
-    JACOBIAN_FOLDING_STEP,
     JACOBIAN_RANGE,
     jacobian_control_points,
     pmm_control_points,
@@ -22,7 +21,6 @@ from .slices import (
 
 __all__ = [
     "JACOBIAN_FOLDING_RGB",
-    "JACOBIAN_FOLDING_STEP",
     "JACOBIAN_RANGE",
     "JacobianNorm",
     "canonical_index",
