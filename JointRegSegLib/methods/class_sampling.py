@@ -57,7 +57,11 @@ def _candidates(probabilities: torch.Tensor, cells: torch.Tensor, candidates: in
     """The classes that can win in each of the ``cells (M, 3)`` (eq. b), ``(M, candidates)``, the largest corner
     maximum first, -1 past the last (all -1 where more than ``candidates`` can win); and their values at the cell's
     corners, ``(M, candidates, 8)`` in the order of `_CORNERS`."""
-    corners = torch.stack([probabilities[:, cells[:, 0] + a, cells[:, 1] + b, cells[:, 2] + c] for a, b, c in _CORNERS], dim=-1)
+    _, n_j, n_k = probabilities.shape[1:]
+    first_corner = (cells[:, 0] * n_j + cells[:, 1]) * n_k + cells[:, 2]
+    offsets = torch.tensor([(a * n_j + b) * n_k + c for a, b, c in _CORNERS], device=cells.device)
+    flat = (first_corner[:, None] + offsets).flatten()  # (M * 8) voxel numbers, every cell's corners in turn
+    corners = probabilities.flatten(1).index_select(1, flat).view(len(probabilities), len(cells), len(_CORNERS))
     upper, lower = corners.amax(dim=-1), corners.amin(dim=-1)  # (C, M)
     can_win = upper >= lower.amax(dim=0, keepdim=True)  # eq. b
     top = torch.where(can_win, upper, -1.0).topk(min(candidates, probabilities.shape[0]), dim=0)
@@ -75,13 +79,13 @@ def _corner_weights(t: torch.Tensor) -> torch.Tensor:
 
 def argmax_on(probabilities: torch.Tensor, grid: Geometry, target: Geometry, slab: int = 32) -> torch.Tensor:
     """The class (``argmax``) at every voxel of ``target`` of ``probabilities (C, *grid.shape)`` interpolated
-    trilinearly there, zero off ``grid`` (where class 0, the background, comes first of equals); int64
+    trilinearly there, zero off ``grid`` (where class 0, the background, comes first of equals); int16
     ``target.shape`` on the probabilities' device. Up to `FEW_CLASSES` classes every class is interpolated at every
     voxel (``slab`` planes of ``target`` at a time), beyond by cells (module docstring): the same labels."""
     probabilities = probabilities.detach().float()
     if probabilities.shape[0] > FEW_CLASSES and min(grid.shape) > 1:
         return _argmax_by_cells(probabilities, grid, target)
-    out = torch.empty(target.shape, dtype=torch.int64, device=probabilities.device)
+    out = torch.empty(target.shape, dtype=torch.int16, device=probabilities.device)
     for start in range(0, target.shape[0], slab):
         rows = slice(start, min(start + slab, target.shape[0]))
         out[rows] = class_map(sample_on(probabilities[None], grid, target, rows=rows)[0], 0)
@@ -93,7 +97,7 @@ def _argmax_by_cells(probabilities: torch.Tensor, grid: Geometry, target: Geomet
     device = probabilities.device
     first = _first_classes(probabilities)
     on_target = resample(Volume(first.cpu().numpy().astype(np.int16), _cell_geometry(grid)), target, "nearest", default=-1)
-    found = torch.from_numpy(on_target.array.astype(np.int64)).to(device)
+    found = torch.from_numpy(on_target.array).to(device)  # int16: the class of each voxel, -1 in a mixed cell
     mixed = (first < 0).nonzero()
     row = torch.full(first.shape, -1, dtype=torch.int64, device=device)
     row[mixed[:, 0], mixed[:, 1], mixed[:, 2]] = torch.arange(len(mixed), device=device)
@@ -109,7 +113,8 @@ def _argmax_by_cells(probabilities: torch.Tensor, grid: Geometry, target: Geomet
     keep = rows >= 0  # else a cell of one class that the nearest search missed by rounding
     keep[keep.clone()] = chosen[rows[keep], 0] >= 0  # else more classes can win than are interpolated
     rows, index, cells = rows[keep], index[keep], cells[keep]
-    value = torch.bmm(corner_values[rows], _corner_weights(points[index] - cells)[:, :, None])[:, :, 0]
+    corners_of_rows = corner_values.flatten(1).index_select(0, rows).view(-1, *corner_values.shape[1:])  # faster than [rows]
+    value = torch.bmm(corners_of_rows, _corner_weights(points[index] - cells)[:, :, None])[:, :, 0]
     classes = chosen[rows]
     value[classes < 0] = -1.0
     resolved[index] = classes.gather(1, value.argmax(dim=1, keepdim=True))[:, 0]
@@ -117,5 +122,5 @@ def _argmax_by_cells(probabilities: torch.Tensor, grid: Geometry, target: Geomet
     if rest.any():
         every = sample_at_indices(probabilities[None], points[rest][None, :, None, None])[0, :, :, 0, 0]
         resolved[rest] = class_map(every, 0)
-    found[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = resolved
+    found[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = resolved.to(found.dtype)
     return found
