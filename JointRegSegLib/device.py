@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Generic, TypeVar
 
 import torch
 
 from .errors import InputError
+
+T = TypeVar("T")
 
 CUDA_HELP = (
     "To use a GPU, install a CUDA build of torch (see README.md, 'GPU'); otherwise choose the CPU "
@@ -72,3 +76,42 @@ def threads_for(work: int, device: torch.device) -> Iterator[None]:
     finally:
         if single:
             torch.set_num_threads(threads)
+
+
+class Beside(Generic[T]):
+    """``work`` run on a Python thread whose torch operations use one CPU thread, beside a stage of the caller that
+    runs on one thread itself (`threads_for`), so that a second core works too; `result` waits for it.
+
+    torch keeps its number of threads per OS thread (OpenMP's setting, which a thread takes from the last
+    ``torch.set_num_threads`` of any thread when it first runs an operation): the helper sets its own to one and
+    the caller's setting back when it ends, so the caller's threads keep theirs. Where there is no second CPU
+    thread to use (a GPU, or torch on one thread) ``work`` runs in `result`, as the caller would have run it."""
+
+    def __init__(self, work: Callable[[], T], device: torch.device) -> None:
+        self._work: Callable[[], T] = work
+        self._outcome: tuple[bool, object] | None = None
+        self._threads = torch.get_num_threads()
+        self._thread: threading.Thread | None = None
+        if device.type == "cpu" and self._threads > 1:
+            self._thread = threading.Thread(target=self._run, name="beside a one-thread stage", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        torch.set_num_threads(1)
+        try:
+            self._outcome = (True, self._work())
+        except BaseException as error:  # raised again by `result`, in the caller's thread
+            self._outcome = (False, error)
+        finally:
+            torch.set_num_threads(self._threads)
+
+    def result(self) -> T:
+        """What ``work`` returned (or raise what it raised)."""
+        if self._thread is None:
+            return self._work()
+        self._thread.join()
+        assert self._outcome is not None
+        done, value = self._outcome
+        if not done:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
