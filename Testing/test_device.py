@@ -63,3 +63,11 @@ def test_on_one_thread_the_work_runs_in_result_in_the_callers_thread():
         assert beside.result() is threading.current_thread()
     finally:
         torch.set_num_threads(before)
+
+
+def test_for_a_gpu_the_work_runs_in_result_in_the_callers_thread(two_threads):
+    """A GPU's work is queued on its stream: no second CPU thread to fill (nothing here touches a GPU)."""
+    ran = []
+    beside = Beside(lambda: ran.append(threading.current_thread()) or "done", torch.device("cuda", 0))
+    assert ran == []  # not started before its result is asked for
+    assert beside.result() == "done" and ran == [threading.current_thread()]
