@@ -38,7 +38,11 @@ def test_the_work_runs_on_another_thread_with_one_torch_thread_and_the_callers_s
     assert torch.equal(beside.result(), torch.tensor([3.0, 12.0]))
     assert seen == {"thread": seen["thread"], "torch threads": 1} and seen["thread"] is not threading.current_thread()
     assert torch.get_num_threads() == 2
-    # a thread started afterwards takes the caller's setting, not the helper's one thread
+
+
+def test_threads_started_after_the_helper_take_the_callers_setting_not_its_one_thread(two_threads):
+    assert Beside(torch.get_num_threads, torch.device("cpu")).result() == 1
+    assert torch.get_num_threads() == 2
     later = {}
     thread = threading.Thread(target=lambda: later.setdefault("threads", torch.get_num_threads()))
     thread.start()
