@@ -2,7 +2,7 @@
 
     python -m JointRegSegLib.experiments.call_profile --out call_profile \\
         [--methods "uresnet,hof,jers,segreg[variant=learned]"] [--peer demons] [--threads 2] [--repeats 2] \\
-        [--before DIR] [--pair shared|sample] [--no-pictures]
+        [--before DIR] [--pair shared|sample] [--no-pictures | --as-module]
 
 1. The benchmark pair (``--pair shared``: ../shared/data/pair, or ``$JRS_SHARED_DATA/pair``; ``sample``:
    the bundled 2 mm pair) is registered by each method in its own whole process,
@@ -17,6 +17,12 @@
 3. ``--peer demons`` (or another `bench.peers` name): the peer's whole process on the same pair in
    the same run (reading, registration, writing its field; `bench.runner`'s peer child), as the
    yardstick the benchmark's ratios use.
+4. ``--as-module``: the job as the Slicer module's worker runs it: the inputs as uncompressed ``.nii``
+   (the module writes its nodes so; copies of the pair's files under ``OUT/pairs/nii``), no pictures,
+   its files uncompressed (``--no-compress``).
+
+The table's "job after start-up" is the job's own time (provenance's ``timings_s.total_s``: from the job's
+start to its last file), what the Slicer module waits for once its worker is started ahead of Apply.
 
 Each configuration runs ``--repeats`` times; the tables give the median wall time and the largest
 peak memory, and the steps of the run with the median wall time. The load average is recorded
@@ -27,6 +33,8 @@ before every run (the machine may be shared). Results: ``OUT/call_profile.json``
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import os
 import shutil
@@ -68,22 +76,40 @@ BESIDE = "evaluation: before registration"
 counts in the metrics column."""
 
 
-def _command(method: str, pair: PairSpec, out: Path, threads: int, pictures: bool) -> list[str]:
+def command(method: str, pair: PairSpec, out: Path, threads: int, pictures: bool, compress: bool = True) -> list[str]:
+    """The ``jointregseg register`` command line of one run (``compress``: ``.nii.gz`` files, else ``.nii``)."""
     name, own = method_spec(method)
     inputs = [f"--{key.replace('_', '-')}={path}" for key, path in pair.files().items() if key in ("fixed", "moving", "fixed_seg", "moving_seg")]
     options = [f"--option={key}={json.dumps(value)}" for key, value in own.items()]
     return [sys.executable, "-m", "JointRegSegLib.cli", "register", *inputs, "--method", name, *options,
-            "--threads", str(threads), "--out", str(out), *([] if pictures else ["--no-pictures"])]
+            "--threads", str(threads), "--out", str(out), *([] if pictures else ["--no-pictures"]),
+            *([] if compress else ["--no-compress"])]
 
 
-def run_method(method: str, pair: PairSpec, folder: Path, threads: int, pictures: bool, source: Path) -> dict[str, Any]:
-    """One whole ``jointregseg register`` process of ``method`` from the checkout ``source``."""
+def uncompressed_pair(pair: PairSpec, folder: Path) -> PairSpec:
+    """``pair`` with every ``.nii.gz`` file decompressed into ``folder`` as ``.nii`` (the same bytes as ``gunzip``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {}
+    for key, path in pair.files().items():
+        if path.name.endswith(".nii.gz"):
+            copy = folder / f"{key}.nii"
+            with gzip.open(path, "rb") as source, copy.open("wb") as target:
+                shutil.copyfileobj(source, target)
+            copies[key] = copy
+    return dataclasses.replace(pair, **copies)
+
+
+def run_method(
+    method: str, pair: PairSpec, folder: Path, threads: int, pictures: bool, source: Path, compress: bool = True
+) -> dict[str, Any]:
+    """One whole ``jointregseg register`` process of ``method`` from the checkout ``source``, started in ``folder``
+    (not in a checkout: ``python -m`` would put that checkout first on ``sys.path``, ahead of ``PYTHONPATH``)."""
     out = folder / "result"
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     env = {**child_environment(threads), "PYTHONPATH": str(source)}
     load = os.getloadavg()
-    done = spawn(_command(method, pair, out, threads, pictures), env, folder / "run.log")
+    done = spawn(command(method, pair, out, threads, pictures, compress), env, folder / "run.log")
     run: dict[str, Any] = {"wall_s": done.wall_s, "peak_rss_mb": done.peak_rss_mb, "load_before": load, "exit": done.returncode}
     if done.returncode != 0:
         run["error"] = (folder / "run.log").read_text(errors="replace")[-2000:]
@@ -137,12 +163,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration ``repeats`` times, interleaved (see the module docstring)."""
     out = args.out.resolve()
     [pair] = resolve_pairs(args.pair, out / "pairs")
+    pictures = not (args.no_pictures or args.as_module)
+    if args.as_module:
+        pair = uncompressed_pair(pair, out / "pairs" / "nii")
     sources = {"after": Path(__file__).resolve().parents[2]}
     if args.before is not None:
         sources = {"before": args.before.resolve(), **sources}
     methods = split_names(args.methods)
     runs: dict[str, Any] = {"settings": {"methods": methods, "peer": args.peer, "threads": args.threads, "repeats": args.repeats,
-                                         "pictures": not args.no_pictures, "pair": args.pair, "cpu_count": os.cpu_count(),
+                                         "pictures": pictures, "as_module": bool(args.as_module), "pair": args.pair,
+                                         "cpu_count": os.cpu_count(),
                                          "sources": {k: str(v) for k, v in sources.items()}},
                             "runs": []}
     for repeat in range(args.repeats):
@@ -152,7 +182,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{args.peer}: {run['wall_s']:.1f} s", file=sys.stderr)
         for method in methods:
             for label, source in sources.items():
-                run = run_method(method, pair, out / "runs" / f"{label}_{method}", args.threads, not args.no_pictures, source)
+                run = run_method(method, pair, out / "runs" / f"{label}_{method}", args.threads, pictures, source, not args.as_module)
                 runs["runs"].append({"tool": method, "source": label, "repeat": repeat, **run})
                 print(f"{method} ({label}): {run['wall_s']:.1f} s, {run['peak_rss_mb']:.0f} MB"
                       + (f", failed: {run.get('error', '')[-300:]}" if run["exit"] else ""), file=sys.stderr)
@@ -172,15 +202,18 @@ def markdown(results: dict[str, Any]) -> str:
     peer = [run for run in runs if run["source"] == "peer"]
     peer_wall = float(np.median([run["wall_s"] for run in peer])) if peer else float("nan")
     loads = [run["load_before"][0] for run in results["runs"]]
+    as_module = settings.get("as_module", False)
     lines = [
         f"Whole `jointregseg register` processes on the `{settings['pair']}` pair, {settings['threads']} threads, "
-        f"pictures {'on' if settings['pictures'] else 'off'}, {settings['repeats']} run(s) each, interleaved; "
+        + ("as the Slicer module's job (.nii in and out, pictures off), " if as_module else
+           f"pictures {'on' if settings['pictures'] else 'off'}, ")
+        + f"{settings['repeats']} run(s) each, interleaved; "
         f"{settings['cpu_count']} CPUs, load average (1 min) before the runs {min(loads):.1f}-{max(loads):.1f}. "
         "Shares: of the run with the median wall time.",
         "",
-        "| method | checkout | wall time (s) | peak memory (MB) | Dice | wall / " + (settings["peer"] or "peer") + " | "
-        + " | ".join(COARSE) + " |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(COARSE),
+        "| method | checkout | wall time (s) | job after start-up (s) | peak memory (MB) | Dice | wall / "
+        + (settings["peer"] or "peer") + " | " + " | ".join(COARSE) + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(COARSE),
     ]
     chosen_runs = {}
     for method in settings["methods"]:
@@ -192,17 +225,20 @@ def markdown(results: dict[str, Any]) -> str:
             wall = float(np.median([run["wall_s"] for run in chosen]))
             parts = coarse_steps(median)
             dice = median.get("dice")
+            jobs = [run["timings"]["total_s"] for run in chosen if "total_s" in run["timings"]]
+            job = f"{np.median(jobs):.2f} ({min(jobs):.2f}-{max(jobs):.2f})" if jobs else "–"
             lines.append(
-                f"| {method} | {source} | {wall:.1f} | {max(run['peak_rss_mb'] for run in chosen):.0f} | "
-                f"{'–' if dice is None else f'{dice:.3f}'} | {wall / peer_wall:.2f} | "
+                f"| {method} | {source} | {wall:.1f} | {job} | {max(run['peak_rss_mb'] for run in chosen):.0f} | "
+                f"{'–' if dice is None else f'{dice:.3f}'} | {f'{wall / peer_wall:.2f}' if peer else '–'} | "
                 + " | ".join(f"{100 * parts[name] / median['wall_s']:.0f} %" for name in COARSE) + " |"
             )
     if peer:
-        lines.append(f"| {settings['peer']} (peer) | – | {peer_wall:.1f} | {max(run['peak_rss_mb'] for run in peer):.0f} | – | 1.00 |"
+        lines.append(f"| {settings['peer']} (peer) | – | {peer_wall:.1f} | – | {max(run['peak_rss_mb'] for run in peer):.0f} | – | 1.00 |"
                      + " |" * len(COARSE))
     titles = [title for title, _ in GROUPS] + ["registration, other", "other"]
     lines += ["", "Steps of this checkout's runs, in seconds (share of the wall time); the background writing "
-              "(NIfTI files, compressed) overlaps the evaluation and the pictures, the numbers before registration the maps:", "",
+              f"(NIfTI files, {'uncompressed' if as_module else 'compressed'}) overlaps the evaluation and the pictures, "
+              "the numbers before registration the maps:", "",
               "| method | wall (s) | " + " | ".join(titles) + " | background writing | before registration (beside) |",
               "|---|---:|" + "---:|" * (len(titles) + 2)]
     for (method, source), median in chosen_runs.items():
@@ -225,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, help="another checkout of the project, run alternately with this one")
     parser.add_argument("--pair", default="shared", help="shared or sample")
     parser.add_argument("--no-pictures", action="store_true")
+    parser.add_argument("--as-module", action="store_true", help="the Slicer module's job: .nii in and out, no pictures")
     args = parser.parse_args(argv)
     try:
         measure(args)
