@@ -69,14 +69,13 @@ def pmm_map(
     f, w = as_array(fixed, "fixed image"), as_array(warped, "warped image")
     if f.ndim != 3 or f.shape != w.shape:
         raise InputError(f"PMM needs two 3D images of one shape, got {f.shape} and {w.shape}")
-    _check_patches(patch, stride)
-    _check_fraction(min_fraction)
     domain = np.ones(f.shape, dtype=bool) if mask is None else as_array(mask, "mask").astype(bool)
     if domain.shape != f.shape:
         raise InputError(f"mask shape {domain.shape} differs from image shape {f.shape}")
     if not domain.any():
         raise InputError("the PMM mask is empty: give a mask with at least one voxel inside")
-    return pmm_map_of_bins(quantised(f, w, domain, bins), domain, patch, stride, bins, min_fraction)
+    grid = PatchGrid(domain, patch, stride)  # checks the patch size and stride before the images are binned
+    return grid.pmm(quantised(f, w, domain, bins), bins, min_fraction)
 
 
 def pmm_map_of_bins(
