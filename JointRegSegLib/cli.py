@@ -24,9 +24,11 @@ from .errors import InputError
 from .timing import process_age
 from .methods import method_names
 from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
+from .worker.beside import Beside
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
 from .worker.job import COMMAND_LINE, JACOBIAN_PARTS, Job, job_from_dict
+from .worker.pictures import warm_up
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -185,15 +187,21 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
 
 
 def run_with_progress(job: Job, extra_outputs: Any = None) -> dict[str, Any]:
-    """Run a job in this process with a progress bar."""
-    from .worker.run import run_job
-
-    bar = ProgressBar()
+    """Run a job in this process with a progress bar. The process that draws the pictures is forked first, while
+    this one is small and imports torch on one core: it imports matplotlib on the other (`worker.beside`)."""
+    painter = Beside(warm_up) if job.pictures else None
     try:
-        summary = run_job(job, bar, extra_outputs)
-    except BaseException:
-        bar.close(failed=True)
-        raise
+        from .worker.run import run_job
+
+        bar = ProgressBar()
+        try:
+            summary = run_job(job, bar, extra_outputs, painter=painter)
+        except BaseException:
+            bar.close(failed=True)
+            raise
+    finally:
+        if painter is not None:
+            painter.close()
     bar.close()
     return summary
 
@@ -253,16 +261,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _demo_figure(folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]) -> dict[str, str]:
     """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours), in the run's output."""
     from .imageio.network_grid import resample
-    from .report import save_registration_figure
+    from .report import draw_picture, registration_picture
 
-    save_registration_figure(
-        inputs.fixed, resample(inputs.moving, inputs.fixed.geometry), result.warped, folder / "pictures" / "overview.png",
+    picture = registration_picture(
+        inputs.fixed, resample(inputs.moving, inputs.fixed.geometry), result.warped,
         jacobian=maps.jacobian if maps is not None else None,
         pmm=maps.pmm if maps is not None else None,
         fixed_seg=inputs.fixed_seg,
         warped_seg=result.warped_seg,
         title=f"JointRegSeg demo: {metrics.get('dice_mean', float('nan')):.3f} mean Dice",
     )
+    draw_picture(picture, folder / "pictures" / "overview.png")
     return {"picture_overview": "pictures/overview.png"}
 
 

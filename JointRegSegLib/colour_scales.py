@@ -88,7 +88,12 @@ def robust_window(array: np.ndarray, percentiles: tuple[float, float] = ROBUST_P
         values = values[np.isfinite(values)]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = (float(v) for v in intensity_percentiles(values, percentiles))
+    return display_window(*intensity_percentiles(values, percentiles))
+
+
+def display_window(low: float, high: float) -> tuple[float, float]:
+    """`robust_window` from its two percentiles: a unit window around ``low`` if they coincide."""
+    low, high = float(low), float(high)
     if high <= low:
         return low - 0.5, low + 0.5
     return low, high

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .colour_scales import DEFORMABLE_PART, WHOLE_MAPPING
+from .colour_scales import DEFORMABLE_PART, ROBUST_PERCENTILES, WHOLE_MAPPING, display_window
 from .errors import InputError
 from .imageio.geometry import Volume
-from .imageio.intensity import intensity_window, normalise_intensity, scale_to_window
+from .imageio.intensity import NORMALISATION_PERCENTILES, checked_window, percentiles, scale_to_window
 from .imageio.network_grid import resample
 from .labels import EVALUATION_LABELS, is_tissue_map, label_info, tissue_of
 from .methods.base import Inputs, Result
@@ -77,11 +77,26 @@ class Evaluation:
         self.watch = watch or Stopwatch()
         self._last: tuple[np.ndarray, np.ndarray] | None = None
         self._beside: threading.Thread | None = None
+        self._windows: dict[int, tuple[np.ndarray, tuple[tuple[float, float], tuple[float, float]]]] = {}
 
     @cached_property
     def fixed_normalised(self) -> np.ndarray:
+        """`normalise_intensity` of the fixed image."""
+        fixed = self.inputs.fixed.array
         with self.watch.step("evaluation: foreground"):
-            return normalise_intensity(self.inputs.fixed.array)
+            return scale_to_window(fixed, *self.windows(fixed)[0])
+
+    def windows(self, array: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+        """An image's `intensity_window` (its normalisation for the metrics) and its `robust_window` (its pictures'
+        grey levels), from one partition of its values; kept for each image asked for (fixed, as it lies, warped).
+        The image must be finite (the inputs are checked when read, a result by `check`)."""
+        known = self._windows.get(id(array))
+        if known is None or known[0] is not array:
+            values = np.asarray(array)
+            p = percentiles(values, [*NORMALISATION_PERCENTILES, *ROBUST_PERCENTILES])
+            known = (array, (checked_window(values, p[0], p[1]), display_window(p[2], p[3])))
+            self._windows[id(array)] = known
+        return known[1]
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -161,7 +176,7 @@ class Evaluation:
     def _normalised_in_mask(self, array: np.ndarray) -> np.ndarray:
         """``reference.of(normalise_intensity(array))``, the same numbers, with only the foreground's voxels scaled
         (the window still from the whole image)."""
-        return scale_to_window(self.reference.of(array), *intensity_window(array)).astype(np.float64)
+        return scale_to_window(self.reference.of(array), *self.windows(array)[0]).astype(np.float64)
 
     def _pmm(self, moving: np.ndarray) -> np.ndarray:
         """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``."""

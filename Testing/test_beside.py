@@ -1,4 +1,5 @@
-"""worker.beside: work in a forked child, its answer or its failure back in the parent."""
+"""worker.beside: a child forked ahead of its work, warmed up, then the work sent to it; its answer or its failure
+back in the parent."""
 
 from __future__ import annotations
 
@@ -7,53 +8,132 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from JointRegSegLib.worker import beside
 from JointRegSegLib.worker.beside import Beside, ChildFailed, can_fork
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="work is forked off on Linux only (elsewhere it runs in place)")
 
+_WARMED: list[str] = []
 
-def test_the_work_runs_in_another_process_and_its_value_comes_back():
-    parent = os.getpid()
-    data = list(range(100_000))  # already in memory: the child reads it without it being sent
-    work = Beside(lambda: (os.getpid(), sum(data), {"picture": "pictures/fixed.png"}))
-    pid, total, files = work.result()
-    assert pid != parent and total == sum(data) and files == {"picture": "pictures/fixed.png"}
+
+def _warm() -> None:
+    _WARMED.append("warmed")
+
+
+def _who_and_sum(data: bytes) -> tuple[int, int, list[str]]:
+    return os.getpid(), sum(data), list(_WARMED)
+
+
+def _full_disk() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device", "pictures/fixed.png")
+
+
+def _fails_with_a_local_class() -> None:
+    class Local(Exception):  # a local class cannot be pickled
+        pass
+
+    raise Local("the renderer failed")
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _waits_for(read: int) -> str:
+    os.read(read, 1)  # never answered: only a signal ends this
+    return "finished"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_work_runs_in_the_warmed_up_child_and_its_value_comes_back():
+    data = bytes(range(256)) * 4096  # 1 MB: more than a pipe holds, sent while the child reads
+    work = Beside(_warm)
+    work.submit(_who_and_sum, data)
+    pid, total, warmed = work.result()
+    assert pid != os.getpid() and total == sum(data) and warmed == ["warmed"] and _WARMED == []
+
+
+def test_submit_does_not_wait_for_a_child_still_warming_up(tmp_path: Path):
+    """The warm-up holds the child until the test opens the gate; a submit that waited for the child to read its
+    8 MB would never return (a watchdog opens the gate after 60 s, and the order shows it)."""
+    gate_read, gate_write = os.pipe()
+    events: list[str] = []
+    work = Beside(lambda: os.read(gate_read, 1))
+    os.close(gate_read)
+    watchdog = threading.Timer(60, lambda: (events.append("watchdog"), os.write(gate_write, b"x")))
+    watchdog.start()
+    try:
+        work.submit(_who_and_sum, bytes(8 << 20))
+        events.append("submitted")
+        os.write(gate_write, b"x")
+        assert work.result()[1] == 0
+    finally:
+        watchdog.cancel()
+        os.close(gate_write)
+    assert events == ["submitted"]
 
 
 def test_the_childs_exception_is_raised_in_the_parent_with_its_details():
-    def full_disk():
-        raise OSError(errno.ENOSPC, "No space left on device", "pictures/fixed.png")
-
+    work = Beside()
+    work.submit(_full_disk)
     with pytest.raises(OSError) as caught:
-        Beside(full_disk).result()
+        work.result()
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == "pictures/fixed.png"
 
 
 def test_an_exception_that_does_not_pickle_comes_back_as_its_text():
-    class Local(Exception):  # a local class cannot be pickled
-        pass
-
-    def fails():
-        raise Local("the renderer failed")
-
+    work = Beside()
+    work.submit(_fails_with_a_local_class)
     with pytest.raises(RuntimeError, match="Local: the renderer failed"):
-        Beside(fails).result()
+        work.result()
 
 
 def test_a_child_killed_before_answering_is_reported():
+    work = Beside()
+    work.submit(_killed)
     with pytest.raises(ChildFailed, match="killed by SIGKILL"):
-        Beside(lambda: os.kill(os.getpid(), signal.SIGKILL)).result()
+        work.result()
 
 
-def test_close_stops_a_child_still_running():
-    work = Beside(lambda: time.sleep(600))
-    pid = work._pid
-    work.close()
-    with pytest.raises(ProcessLookupError):  # stopped and reaped: no such process any more
-        os.kill(pid, 0)
+def test_close_stops_a_child_still_working_or_still_waiting():
+    read, write = os.pipe()
+    working = Beside()
+    working.submit(_waits_for, read)
+    waiting = Beside()
+    pids = [working._pid, waiting._pid]
+    working.close()
+    waiting.close()
+    os.close(read)
+    os.close(write)
+    assert all(_gone(pid) for pid in pids)  # stopped and reaped: no such process any more
+
+
+def test_a_child_whose_parent_sends_nothing_leaves_by_itself():
+    """When the run ends without sending work (it failed, or died), the pipe closes and the child exits."""
+    waiting = Beside(_warm)
+    os.close(waiting._requests)
+    waiting._requests = None
+    _, status = os.waitpid(waiting._pid, 0)
+    waiting._pid = None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_without_fork_the_work_runs_here_when_its_result_is_asked_for(monkeypatch):
+    monkeypatch.setattr(beside, "can_fork", lambda: False)
+    work = Beside(_warm)
+    work.submit(_who_and_sum, b"\x01\x02")
+    assert work.result() == (os.getpid(), 3, [])
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signal masks of the main thread")
@@ -62,13 +142,8 @@ def test_sigterm_ends_the_child_although_the_worker_blocks_it():
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         read, write = os.pipe()
-
-        def wait_for_the_parent():
-            os.close(write)
-            os.read(read, 1)  # never answered: only a signal ends this
-            return "finished"
-
-        work = Beside(wait_for_the_parent)
+        work = Beside()
+        work.submit(_waits_for, read)
         os.close(read)
         pid = work._pid
         os.kill(pid, signal.SIGTERM)

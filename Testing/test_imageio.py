@@ -127,6 +127,20 @@ def test_fast_nifti_writer_matches_what_simpleitk_writes(tmp_path: Path, dtype: 
     np.testing.assert_array_equal(np.asanyarray(ours_nib.dataobj), volume.array)
 
 
+@pytest.mark.parametrize("shape", [(70, 9, 45), (33, 5, 65, 3), (5, 4, 3)])
+def test_tiled_copy_into_the_files_order_equals_numpys_copy(shape: tuple[int, ...]) -> None:
+    # shapes whose first and third axes end in part of a tile, a vector volume, one smaller than a tile
+    from JointRegSegLib.imageio.io import TILE, copy_in_tiles
+
+    assert shape[0] % TILE or shape[2] % TILE
+    source = np.random.default_rng(7).random(shape).astype(np.float32)
+    target = np.zeros(shape, np.float32, order="F")
+    copy_in_tiles(target, source)
+    expected = np.zeros(shape, np.float32, order="F")
+    expected[...] = source
+    np.testing.assert_array_equal(target, expected)
+
+
 def _written_by_simpleitk(volume: Volume, path: Path) -> Path:
     from JointRegSegLib.imageio import to_sitk
 

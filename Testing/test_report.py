@@ -17,8 +17,10 @@ from JointRegSegLib.report import (
     jacobian_control_points,
     jacobian_rgba,
     orthogonal_slices,
-    save_individual_pictures,
-    save_registration_figure,
+    draw_picture,
+    draw_pictures,
+    individual_pictures,
+    registration_picture,
     save_slices_png,
 )
 
@@ -127,29 +129,28 @@ def _assert_valid_png(path) -> None:
     assert np.unique(rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]).size > 10  # not one colour
 
 
-def test_save_registration_figure_writes_a_png_with_all_parts(tmp_path):
+def test_registration_picture_is_a_png_with_all_parts(tmp_path):
     case = _synthetic_case()
-    path = save_registration_figure(path=tmp_path / "figure.png", title="synthetic", **case)
+    path = draw_picture(registration_picture(title="synthetic", **case), tmp_path / "figure.png")
     _assert_valid_png(path)
     # The Jacobian row shows the folding colour (exactly, for pixels inside the folded block).
     image = imread(path)[..., :3]
     assert np.any(np.all(np.abs(image - np.array(JACOBIAN_FOLDING_RGB)) < 1.0 / 255, axis=-1))
 
 
-def test_save_registration_figure_rejects_mismatched_shapes(tmp_path):
+def test_registration_picture_rejects_mismatched_shapes(tmp_path):
     case = _synthetic_case()
     other = Geometry((24, 28, 19), (1.0, 1.0, 1.5), (0.0, 0.0, 0.0))
     case["pmm"] = Volume(np.ones(other.shape), other)
     with pytest.raises(ValueError, match="pmm"):
-        save_registration_figure(path=tmp_path / "bad.png", **case)
+        draw_picture(registration_picture(**case), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_save_individual_pictures_and_slices_png(tmp_path):
+def test_individual_pictures_and_slices_png(tmp_path):
     case = _synthetic_case()
-    paths = save_individual_pictures(
-        tmp_path / "pictures", case["fixed"], case["moving"], case["warped"], case["jacobian"], case["pmm"]
-    )
+    pictures = individual_pictures(case["fixed"], case["moving"], case["warped"], case["jacobian"], case["pmm"])
+    paths = draw_pictures(pictures, tmp_path / "pictures")
     assert set(paths) == {"fixed", "moving", "warped", "checkerboard", "jacobian", "pmm"}
     for name, path in paths.items():
         assert path.name == f"{name}.png"
@@ -163,21 +164,22 @@ def test_plain_pictures_drawn_in_one_figure_equal_a_figure_each(tmp_path):
     are swapped: the same pixels as each drawn in a figure of its own (titles of one and two lines)."""
     from PIL import Image
 
-    from JointRegSegLib.report.figures import _checkerboard_row, _grey_row, _plain, _render, _render_plain, _Windows
+    from JointRegSegLib.report.figures import _render_plain, draw_picture
+    from JointRegSegLib.report.rows import Picture, Windows, checkerboard_row, grey_row
     from JointRegSegLib.report.slices import orthogonal_aspects
 
     case = _synthetic_case()
-    paths = save_individual_pictures(tmp_path / "shared", case["fixed"], case["moving"], case["warped"], None, None)
-    geometry, windows, index = case["fixed"].geometry, _Windows(), (12, 14, 9)
+    paths = draw_pictures(individual_pictures(case["fixed"], case["moving"], case["warped"], None, None), tmp_path / "shared")
+    geometry, windows, index = case["fixed"].geometry, Windows(), (12, 14, 9)
     rows = {
-        "fixed": _grey_row("fixed", case["fixed"].array, index, geometry, windows),
-        "moving": _grey_row("moving, a title long enough for two lines", case["moving"].array, index, geometry, windows),
-        "checkerboard": _checkerboard_row(case["fixed"].array, case["warped"].array, index, geometry, windows),
+        "fixed": grey_row("fixed", case["fixed"].array, index, geometry, windows),
+        "moving": grey_row("moving, a title long enough for two lines", case["moving"].array, index, geometry, windows),
+        "checkerboard": checkerboard_row(case["fixed"].array, case["warped"].array, index, geometry, windows),
     }
-    assert all(_plain(row) for row in rows.values()) and set(paths) == {"fixed", "moving", "warped", "checkerboard"}
+    assert all(row.plain for row in rows.values()) and set(paths) == {"fixed", "moving", "warped", "checkerboard"}
     shared = _render_plain(rows, orthogonal_aspects(geometry), tmp_path / "one", 110)
     for name, row in rows.items():
-        alone = _render([row], orthogonal_aspects(geometry), tmp_path / "each" / f"{name}.png", "", 110)
+        alone = draw_picture(Picture([row], orthogonal_aspects(geometry)), tmp_path / "each" / f"{name}.png", 110)
         np.testing.assert_array_equal(np.asarray(Image.open(shared[name])), np.asarray(Image.open(alone)))
 
 
@@ -215,7 +217,8 @@ def test_pmm_pictures_of_two_runs_share_one_colour_scale(tmp_path):
     for number, (low, high) in enumerate(((0.0, 0.2), (0.1, 0.5))):
         values = np.linspace(low, high, black.array.size, dtype=np.float32).reshape(geometry.shape)
         values[:, :, 10:14] = 0.18
-        paths = save_individual_pictures(tmp_path / f"run{number}", black, black, black, None, black.with_array(values), index=(12, 12, 12))
+        pictures = individual_pictures(black, black, black, None, black.with_array(values), index=(12, 12, 12))
+        paths = draw_pictures(pictures, tmp_path / f"run{number}")
         colours.append(_most_common_colour(paths["pmm"]))
     np.testing.assert_allclose(colours[0], colours[1], atol=3)
     assert colours[0].max() - colours[0].min() > 20, "the slab should be drawn in a colour, not grey"
@@ -240,14 +243,15 @@ def _texts_outside(figure) -> list[str]:
 def test_single_row_pictures_keep_long_titles_and_colour_bar_labels_inside():
     """A one-row picture (e.g. pictures/pmm.png, a method's segmentation) is as tall as its views: a long row
     title or colour-bar label must be wrapped, not cut off at the picture's edges."""
-    from JointRegSegLib.report.figures import _contour_row, _figure, _pmm_row, _Windows
+    from JointRegSegLib.report.figures import _figure
+    from JointRegSegLib.report.rows import Windows, contour_row, pmm_row
 
     geometry = Geometry((40, 48, 56), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     image = np.random.default_rng(0).random(geometry.shape).astype(np.float32)
     labels = np.zeros(geometry.shape, np.int16)
     labels[5:35, 5:20, 5:50], labels[5:35, 25:45, 5:50] = 2, 41
     index = (20, 24, 28)
-    rows = [_pmm_row(image * 0.5, index, geometry, image), _contour_row("uresnet's segmentation of the moving image", image, labels, index, geometry, _Windows())]
+    rows = [pmm_row(image * 0.5, index, geometry, image), contour_row("uresnet's segmentation of the moving image", image, labels, index, geometry, Windows())]
     for row in rows:
         assert _texts_outside(_figure([row], (1.0, 1.0, 1.0), "")) == []
 
@@ -256,11 +260,11 @@ def test_outline_legend_names_a_left_right_pair_once():
     """Left and right cerebral white matter share FreeSurfer's colour: one legend entry; a structure present on
     one side only keeps its own name. Entries follow the label codes' order."""
     from JointRegSegLib.labels import label_info
-    from JointRegSegLib.report.figures import _legend_entries
+    from JointRegSegLib.report.rows import legend_entries
 
     labels = np.zeros((10, 10, 10), np.int16)
     labels[:3], labels[3:6], labels[6:8] = 2, 41, 10  # left / right white matter, left thalamus
-    names = [name for _, name in _legend_entries(labels)]
+    names = [name for _, name in legend_entries(labels)]
     assert names == ["Cerebral-White-Matter (left, right)", label_info(10).name]
     assert label_info(2).rgb == label_info(41).rgb
 
@@ -269,13 +273,13 @@ def test_outline_legend_takes_given_names_before_freesurfers():
     """A brain mask's label 1 is "brain" in its picture's legend, not FreeSurfer's name for code 1 (or "Label-1");
     labels without a given name keep FreeSurfer's."""
     from JointRegSegLib.labels import label_info
-    from JointRegSegLib.report.figures import _legend_entries
+    from JointRegSegLib.report.rows import legend_entries
 
     mask = np.zeros((10, 10, 10), np.uint8)
     mask[2:8, 2:8, 2:8], mask[8:, 8:, 8:], mask[:2, :2, :2], mask[:2, 8:, 8:] = 1, 2, 41, 60  # a left/right pair, one more
     pair_and_more = ["Cerebral-White-Matter (left, right)", label_info(60).name]
-    assert [name for _, name in _legend_entries(mask, {1: "brain"})] == ["brain", *pair_and_more]
-    assert [name for _, name in _legend_entries(mask)] == [label_info(1).name, *pair_and_more]
+    assert [name for _, name in legend_entries(mask, {1: "brain"})] == ["brain", *pair_and_more]
+    assert [name for _, name in legend_entries(mask)] == [label_info(1).name, *pair_and_more]
 
 
 def test_a_tall_pictures_title_stays_above_the_view_names():
@@ -283,13 +287,14 @@ def test_a_tall_pictures_title_stays_above_the_view_names():
     figure's edge (matplotlib's default title height, a fraction of the figure, ran into the view names)."""
     from matplotlib.text import Text
 
-    from JointRegSegLib.report.figures import _contour_row, _figure, _Windows
+    from JointRegSegLib.report.figures import _figure
+    from JointRegSegLib.report.rows import Windows, contour_row
 
     geometry = Geometry((40, 48, 56), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     image = np.random.default_rng(1).random(geometry.shape).astype(np.float32)
     labels = np.zeros(geometry.shape, np.int16)
     labels[5:35, 5:20, 5:50] = 2
-    row = _contour_row("rows", image, labels, (20, 24, 28), geometry, _Windows())
+    row = contour_row("rows", image, labels, (20, 24, 28), geometry, Windows())
     figure = _figure([row] * 8, (1.0, 1.0, 1.0), "JointRegSeg demo: 0.765 mean Dice")
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()

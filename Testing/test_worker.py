@@ -71,7 +71,7 @@ def test_provenance_times_every_step_within_the_run(finished_run):
     timings = json.loads((out / "provenance.json").read_text())["timings_s"]
     steps = timings["steps"]
     for name in ("start-up", "reading", "registration: network grid", "registration: warping", "evaluation: Jacobian",
-                 "evaluation: PMM", "evaluation: Dice and HD95", "writing: pictures", "writing: images",
+                 "evaluation: PMM", "evaluation: Dice and HD95", "evaluation: pictures' slices", "writing: pictures", "writing: images",
                  "writing: displacement field", "writing: maps", "writing: waiting for the files"):
         assert steps[name] >= 0.0, name
     registration = sum(v for k, v in steps.items() if k.startswith("registration:"))
@@ -100,6 +100,33 @@ def test_uncompressed_outputs_on_request(tmp_path, sample_pair, finished_run):
         if kind in ("warped", "warped_seg"):
             assert path.stat().st_size > (compressed / f"{path.name}.gz").stat().st_size, kind
     assert not list(out.glob("*.nii.gz"))
+
+
+def test_pictures_drawn_by_the_child_equal_those_drawn_in_the_run(tmp_path, sample_pair, monkeypatch):
+    """The pictures' slices pickled to the child that draws them (`worker.beside`, forked before the run) give the
+    same pixels as drawing them in the run's own process (where fork is missing)."""
+    from PIL import Image
+
+    from JointRegSegLib.worker import beside
+    from JointRegSegLib.worker.job import job_from_dict
+    from JointRegSegLib.worker.pictures import warm_up
+    from JointRegSegLib.worker.run import run_job
+
+    pictures = {}
+    for where in ("child", "here"):
+        if where == "here":
+            monkeypatch.setattr(beside, "can_fork", lambda: False)
+        painter = beside.Beside(warm_up)
+        assert (painter._pid is not None) == (where == "child")
+        try:
+            job = job_from_dict(_job(sample_pair, tmp_path / where, pictures=True, threads=1), source="test")
+            files = run_job(job, EventWriter(io.StringIO()), painter=painter)["files"]
+        finally:
+            painter.close()
+        pictures[where] = {k: np.asarray(Image.open(v)) for k, v in files.items() if k.startswith("picture_")}
+    assert set(pictures["child"]) == set(pictures["here"]) >= {"picture_fixed", "picture_jacobian", "picture_warped_seg"}
+    for name, pixels in pictures["child"].items():
+        np.testing.assert_array_equal(pixels, pictures["here"][name], err_msg=name)
 
 
 def test_progress_is_monotonic_and_time_left_is_shown(finished_run):

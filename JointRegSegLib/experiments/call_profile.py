@@ -62,13 +62,15 @@ GROUPS = (
     ("own segmentation", ("registration: segmentation", "registration: segmentation scores", "registration: brain mask")),
     ("Jacobian", ("evaluation: Jacobian",)),
     ("PMM", ("evaluation: PMM",)),
+    ("pictures' slices", ("evaluation: pictures' slices",)),
     ("metrics", ("evaluation: foreground", "evaluation: similarity", "evaluation: waiting for the numbers before registration",
                  "evaluation: Dice and HD95", "evaluation: own segmentations")),
     ("pictures (waited for)", ("writing: pictures", "writing: overview")),
     ("writing NIfTI (waited for)", ("writing: waiting for the files", "writing: metrics")),
 )
-"""The columns of the step table: each a group of named steps (`timing`), in the order they run. The pictures are
-drawn beside the metrics by a forked child on Linux (`worker.beside`): their column is what the run waited for after."""
+"""The columns of the step table: each a group of named steps (`timing`), in the order they run. The pictures'
+slices are cut in the run's process; the pictures are drawn from them beside the metrics by a child process on Linux
+(`worker.beside`): their column is what the run waited for after."""
 BACKGROUND = ("writing: images", "writing: displacement field", "writing: maps")
 """Steps run on the worker's background thread, overlapping the evaluation and the pictures."""
 BESIDE = "evaluation: before registration"

@@ -9,8 +9,13 @@ import numpy as np
 from ..errors import InputError
 
 
+NORMALISATION_PERCENTILES = (0.5, 99.5)
+"""The percentiles `normalise_intensity` maps to 0 and 1 by default."""
+
+
 def normalise_intensity(
-    array: np.ndarray, mask: np.ndarray | None = None, low: float = 0.5, high: float = 99.5
+    array: np.ndarray, mask: np.ndarray | None = None, low: float = NORMALISATION_PERCENTILES[0],
+    high: float = NORMALISATION_PERCENTILES[1],
 ) -> np.ndarray:
     """Map the ``low``-th and ``high``-th percentiles (over ``mask`` if given) to 0 and 1, clipping to [0, 1].
 
@@ -20,7 +25,8 @@ def normalise_intensity(
 
 
 def intensity_window(
-    array: np.ndarray, mask: np.ndarray | None = None, low: float = 0.5, high: float = 99.5
+    array: np.ndarray, mask: np.ndarray | None = None, low: float = NORMALISATION_PERCENTILES[0],
+    high: float = NORMALISATION_PERCENTILES[1],
 ) -> tuple[float, float]:
     """The values `normalise_intensity` maps to 0 and 1."""
     if not 0.0 <= low < high <= 100.0:
@@ -33,7 +39,12 @@ def intensity_window(
         values = values[mask]
     if values.size == 0:
         raise InputError("the intensity normalisation mask is empty; give a mask with at least one voxel.")
-    lo, hi = percentiles(values, [low, high])
+    return checked_window(values, *percentiles(values, [low, high]))
+
+
+def checked_window(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """`intensity_window` from the two percentiles ``lo`` and ``hi`` of ``values``: their minimum and maximum where
+    the two coincide; InputError where every value is the same."""
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:

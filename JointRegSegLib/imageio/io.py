@@ -355,7 +355,7 @@ def write_nifti(
     buffer = bytearray(offset + array.nbytes)
     buffer[:348] = header.binaryblock
     stored = np.frombuffer(buffer, dtype=header.get_data_dtype(), offset=offset).reshape(array.shape, order="F")
-    stored[...] = array  # one copy, straight into the file's voxel order
+    copy_in_tiles(stored, array)  # one copy, straight into the file's voxel order
     for component in negated:
         np.negative(stored[..., component], out=stored[..., component])
     parts = gzip_parts(buffer, threads=threads) if path.name.lower().endswith(".gz") else [buffer]
@@ -369,6 +369,20 @@ def write_nifti(
         raise write_error(path, error) from error
     if written != sum(len(part) for part in parts):
         raise write_error(path)
+
+
+TILE = 32
+"""`copy_in_tiles`: the edge (voxels) of the tiles of the first and third axes copied at a time."""
+
+
+def copy_in_tiles(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` for 3D arrays (or 3D + components) of opposite memory orders (the file's i fastest,
+    the array's k fastest), `TILE` x `TILE` voxels of the first and third axes at a time: what one tile reads and
+    writes stays in the cache (numpy's plain copy walks one array against its order: about twice the time)."""
+    first, third = target.shape[0], target.shape[2]
+    for i in range(0, first, TILE):
+        for k in range(0, third, TILE):
+            target[i : i + TILE, :, k : k + TILE] = source[i : i + TILE, :, k : k + TILE]
 
 
 def write_error(path: Path, error: BaseException | None = None) -> OutputError:

@@ -1,4 +1,12 @@
-"""Pictures of registration results as PNG: orthogonal views, checkerboard, Jacobian and PMM maps, contours."""
+"""Pictures of registration results as PNG: orthogonal views, checkerboard, Jacobian and PMM maps, contours.
+
+What they show (`rows`, `slices`) needs numpy alone; the drawing (`figures`, `colormaps`) needs matplotlib,
+imported when one of its names is first asked for here, so a process that only cuts the slices (a run whose
+pictures a child process draws, `worker.beside`) never imports it.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from ..colour_scales import (
     JACOBIAN_FOLDING_RGB,
@@ -7,8 +15,7 @@ from ..colour_scales import (
     pmm_control_points,
     robust_window,
 )
-from .colormaps import JacobianNorm, jacobian_colormap, jacobian_rgba, pmm_colormap
-from .figures import save_individual_pictures, save_registration_figure, save_segmentation_picture, save_slices_png
+from .rows import Picture, Row, individual_pictures, registration_picture, segmentation_picture
 from .slices import (
     canonical_index,
     checkerboard,
@@ -26,18 +33,35 @@ __all__ = [
     "canonical_index",
     "checkerboard",
     "default_index",
+    "draw_picture",
+    "draw_pictures",
+    "individual_pictures",
     "jacobian_colormap",
     "jacobian_control_points",
     "jacobian_rgba",
     "lps_axis_map",
     "orthogonal_aspects",
     "orthogonal_slices",
+    "Picture",
     "pmm_colormap",
     "pmm_control_points",
+    "registration_picture",
     "robust_window",
-    "save_individual_pictures",
-    "save_registration_figure",
-    "save_segmentation_picture",
+    "Row",
     "save_slices_png",
+    "segmentation_picture",
     "to_lps_canonical",
 ]
+
+_DRAWING = {
+    "colormaps": ("JacobianNorm", "jacobian_colormap", "jacobian_rgba", "pmm_colormap"),
+    "figures": ("draw_picture", "draw_pictures", "save_slices_png"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The drawing's names (`_DRAWING`), imported from their module when first asked for."""
+    for module, names in _DRAWING.items():
+        if name in names:
+            return getattr(import_module(f".{module}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

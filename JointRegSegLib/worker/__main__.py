@@ -25,9 +25,11 @@ from ..allocator import keep_freed_memory
 from ..errors import InputError
 from ..quick_exit import exit_now
 from ..timing import process_age
+from .beside import Beside
 from .events import EventWriter
 from .failures import EXIT_BAD_INPUT, describe_failure
 from .job import parse_job
+from .pictures import warm_up
 
 EXIT_CANCELLED = 143
 EXIT_INTERRUPTED = 130
@@ -95,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read the job file {path}: {getattr(error, 'strerror', None) or error}.") from error
         job = parse_job(text, source=f"job file {path}")
-        from .run import run_job
+        painter = Beside(warm_up) if job.pictures else None  # before the imports, where none were made (`beside`)
+        try:
+            from .run import run_job
 
-        run_job(job, events, startup=startup)
+            run_job(job, events, startup=startup, painter=painter)
+        finally:
+            if painter is not None:
+                painter.close()
         return 0
     except Exception as error:
         failure = describe_failure(error, events.stage)

@@ -1,18 +1,22 @@
-"""Work done in a forked child process beside the run's own: the pictures, drawn while the metrics are computed.
+"""Work done in a child process beside the run's own: the pictures, drawn while the metrics are computed.
 
 Drawing the pictures (matplotlib, holding the GIL) and computing the metrics (numpy, HD95's search)
 are independent once the quality maps exist; in one process they run one after the other, in a
-thread they take turns at the GIL. A child forked from the run has every array already in memory
-(copy-on-write, nothing is pickled on the way in) and draws on the other CPU core; only its return
-value (the pictures' file names) or its exception comes back, pickled through a pipe.
+thread they take turns at the GIL. A `Beside` forks its child when it is made, as early as the
+caller can (the command line: before torch is imported, while the process is small and one core
+idles during the imports); the child runs its ``warm_up`` at once (matplotlib's imports) and then
+waits. `submit` sends it the work later, pickled (a module-level function and its arguments, e.g.
+the pictures' slices, `report.rows`) through a pipe; its return value, or its exception, comes
+back pickled through another. Nothing of the run's later memory is shared, so the run's writes
+cost no copy-on-write page faults, and forking a small process costs little.
 
 Only on Linux, where ``fork`` is the platform's own way of starting processes; elsewhere (Windows
 has no fork; macOS's system libraries are not fork-safe) the work runs in the run's process when
 its result is asked for. The child runs nothing but the work and leaves with ``os._exit``: no
-atexit handler, no buffered output of the parent's is flushed twice. The work must not use torch
-(its OpenMP threads do not survive a fork) or take locks other threads of the run may hold; the
-pictures need numpy, matplotlib and PIL alone. The child is in the run's process group, and SIGTERM
-and SIGINT, which the worker blocks in favour of its cancel thread (`__main__`), end it at once.
+atexit handler, no buffered output of the parent's is flushed twice; when the pipe closes without
+work (the run failed, or drew nothing) it leaves at once. The work must not use torch (its OpenMP
+threads do not survive a fork). The child is in the run's process group, and SIGTERM and SIGINT,
+which the worker blocks in favour of its cancel thread (`__main__`), end it at once.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -34,36 +40,58 @@ def can_fork() -> bool:
 
 
 class Beside:
-    """``work()`` started in a forked child (`can_fork`), else run when `result` is first asked for."""
+    """A child forked now (`can_fork`) that runs ``warm_up()`` and then the work `submit` sends it; elsewhere the
+    work runs in this process when `result` is first asked for."""
 
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._work = work
+    def __init__(self, warm_up: Callable[[], Any] | None = None) -> None:
         self._pid: int | None = None
-        self._pipe: int | None = None
+        self._requests: int | None = None
+        self._replies: int | None = None
+        self._work: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self._sending: threading.Thread | None = None
         if can_fork():
-            self._start()
+            self._start(warm_up)
 
-    def _start(self) -> None:
+    def _start(self, warm_up: Callable[[], Any] | None) -> None:
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             if stream is not None:
                 stream.flush()
-        read, write = os.pipe()
-        with warnings.catch_warnings():  # Python >= 3.12 warns of forking a threaded process: the child runs `work` alone
+        requests, replies = os.pipe(), os.pipe()
+        with warnings.catch_warnings():  # Python >= 3.12 warns of forking a threaded process: the child runs its work alone
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
-            os.close(read)
-            _child(self._work, write)
-        os.close(write)
-        self._pid, self._pipe = pid, read
+            os.close(requests[1])
+            os.close(replies[0])
+            _child(warm_up, requests[0], replies[1])
+        os.close(requests[0])
+        os.close(replies[1])
+        self._pid, self._requests, self._replies = pid, requests[1], replies[0]
+
+    def submit(self, work: Callable[..., Any], *args: Any) -> None:
+        """Have the child run ``work(*args)`` (both pickled; sent on a thread, so a child still warming up does
+        not hold the caller up)."""
+        if self._work is not None:
+            raise RuntimeError("a Beside runs one piece of work")
+        self._work = (work, args)
+        if self._pid is None:
+            return
+        request = pickle.dumps(self._work, protocol=pickle.HIGHEST_PROTOCOL)
+        requests, self._requests = self._requests, None
+        self._sending = threading.Thread(target=_send, args=(requests, request), name="jointregseg-beside", daemon=True)
+        self._sending.start()
 
     def result(self) -> Any:
-        """What ``work()`` returned; raises what it raised (or `ChildFailed` when the child ended without an answer)."""
+        """What the work returned; raises what it raised (or `ChildFailed` when the child ended without an answer)."""
+        if self._work is None:
+            raise RuntimeError("nothing was submitted")
         if self._pid is None:
-            return self._work()
-        with os.fdopen(self._pipe, "rb") as pipe:
-            self._pipe = None
+            work, args = self._work
+            return work(*args)
+        with os.fdopen(self._replies, "rb") as pipe:
+            self._replies = None
             answer = pipe.read()
+        self._sending.join()
         status = self._reap()
         if not answer:
             raise ChildFailed(f"the process drawing them ended without an answer ({_describe(status)})")
@@ -73,15 +101,14 @@ class Beside:
         return value
 
     def close(self) -> None:
-        """Stop the child if it still runs (the run failed or was cancelled before asking for the result)."""
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
+        """Stop the child if it still runs (the run failed, was cancelled, or asked for no result)."""
+        for pipe in (self._requests, self._replies):
+            if pipe is not None:
+                os.close(pipe)
+        self._requests = self._replies = None
         if self._pid is not None:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self._reap()
 
     def _reap(self) -> int:
@@ -99,8 +126,15 @@ def _describe(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _child(work: Callable[[], Any], write: int) -> None:
-    """In the forked child: run ``work``, send ``(True, value)`` or ``(False, exception)``, leave at once."""
+def _send(pipe: int, data: bytes) -> None:
+    """Write ``data`` into ``pipe`` and close it (a child that died meanwhile: its missing answer tells)."""
+    with suppress(BrokenPipeError), os.fdopen(pipe, "wb") as stream:
+        stream.write(data)
+
+
+def _child(warm_up: Callable[[], Any] | None, requests: int, replies: int) -> None:
+    """In the forked child: warm up, wait for the work, run it, send ``(True, value)`` or ``(False, exception)``,
+    leave at once (also when the pipe closes without work)."""
     try:
         for sig in _STOP_SIGNALS:
             try:
@@ -109,15 +143,23 @@ def _child(work: Callable[[], Any], write: int) -> None:
                 pass
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, set(_STOP_SIGNALS))
+        if warm_up is not None:
+            with suppress(Exception):  # a failing import fails the work itself, which reports it
+                warm_up()
+        with os.fdopen(requests, "rb") as pipe:
+            request = pipe.read()
+        if not request:
+            return
         try:
-            outcome: tuple[bool, Any] = (True, work())
+            work, args = pickle.loads(request)
+            outcome: tuple[bool, Any] = (True, work(*args))
         except BaseException as error:  # sent to the parent, which raises it
             outcome = (False, error)
         try:
             answer = pickle.dumps(outcome)
         except Exception:  # an exception (or value) that does not pickle: its text
             answer = pickle.dumps((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
-        with os.fdopen(write, "wb") as pipe:
+        with os.fdopen(replies, "wb") as pipe:
             pipe.write(answer)
     finally:
         os._exit(0)

@@ -51,6 +51,7 @@ from .outputs import (
     write_metrics,
     write_registration,
 )
+from .pictures import draw, picture_plan, warm_up
 from .staging import MANIFEST, PROVENANCE, Staging
 
 # Overall progress given to each stage (fractions of the whole run; on the sample pair a tto run spends
@@ -157,13 +158,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run_job(
-    job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None, startup: float | None = None
+    job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None, startup: float | None = None,
+    painter: Beside | None = None,
 ) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
     The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
     the result is evaluated, the maps while the metrics are computed; the pictures are drawn meanwhile
-    by a forked child on Linux (`beside.Beside`; elsewhere after the metrics); then the run waits for them.
+    by a child process on Linux (``painter``, a `beside.Beside` warmed up with `pictures.warm_up`, forked by
+    the caller as early as it can, else here; elsewhere they are drawn after the metrics); then the run waits
+    for them. The caller closes its ``painter`` when the run returns or fails.
 
     ``timings`` (in the result and provenance.json): ``startup_s`` (the interpreter and imports before
     the job started: ``startup``, or where None the process's age now), ``load_s``, ``register_s``, ``evaluate_s``, ``write_s``, ``total_s`` (from the job's
@@ -185,6 +189,8 @@ def run_job(
     writer = BackgroundWriter()
     drawing: Beside | None = None
     try:
+        if job.pictures:
+            drawing = painter or Beside(warm_up)
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
         with watch.step("reading"):
@@ -212,11 +218,15 @@ def run_job(
         events.progress(STAGES["evaluate"][0], "quality maps and metrics")
         maps = _kept_on_failure("evaluation", failed, events, lambda: evaluation.maps(result, job.jacobian == "whole"))
         writer.submit(partial(write_maps, staging.path, maps, job.compress, watch, threads))
-        if job.pictures:  # drawn by a forked child while the metrics are computed (`beside`)
-            evaluation.wait_for_numbers_before()  # no thread of ours runs when the child is forked
-            with suppress(Exception):  # the moving image as it lies, once for both; a failure shows in the metrics
-                evaluation.initial
-            drawing = Beside(partial(_pictures, staging.path, evaluation, result, maps, method.info.name))
+        if drawing is not None:  # drawn by the child while the metrics are computed (`beside`)
+            evaluation.wait_for_numbers_before()  # the moving image as it lies, computed there
+            with watch.step("evaluation: pictures' slices"):
+                pictures = _kept_on_failure("pictures", failed, events, lambda: picture_plan(evaluation, result, maps, method.info.name))
+            if pictures is None:
+                drawing.close()
+                drawing = None
+            else:
+                drawing.submit(draw, staging.path, pictures)
         metrics = (_kept_on_failure("evaluation", failed, events, lambda: evaluation.metrics(result, maps)) if maps is not None else None) or {}
         metrics.update({f"time_{k}": v for k, v in timings.items()})
         if result.messages:
@@ -274,19 +284,6 @@ def _add_method_steps(watch: Stopwatch, details: dict[str, Any], seconds: float,
     watch.add("registration: other", seconds - sum(own.values()), cpu_seconds - sum(own_cpu.values()))
 
 
-def _pictures(folder: Path, evaluation: Evaluation, result: Result, maps: Maps | None, method: str) -> dict[str, str]:
-    from ..report import save_individual_pictures  # matplotlib: only for a run that draws pictures
-
-    inputs = evaluation.inputs
-    pictures = save_individual_pictures(
-        folder / "pictures", inputs.fixed, evaluation.initial, result.warped,
-        maps.jacobian if maps is not None else None, maps.pmm if maps is not None else None,
-        jacobian_part=maps.jacobian_part if maps is not None else "whole mapping",
-        segmentations=segmentation_pictures(inputs, result, method), mask=maps.mask if maps is not None else None,
-    )
-    return {f"picture_{k}": str(Path("pictures") / Path(p).name) for k, p in pictures.items()}
-
-
 def _kept_on_failure(step: str, failed: dict[str, str], events: EventWriter, work: Callable[[], Any]) -> Any:
     """Run a step whose failure must not cost the registration: log and record it, return None.
 
@@ -305,20 +302,6 @@ def _kept_on_failure(step: str, failed: dict[str, str], events: EventWriter, wor
     failed[step] = reason
     events.log(f"the {step} step failed ({reason}); the transform and the warped image are written.", "warning")
     return None
-
-
-def segmentation_pictures(
-    inputs: Inputs, result: Result, method: str
-) -> dict[str, tuple[Volume, Volume, str, dict[int, str] | None]]:
-    """Outline pictures: the warped label map over the fixed image, and the method's own segmentations
-    (and brain mask, its label 1 named "brain") over the image each lies on."""
-    candidates = {
-        "warped_seg": (inputs.fixed, result.warped_seg, "warped moving labels over fixed", None),
-        "fixed_seg": (inputs.fixed, result.fixed_seg, f"{method}'s segmentation of fixed", None),
-        "moving_seg": (inputs.moving, result.moving_seg, f"{method}'s segmentation of moving", None),
-        "brain_mask": (inputs.moving, result.brain_mask, f"{method}'s brain mask over moving", {1: "brain"}),
-    }
-    return {name: entry for name, entry in candidates.items() if entry[1] is not None}
 
 
 def provenance(
