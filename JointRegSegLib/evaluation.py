@@ -148,7 +148,7 @@ class Evaluation:
         or under way; `wait_for_numbers_before` joins it. A failure there is raised again where they are asked for."""
         if self._beside is not None or "initial_numbers" in self.__dict__:
             return
-        self.reference  # both threads read them: prepared first
+        self.reference.bins(PMM_BINS)  # both threads read them: prepared first (else each thread bins the fixed image)
         self.patches
 
         def numbers() -> None:
