@@ -303,3 +303,25 @@ def test_a_tall_pictures_title_stays_above_the_view_names():
     assert len(view_names) == 3
     assert all(title.y0 > name.y1 for name in view_names)
     assert _texts_outside(figure) == []
+
+
+def test_cutting_the_slices_does_not_import_matplotlib():
+    """The run cuts the pictures' slices and a child process draws them (`worker.beside`): the run itself must not
+    pay for matplotlib's imports (half a second), so `report.rows` and the package's numpy names leave it out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from JointRegSegLib.imageio.geometry import Geometry, Volume\n"
+        "from JointRegSegLib.report import individual_pictures, orthogonal_slices, robust_window\n"
+        "g = Geometry((8, 9, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))\n"
+        "v = Volume(np.random.default_rng(0).random(g.shape).astype(np.float32), g)\n"
+        "pictures = individual_pictures(v, v, v, v, v)\n"
+        "assert len(pictures) == 6, pictures\n"
+        "assert 'matplotlib' not in sys.modules, 'imported matplotlib'\n"
+        "from JointRegSegLib.report import draw_pictures\n"
+        "assert 'matplotlib' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from contourpy import LineType, contour_generator
-from matplotlib import patheffects, rc_context
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PathCollection

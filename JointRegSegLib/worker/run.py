@@ -14,7 +14,6 @@ import errno
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,6 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import InputError, OutputError
 from ..evaluation import Evaluation, Maps, undefined_metrics
-from ..imageio.geometry import Volume
 from ..imageio.io import read_image, read_labels
 from ..imageio.validate import check_same_grid
 from ..labels import tissue_codes
