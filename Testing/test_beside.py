@@ -158,3 +158,35 @@ def test_sigterm_ends_the_child_although_the_worker_blocks_it():
             os.close(write)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def test_the_child_ends_with_the_process_that_forked_it(tmp_path: Path):
+    """A run that ends without closing its child (a cancel leaves with os._exit) takes the child with it: the
+    child, still drawing (here: sleeping ten minutes), must not go on writing into a removed folder."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, time\n"
+        "from JointRegSegLib.worker.beside import Beside\n"
+        "work = Beside()\n"
+        "work.submit(time.sleep, 600)\n"
+        "print(work._pid, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = int(done.stdout.split()[0])
+    for _ in range(600):  # reaped by init once killed; ten minutes of sleep otherwise
+        if _gone(child) or _zombie(child):
+            break
+        time.sleep(0.1)
+    assert _gone(child) or _zombie(child)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+    except OSError:
+        return True

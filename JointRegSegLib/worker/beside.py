@@ -16,11 +16,14 @@ its result is asked for. The child runs nothing but the work and leaves with ``o
 atexit handler, no buffered output of the parent's is flushed twice; when the pipe closes without
 work (the run failed, or drew nothing) it leaves at once. The work must not use torch (its OpenMP
 threads do not survive a fork). The child is in the run's process group, and SIGTERM and SIGINT,
-which the worker blocks in favour of its cancel thread (`__main__`), end it at once.
+which the worker blocks in favour of its cancel thread (`__main__`), end it at once; and it is killed when the
+run's process ends (``PR_SET_PDEATHSIG``), so a cancelled run's pictures are not drawn into the folder its
+cancel removed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -57,10 +60,12 @@ class Beside:
             if stream is not None:
                 stream.flush()
         requests, replies = os.pipe(), os.pipe()
+        parent = os.getpid()
         with warnings.catch_warnings():  # Python >= 3.12 warns of forking a threaded process: the child runs its work alone
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
+            _die_with(parent)
             os.close(requests[1])
             os.close(replies[0])
             _child(warm_up, requests[0], replies[1])
@@ -124,6 +129,17 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.WEXITSTATUS(status)}"
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """In the forked child: be killed when ``parent`` (the thread that forked, on Linux) ends; leave now if it has."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _send(pipe: int, data: bytes) -> None:
