@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
@@ -252,16 +253,24 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .sample_data import sample_pair
 
-    summary = run_with_progress(job_from_args(args, sample_pair(), args.out), _demo_figure)
+    overview = Beside(warm_up)  # a child of its own draws the overview, warmed up during the start-up as well
+    try:
+        summary = run_with_progress(job_from_args(args, sample_pair(), args.out), partial(_demo_figure, overview))
+    finally:
+        overview.close()
     print_summary(summary)
     if "picture_overview" in summary["files"]:
         print(f"  pictures in {Path(summary['files']['picture_overview']).parent}")
 
 
-def _demo_figure(folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]) -> dict[str, str]:
-    """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours), in the run's output."""
+def _demo_figure(
+    overview: Beside, folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]
+) -> dict[str, str]:
+    """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours), in the run's
+    output, drawn by ``overview`` (so this process never imports matplotlib)."""
     from .imageio.network_grid import resample
-    from .report import draw_picture, registration_picture
+    from .report import registration_picture
+    from .report.figures import draw_picture
 
     picture = registration_picture(
         inputs.fixed, resample(inputs.moving, inputs.fixed.geometry), result.warped,
@@ -271,7 +280,8 @@ def _demo_figure(folder: Path, inputs: Any, result: Any, maps: Any, metrics: dic
         warped_seg=result.warped_seg,
         title=f"JointRegSeg demo: {metrics.get('dice_mean', float('nan')):.3f} mean Dice",
     )
-    draw_picture(picture, folder / "pictures" / "overview.png")
+    overview.submit(draw_picture, picture, folder / "pictures" / "overview.png")
+    overview.result()
     return {"picture_overview": "pictures/overview.png"}
 
 

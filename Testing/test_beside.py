@@ -84,6 +84,21 @@ def test_submit_does_not_wait_for_a_child_still_warming_up(tmp_path: Path):
     assert events == ["submitted"]
 
 
+def test_a_child_forked_later_does_not_hold_up_the_work_of_one_forked_before():
+    """The second child inherits the first one's request pipe, open: the first must still see where its work
+    ends (a watchdog kills it after 60 s, and the answer is then missing)."""
+    first = Beside()
+    second = Beside()
+    watchdog = threading.Timer(60, lambda: os.kill(first._pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        first.submit(_who_and_sum, b"\x05")
+        assert first.result()[1] == 5
+    finally:
+        watchdog.cancel()
+        second.close()
+
+
 def test_the_childs_exception_is_raised_in_the_parent_with_its_details():
     work = Beside()
     work.submit(_full_disk)

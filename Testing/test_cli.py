@@ -31,6 +31,22 @@ def test_register_writes_a_complete_output(tmp_path, sample_pair, capsys):
     assert "\r" not in printed.err and "done: 100%" in printed.err.splitlines()[-1]
 
 
+def test_demo_writes_the_overview_and_every_picture(tmp_path, capsys):
+    """The README's first command: the bundled pair registered, the run's pictures drawn by one child process and
+    the overview by another (`worker.beside`), every file listed in result.json present, the overview a picture of
+    eight rows (taller than wide)."""
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--iterations", "2", "--out", str(out)]) == 0
+    manifest = json.loads((out / "result.json").read_text())
+    assert {"picture_overview", "picture_fixed", "picture_jacobian", "picture_warped_seg"} <= set(manifest)
+    assert all((out / name).is_file() for name in manifest.values())
+    width, height = Image.open(out / manifest["picture_overview"]).size
+    assert height > 1.5 * width
+    assert f"pictures in {out / 'pictures'}" in capsys.readouterr().out
+
+
 def test_progress_without_a_terminal_is_a_line_per_stage_and_interval(capsys):
     """A stage's first event gives a line, then one per PLAIN_EVERY_S seconds while it lasts; the end gives one."""
     now = [0.0]

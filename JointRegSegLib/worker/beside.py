@@ -6,8 +6,8 @@ thread they take turns at the GIL. A `Beside` forks its child when it is made, a
 caller can (the command line: before torch is imported, while the process is small and one core
 idles during the imports); the child runs its ``warm_up`` at once (matplotlib's imports) and then
 waits. `submit` sends it the work later, pickled (a module-level function and its arguments, e.g.
-the pictures' slices, `report.rows`) through a pipe; its return value, or its exception, comes
-back pickled through another. Nothing of the run's later memory is shared, so the run's writes
+the pictures' slices, `report.rows`) through a pipe, its length first (a child forked later holds the pipe
+open too); its return value, or its exception, comes back pickled through another. Nothing of the run's later memory is shared, so the run's writes
 cost no copy-on-write page faults, and forking a small process costs little.
 
 Only on Linux, where ``fork`` is the platform's own way of starting processes; elsewhere (Windows
@@ -27,6 +27,7 @@ import ctypes
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import warnings
@@ -82,6 +83,8 @@ class Beside:
         if self._pid is None:
             return
         request = pickle.dumps(self._work, protocol=pickle.HIGHEST_PROTOCOL)
+        request = struct.pack("<Q", len(request)) + request  # its length first: another child forked later may
+        # hold this pipe open too, so the end of the request is not where the pipe ends
         requests, self._requests = self._requests, None
         self._sending = threading.Thread(target=_send, args=(requests, request), name="jointregseg-beside", daemon=True)
         self._sending.start()
@@ -163,9 +166,10 @@ def _child(warm_up: Callable[[], Any] | None, requests: int, replies: int) -> No
             with suppress(Exception):  # a failing import fails the work itself, which reports it
                 warm_up()
         with os.fdopen(requests, "rb") as pipe:
-            request = pipe.read()
-        if not request:
-            return
+            header = pipe.read(8)
+            if len(header) < 8:  # closed without work
+                return
+            request = pipe.read(struct.unpack("<Q", header)[0])
         try:
             work, args = pickle.loads(request)
             outcome: tuple[bool, Any] = (True, work(*args))

@@ -236,13 +236,13 @@ def run_job(
         tick = time.monotonic()
         events.progress(STAGES["write"][0], "writing results")
         files: dict[str, str] = {}
-        if drawing is not None:
-            with watch.step("writing: pictures"):
-                files.update(_kept_on_failure("pictures", failed, events, drawing.result) or {})
-        if extra_outputs is not None:
+        if extra_outputs is not None:  # first: the pictures' child draws on meanwhile
             extra = partial(extra_outputs, staging.path, inputs, result, maps, metrics)
             with watch.step("writing: overview"):
                 files.update(_kept_on_failure("overview", failed, events, extra) or {})
+        if drawing is not None:
+            with watch.step("writing: pictures"):
+                files.update(_kept_on_failure("pictures", failed, events, drawing.result) or {})
         with watch.step("writing: waiting for the files"):
             files.update(writer.finish())
         files.update(write_metrics(staging.path, {**metrics, **({"failed_steps": failed} if failed else {})}, job.compress, watch))
