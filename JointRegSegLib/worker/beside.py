@@ -23,7 +23,6 @@ cancel removed.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import signal
@@ -139,6 +138,8 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def _die_with(parent: int) -> None:
     """In the forked child: be killed when ``parent`` (the thread that forked, on Linux) ends; leave now if it has."""
+    import ctypes  # here: the command line's --help needs none of it
+
     with suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if os.getppid() != parent:
