@@ -30,7 +30,7 @@ from JointRegSegLib.metrics import (
     pmm_mean,
     sdlogj,
 )
-from JointRegSegLib.metrics.pmm import PatchGrid, pmm_map_of_bins
+from JointRegSegLib.metrics.pmm import PatchGrid
 from JointRegSegLib.metrics.similarity import MaskedImage, quantise, similarity_scores
 
 
@@ -473,7 +473,7 @@ def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
     domain = np.ones(shape, dtype=bool) if mask is None else mask
     fixed_bins = MaskedImage(fixed, domain)
     codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(warped), 16)
-    np.testing.assert_array_equal(pmm_map_of_bins(codes, domain, min_fraction=min_fraction), ours)
+    np.testing.assert_array_equal(PatchGrid(domain).pmm(codes, min_fraction=min_fraction), ours)
 
 
 def test_pmm_rejects_bad_parameters():
@@ -483,7 +483,7 @@ def test_pmm_rejects_bad_parameters():
     with pytest.raises(InputError, match="empty"):
         pmm_map(image, image, np.zeros(image.shape, dtype=bool))
     with pytest.raises(InputError, match="one joint bin code per voxel"):
-        pmm_map_of_bins(np.zeros(7, dtype=np.intp), np.ones(image.shape, dtype=bool))
+        PatchGrid(np.ones(image.shape, dtype=bool)).pmm(np.zeros(7, dtype=np.intp))
 
 
 def test_pmm_on_real_brain_prefers_the_aligned_pair(shared_data_dir: Path):

@@ -78,14 +78,6 @@ def pmm_map(
     return grid.pmm(quantised(f, w, domain, bins), bins, min_fraction)
 
 
-def pmm_map_of_bins(
-    joint: np.ndarray, domain: np.ndarray, patch: int = 16, stride: int = 4, bins: int = BINS, min_fraction: float = 0.125
-) -> np.ndarray:
-    """`pmm_map` from the joint bin codes of the domain's voxels (`quantised`, in the order ``domain[domain]``
-    lists them), where the two images' bins are at hand (`similarity.MaskedImage`)."""
-    return PatchGrid(domain, patch, stride).pmm(joint, bins, min_fraction)
-
-
 class PatchGrid:
     """The PMM's patches over one domain (module docstring): the window of patches that reach it and the block of
     every domain voxel, found once for every map on that domain (the fixed image's foreground before and after
