@@ -90,7 +90,7 @@ def array_of(image: Volume | np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def check_same_grid(arrays: dict[str, np.ndarray]) -> None:
+def _check_same_shape(arrays: dict[str, np.ndarray]) -> None:
     """Every array of the shape of the first, or InputError saying which to resample."""
     names = list(arrays)
     reference = arrays[names[0]].shape
@@ -224,7 +224,7 @@ def individual_pictures(
     ``windows``: the grey levels of images whose windows are known already."""
     arrays = {name: array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
     arrays.update({name: array_of(v, name) for name, v in (("jacobian", jacobian), ("pmm", pmm)) if v is not None})
-    check_same_grid(arrays)
+    _check_same_shape(arrays)
     geometry = fixed.geometry if isinstance(fixed, Volume) else None
     index = default_index(arrays["fixed"]) if index is None else index
     aspects = orthogonal_aspects(geometry)
@@ -253,7 +253,7 @@ def segmentation_picture(
     from the fixed image's), through the segmentation's centre of mass, main structures named (by ``names`` where
     given, else by FreeSurfer's table)."""
     arrays = {"image": array_of(image, "image"), "segmentation": array_of(seg, "segmentation")}
-    check_same_grid(arrays)
+    _check_same_shape(arrays)
     geometry = image.geometry if isinstance(image, Volume) else None
     index = default_index(arrays["segmentation"])
     row = contour_row(title, arrays["image"], arrays["segmentation"], index, geometry, windows or Windows(), names)
@@ -280,7 +280,7 @@ def registration_picture(
     arrays = {name: array_of(v, name) for name, v in (("fixed", fixed), ("moving", moving), ("warped", warped))}
     optional = {"jacobian": jacobian, "pmm": pmm, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
     arrays.update({name: array_of(value, name) for name, value in optional.items() if value is not None})
-    check_same_grid(arrays)
+    _check_same_shape(arrays)
     geometry = fixed.geometry if isinstance(fixed, Volume) else None
     if index is None:
         index = default_index(arrays["fixed_seg"] if "fixed_seg" in arrays else arrays["fixed"])
