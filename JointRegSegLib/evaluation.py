@@ -66,7 +66,7 @@ class Maps:
 class Evaluation:
     """The evaluation of results of one registration problem (see the module docstring).
 
-    ``device`` is where the Jacobian and the HD95 search run (a torch device name), ``workers`` the
+    ``device`` is where the Jacobian, the PMM's histograms and the HD95 search run (a torch device name), ``workers`` the
     CPU threads of the HD95 search, ``watch`` the stopwatch the steps are timed on.
     """
 
@@ -179,8 +179,10 @@ class Evaluation:
         return scale_to_window(self.reference.of(array), *self.windows(array)[0]).astype(np.float64)
 
     def _pmm(self, moving: np.ndarray) -> np.ndarray:
-        """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``."""
-        return self.patches.pmm(joint_codes(self.reference.bins(PMM_BINS), quantise(moving, PMM_BINS), PMM_BINS), PMM_BINS)
+        """`pmm_map` of the fixed image and a moving image whose values inside the foreground are ``moving``: its
+        histograms and scores on the evaluation's GPU when it has one, else with numpy (`PatchGrid.pmm`)."""
+        codes = joint_codes(self.reference.bins(PMM_BINS), quantise(moving, PMM_BINS), PMM_BINS)
+        return self.patches.pmm(codes, PMM_BINS, device=None if str(self.device) == "cpu" else self.device)
 
     def check(self, result: Result, minimum_coverage: float = MIN_COVERAGE) -> None:
         """A result worth writing: a finite field and warped image that covers some of the fixed image's foreground.

@@ -473,7 +473,24 @@ def test_pmm_matches_loop_reference(shape, use_mask, min_fraction):
     domain = np.ones(shape, dtype=bool) if mask is None else mask
     fixed_bins = MaskedImage(fixed, domain)
     codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(warped), 16)
-    np.testing.assert_array_equal(PatchGrid(domain).pmm(codes, min_fraction=min_fraction), ours)
+    grid = PatchGrid(domain)
+    np.testing.assert_array_equal(grid.pmm(codes, min_fraction=min_fraction), ours)
+    # the device path (torch; here on the CPU): the same map up to the rounding of the entropies' sums
+    np.testing.assert_allclose(grid.pmm(codes, min_fraction=min_fraction, device="cpu"), ours, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pmm_on_the_gpu_matches_numpy():
+    rng = np.random.default_rng(4)
+    shape = (70, 64, 58)
+    fixed = gaussian_filter(rng.normal(size=shape), 2.0)
+    domain = _ball(shape, (35.0, 32.0, 29.0), 27.0)
+    fixed_bins = MaskedImage(fixed, domain)
+    codes = fixed_bins.bins(16) * 16 + quantise(fixed_bins.of(np.abs(fixed) + 0.1 * rng.normal(size=shape)), 16)
+    grid = PatchGrid(domain)
+    on_gpu = grid.pmm(codes, device="cuda")
+    np.testing.assert_allclose(on_gpu, grid.pmm(codes), rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert np.isfinite(on_gpu[domain]).mean() > 0.9
 
 
 def test_pmm_rejects_bad_parameters():

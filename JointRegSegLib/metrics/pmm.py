@@ -21,19 +21,24 @@ Definitions (Appendix C; the choices the paper leaves open are marked *):
   patches covering r. *Voxels outside D, and voxels of D that no scored patch covers, are NaN
   (0 would read as "independent intensities"); `pmm_mean` averages the finite values.
 
-Computation: the grid is split into ``stride``^3 blocks (`PatchGrid`, found once per domain: the maps before
-and after registration share it); one accumulating scatter of the domain's voxels (torch's ``index_put_``,
-straight into 16-bit counts where a patch's count fits) gives every block's joint histogram; box sums over
-(patch/stride)^3 neighbouring blocks give every patch's histogram;
-NMI is evaluated for all patches at once (c log c from a lookup table); a second box sum over the
+Computation: the grid is split into ``stride``^3 blocks (`PatchGrid`, found once per domain with the number of
+domain voxels of every patch: the maps before and after registration share it); one accumulating scatter of the
+domain's voxels (torch's ``index_put_``, straight into 16-bit counts where a patch's count fits) gives every
+block's joint histogram; box sums over (patch/stride)^3 neighbouring blocks give every patch's histogram; NMI is
+evaluated for all patches at once (c log c from a lookup table); a second box sum over the
 patch grid averages, per block, the scores of the patches covering it, so every voxel of a block
 gets the same value. Measured on 160x192x224 (2 shared CPU cores): about 0.2 s of CPU per map inside the
 benchmark pair's head foreground (2.1 million voxels), after the first (which meets fresh memory); 0.8 s before
 the 16-bit counts and the domain-only histogram, 0.55 s before the scatter (``np.bincount``'s 220 MB table of
-int64 counts, then converted) and the shared blocks.
+int64 counts, then converted) and the shared blocks. With a torch ``device`` (a GPU: `PatchGrid.pmm`) the
+histograms and the patches' scores are computed there, in 32-bit counts, the entropies with ``xlogy``; the box sums
+spreading the scores over the voxels stay on the CPU (a few hundred thousand patches).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,14 +49,18 @@ from .similarity import arithmetic_nmi_from_joint, as_array, joint_codes, quanti
 
 BINS = 16  # intensity bins per image (module docstring)
 _CHUNK_BYTES = 32 * 2**20  # cap on the block histograms' counts per chunk of patch rows
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 
-def _box_sum(x: np.ndarray, width: int, axis: int) -> np.ndarray:
-    """Sums of ``width`` consecutive entries along ``axis`` (length shrinks by width - 1)."""
+def _box_sum(x: ArrayOrTensor, width: int, axis: int) -> ArrayOrTensor:
+    """Sums of ``width`` consecutive entries along ``axis`` (length shrinks by width - 1), of a numpy array or a
+    torch tensor (a view of ``x`` when ``width`` is 1)."""
     n = x.shape[axis] - width + 1
     head = (slice(None),) * axis
-    out = x[head + (slice(0, n),)].copy()
-    for shift in range(1, width):
+    out = x[head + (slice(0, n),)]
+    if width > 1:
+        out = out + x[head + (slice(1, n + 1),)]
+    for shift in range(2, width):
         out += x[head + (slice(shift, shift + n),)]
     return out
 
@@ -79,9 +88,9 @@ def pmm_map(
 
 
 class PatchGrid:
-    """The PMM's patches over one domain (module docstring): the window of patches that reach it and the block of
-    every domain voxel, found once for every map on that domain (the fixed image's foreground before and after
-    registration)."""
+    """The PMM's patches over one domain (module docstring): the window of patches that reach it, the block of
+    every domain voxel and the domain voxels of every patch, found once for every map on that domain (the fixed
+    image's foreground before and after registration)."""
 
     def __init__(self, domain: np.ndarray, patch: int = 16, stride: int = 4) -> None:
         _check_patches(patch, stride)
@@ -102,39 +111,89 @@ class PatchGrid:
         self.blocks = block[inside]
         before_plane = np.concatenate([[0], np.cumsum(np.count_nonzero(inside, axis=(1, 2)))])
         self.row_starts = before_plane[np.minimum(np.arange(self.n_blocks[0] + 1) * stride, inside.shape[0])]
+        in_patch = np.bincount(self.blocks, minlength=int(np.prod(self.n_blocks))).reshape(self.n_blocks)
+        for axis in range(3):
+            in_patch = _box_sum(in_patch, self.width, axis)
+        self.in_patch = in_patch  # |P_k n D| of every patch k
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
-    def pmm(self, joint: np.ndarray, bins: int = BINS, min_fraction: float = 0.125) -> np.ndarray:
-        """The PMM map of the domain's voxels' joint bin codes ``joint`` (in the order ``domain[domain]`` lists them)."""
+    @property
+    def width(self) -> int:
+        """A patch's width in blocks."""
+        return self.patch // self.stride
+
+    def pmm(
+        self, joint: np.ndarray, bins: int = BINS, min_fraction: float = 0.125, device: str | torch.device | None = None
+    ) -> np.ndarray:
+        """The PMM map of the domain's voxels' joint bin codes ``joint`` (in the order ``domain[domain]`` lists them).
+
+        ``device``: None computes it with numpy on the CPU; a torch device counts the histograms and scores the
+        patches there (the GPU path; the same numbers up to the rounding of the entropies' sums). numpy is the CPU's
+        path: torch's CPU reductions and table lookups of the 16-bit counts took 4-10 times as long."""
         _check_fraction(min_fraction)
         if joint.shape != (self.size,):
             raise InputError(f"the PMM needs one joint bin code per voxel of its domain ({self.size}), got {joint.shape}")
+        scored = self.in_patch >= min_fraction * self.patch**3  # the minimal sample threshold
+        if device is None:
+            scores = self._scores(joint, bins, scored)
+        else:
+            scores = self._scores_on(torch.device(device), joint, bins, scored)
         out = np.full(self.domain.shape, np.nan, dtype=np.float32)
-        out[self.window] = self._in_window(joint, bins, min_fraction)
+        out[self.window] = self._spread(scores)
         return out
 
-    def _in_window(self, joint: np.ndarray, bins: int, min_fraction: float) -> np.ndarray:
-        domain, patch, stride, n_blocks = self.domain[self.window], self.patch, self.stride, self.n_blocks
-        shape = domain.shape
-        nbb = bins * bins
-        width = patch // stride
-        blocks_per_row = n_blocks[1] * n_blocks[2]
-        cells = self.blocks * np.int64(nbb) + joint  # every domain voxel's histogram cell: its block's, then its code
-        n_patches = tuple(nb - width + 1 for nb in n_blocks)
-        count_type = torch.int16 if patch**3 <= torch.iinfo(torch.int16).max else torch.int32  # a patch's counts fit
-        rows_per_chunk = max(1, _CHUNK_BYTES // (blocks_per_row * nbb * count_type.itemsize) - width + 1)
-        min_count = min_fraction * patch**3
-        scores = np.full(n_patches, np.nan)
-        for p0 in range(0, n_patches[0], rows_per_chunk):
-            p1 = min(p0 + rows_per_chunk, n_patches[0])
-            b0, b1 = p0, p1 + width - 1  # block rows feeding patch rows p0..p1-1
-            chunk = cells[self.row_starts[b0] : self.row_starts[b1]] - b0 * blocks_per_row * nbb
-            hist = _counts(chunk, (b1 - b0) * blocks_per_row * nbb, count_type).reshape(b1 - b0, n_blocks[1], n_blocks[2], nbb)
-            for axis in range(3):
-                hist = _box_sum(hist, width, axis)
-            counted = hist.sum(axis=-1) >= min_count
-            if counted.any():  # a chunk of rows outside the domain scores nothing (reshape(-1, ...) of 0 items fails)
-                scores[p0:p1][counted] = arithmetic_nmi_from_joint(hist[counted].reshape(-1, bins, bins))
+    def _chunks(self, bins: int, count_bytes: int) -> Iterator[tuple[slice, slice, int, int]]:
+        """Rows of patches in chunks whose block histograms (``count_bytes`` a count) stay under ``_CHUNK_BYTES``:
+        per chunk, its patch rows, its block rows' voxels (a slice of ``blocks``), the first histogram cell of
+        those block rows, and their number."""
+        n_patch_rows = self.n_blocks[0] - self.width + 1
+        row_cells = self.n_blocks[1] * self.n_blocks[2] * bins * bins
+        rows_per_chunk = max(1, _CHUNK_BYTES // (row_cells * count_bytes) - self.width + 1)
+        for p0 in range(0, n_patch_rows, rows_per_chunk):
+            p1 = min(p0 + rows_per_chunk, n_patch_rows)
+            b0, b1 = p0, p1 + self.width - 1  # block rows feeding patch rows p0..p1-1
+            yield slice(p0, p1), slice(self.row_starts[b0], self.row_starts[b1]), b0 * row_cells, b1 - b0
 
+    def _scores(self, joint: np.ndarray, bins: int, scored: np.ndarray) -> np.ndarray:
+        """I_k of every patch with enough domain voxels (NaN elsewhere), with numpy."""
+        nbb = bins * bins
+        cells = self.blocks * np.int64(nbb) + joint  # every domain voxel's histogram cell: its block's, then its code
+        count_type = torch.int16 if self.patch**3 <= torch.iinfo(torch.int16).max else torch.int32  # a patch's counts fit
+        scores = np.full(scored.shape, np.nan)
+        for rows, voxels, first, n_rows in self._chunks(bins, count_type.itemsize):
+            hist = _counts(cells[voxels] - first, n_rows * self.n_blocks[1] * self.n_blocks[2] * nbb, count_type)
+            hist = hist.reshape(n_rows, self.n_blocks[1], self.n_blocks[2], nbb)
+            for axis in range(3):
+                hist = _box_sum(hist, self.width, axis)
+            chosen = scored[rows]
+            if chosen.any():  # a chunk of rows outside the domain scores nothing (reshape(-1, ...) of 0 items fails)
+                scores[rows][chosen] = arithmetic_nmi_from_joint(hist[chosen].reshape(-1, bins, bins))
+        return scores
+
+    def _scores_on(self, device: torch.device, joint: np.ndarray, bins: int, scored: np.ndarray) -> np.ndarray:
+        """`_scores` on a torch device: 32-bit counts (an accumulating ``index_add_``), entropies from ``xlogy``."""
+        nbb = bins * bins
+        if device not in self._on_device:
+            self._on_device[device] = torch.from_numpy(self.blocks).to(device=device, dtype=torch.int64)
+        cells = self._on_device[device] * nbb + torch.from_numpy(joint).to(device)
+        chosen_rows = torch.from_numpy(scored).to(device)
+        scores = torch.full(scored.shape, torch.nan, dtype=torch.float64, device=device)
+        for rows, voxels, first, n_rows in self._chunks(bins, 4):
+            chunk = cells[voxels] - first
+            hist = torch.zeros(n_rows * self.n_blocks[1] * self.n_blocks[2] * nbb, dtype=torch.int32, device=device)
+            hist.index_add_(0, chunk, torch.ones(1, dtype=torch.int32, device=device).expand(len(chunk)))
+            hist = hist.view(n_rows, self.n_blocks[1], self.n_blocks[2], nbb)
+            for axis in range(3):
+                hist = _box_sum(hist, self.width, axis)
+            chosen = chosen_rows[rows]
+            scores[rows][chosen] = _nmi_of_counts(hist[chosen].unflatten(-1, (bins, bins)))
+        return scores.cpu().numpy()
+
+    def _spread(self, scores: np.ndarray) -> np.ndarray:
+        """MI_D(r) = (1 / N(r)) sum_k I_k over the scored patches covering r, on the window (NaN outside D)."""
+        width, stride = self.width, self.stride
+        domain = self.domain[self.window]
+        shape = domain.shape
         scored = np.isfinite(scores)
         total = np.pad(np.where(scored, scores, 0.0), width - 1)
         count = np.pad(scored.astype(np.int32), width - 1)
@@ -144,6 +203,21 @@ class PatchGrid:
             block_mean = np.where(count > 0, total / count, np.nan).astype(np.float32)  # the map's type before it is spread
         voxel_mean = block_mean.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: shape[0], : shape[1], : shape[2]]
         return np.where(domain, voxel_mean, np.float32(np.nan))
+
+
+def _nmi_of_counts(joint: torch.Tensor) -> torch.Tensor:
+    """2 I / (H(A) + H(B)) of joint histograms ``(n, B, B)`` of counts, as `arithmetic_nmi_from_joint` (none empty):
+    H = log n - (1/n) sum_c c log c."""
+    counts = joint.to(torch.float64)
+    n = counts.sum(dim=(-2, -1))
+    log_n = n.log()
+
+    def entropy(c: torch.Tensor) -> torch.Tensor:
+        return log_n - torch.special.xlogy(c, c).sum(dim=-1) / n
+
+    h_a, h_b, h_ab = entropy(counts.sum(dim=-1)), entropy(counts.sum(dim=-2)), entropy(counts.flatten(-2))
+    h_sum = h_a + h_b
+    return torch.where(h_sum > 0, 2.0 * (h_sum - h_ab) / h_sum, torch.nan)
 
 
 def _check_patches(patch: int, stride: int) -> None:
