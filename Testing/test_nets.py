@@ -7,6 +7,7 @@ from torch.nn import functional as F
 from JointRegSegLib import spatial
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.nets import RegistrationUNet, count_parameters, student_unet, teacher_unet
+from JointRegSegLib.nets.layout import Conv3d, fast_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +93,47 @@ def test_network_learns_a_known_translation_through_warp():
         u = net(torch.cat([moving, fixed], dim=1))
     assert mse(u).item() < 0.25 * initial
     assert u[interior][:, 0].mean() > 0.5 * shift
+
+
+@pytest.mark.parametrize(
+    ("shape", "out_channels", "kernel", "stride"),
+    [((1, 2, 20, 24, 18), 8, 3, 1), ((1, 8, 10, 12, 9), 16, 3, 2), ((3, 4, 8, 8, 8), 4, 1, 1), ((1, 4, 9, 8, 6), 8, 2, 2)],
+)
+def test_conv3d_matches_pytorchs_convolution_on_the_onednn_path(shape, out_channels, kernel, stride):
+    """`nets.layout.Conv3d` gives PyTorch's ``F.conv3d`` values and gradients (within float rounding) for batches that
+    PyTorch itself sends to its reference kernel, through oneDNN (the profiler sees no ``slow_conv3d``), and loads an
+    ``nn.Conv3d``'s state."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv3d(shape[1], out_channels, kernel, stride=stride, padding=kernel // 2 if kernel % 2 else 0)
+    conv = Conv3d(shape[1], out_channels, kernel, stride=stride, padding=kernel // 2 if kernel % 2 else 0)
+    conv.load_state_dict(reference.state_dict())
+    x = torch.rand(shape, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        out = conv(x)
+    kernels = {event.key for event in profile.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels and not any("slow_conv" in name for name in kernels)
+    expected = F.conv3d(x, reference.weight, reference.bias, stride=stride, padding=reference.padding)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, conv.weight, conv.bias)]
+    x.grad = None
+    expected.square().sum().backward()
+    for ours, theirs in zip(grads, (x.grad, reference.weight.grad, reference.bias.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_conv3d_leaves_float64_to_pytorch():
+    """Where oneDNN does not apply (float64 here), `Conv3d` is ``nn.Conv3d``: the same values bit for bit."""
+    torch.manual_seed(1)
+    conv = Conv3d(2, 3, 3, padding=1).double()
+    x = torch.rand(1, 2, 6, 7, 5, dtype=torch.float64)
+    assert torch.equal(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_fast_layout_converts_networks_and_volumes_only():
+    net = fast_layout(RegistrationUNet(encoder=[4], decoder=[4]), torch.device("cpu"))
+    assert net.encoder[0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    batch = fast_layout({"image": torch.rand(1, 2, 4, 4, 4), "labels": torch.zeros(1, 2, 4, 4, 4, dtype=torch.int64)}, torch.device("cpu"))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert not batch["labels"].is_contiguous(memory_format=torch.channels_last_3d)

@@ -37,7 +37,7 @@ from JointRegSegLib.methods.uresnet import N_CLASSES, forward, labels_to_classes
 from JointRegSegLib.spatial import identity_grid, integrate_velocity, sample_at_indices, warp
 from JointRegSegLib.training import bank, make_trainer
 from JointRegSegLib.training.common import dice_present
-from JointRegSegLib.training.loop import fast_layout
+from JointRegSegLib.nets.layout import fast_layout
 from JointRegSegLib.weights import record_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

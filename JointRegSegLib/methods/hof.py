@@ -49,6 +49,7 @@ from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import network_geometry, to_network
 from ..labels import EVALUATION_LABELS, label_info
 from ..nets.hof import HOFNet
+from ..nets.layout import fast_layout
 from ..spatial import affine_to_displacement, compose, warp
 from ..timing import Stopwatch
 from ..weights import load_into
@@ -155,7 +156,7 @@ class HOFMethod:
         with watch.step("weights"):
             net = build_net()
             checksum = load_into(net, s["weights"])
-            net = net.to(device).eval()
+            net = fast_layout(net, device).eval()
         with watch.step("network grid"):
             pair = prepare_pair(inputs, device, spacing=s["spacing"])
         shape = pair.grid.shape

@@ -50,6 +50,7 @@ from ..imageio.geometry import Geometry, Volume
 from ..imageio.intensity import normalise_intensity
 from ..imageio.network_grid import from_network, network_geometry, to_network
 from ..nets.jers import JERS
+from ..nets.layout import fast_layout
 from ..spatial.affine import normalised_affine_to_index
 from ..spatial.physical import mapped_coordinates, warp_volume, warp_volume_affine
 from ..labels import tissue_codes
@@ -173,7 +174,7 @@ class JERSMethod:
         with watch.step("weights"):
             model = build_model()
             checksum = load_into(model, s["weights"])
-            model = model.to(device).eval()
+            model = fast_layout(model, device).eval()
         with watch.step("network grid"):
             raw = to_network_image(inputs.moving, device)
             atlas, onehot = atlas_on_grid(inputs.fixed, inputs.fixed_seg, device)

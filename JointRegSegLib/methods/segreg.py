@@ -135,6 +135,7 @@ from ..imageio.geometry import Volume
 from ..imageio.network_grid import corner_points, network_geometry, resample
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..nets import RegistrationUNet
+from ..nets.layout import fast_layout
 from ..spatial import affine_to_displacement, fit_to_points, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..spatial.physical import grid_indices_of, grid_steps_to_physical
 from ..synth.render import gaussian_blur
@@ -975,7 +976,7 @@ def load_network(name: str, device: torch.device) -> tuple[RegistrationUNet, dic
         )
     net = build_network(provenance["architecture"])
     fit_state(net, state, name)
-    return net.to(device).eval(), provenance, checksum
+    return fast_layout(net, device).eval(), provenance, checksum
 
 
 def default_spacing(inputs: Inputs) -> float:

@@ -94,6 +94,7 @@ from ..imageio.geometry import Geometry
 from ..imageio.network_grid import RAS_DIRECTION, corner_points
 from ..losses import divergence_l2, gradient_l2, multi_axis_mi_loss, ncc_loss
 from ..nets import RegistrationUNet, student_unet, teacher_unet
+from ..nets.layout import fast_layout
 from ..spatial import affine_to_displacement, compose, index_affine_to_physical, warp
 from ..timing import Stopwatch
 from ..weights import load_into
@@ -309,7 +310,7 @@ class TTOMethod:
             with watch.step("weights"):
                 net = build_network(s["network"])
                 checksum = load_into(net, WEIGHT_NAMES[s["network"]])
-                net = net.to(device).eval()
+                net = fast_layout(net, device).eval()
         report(1.0, "preparing")
         step = _COST_STEP_PER_VOXEL.get(device.type, _COST_STEP_PER_VOXEL["cuda"]) * float(np.prod(shape))
         tto_steps = s["iterations"] if use_network and s["tto"] else 0

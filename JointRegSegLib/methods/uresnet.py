@@ -68,6 +68,7 @@ from ..imageio.geometry import Geometry, Volume
 from ..imageio.network_grid import network_geometry
 from ..labels import label_info
 from ..losses import lncc_loss, soft_dice_loss
+from ..nets.layout import fast_layout
 from ..nets.uresnet import UReSNet, index_affine, total_displacement
 from ..spatial import warp
 from ..spatial.physical import warp_volume
@@ -252,7 +253,7 @@ def run_network(
     report(0.1, "inference")
 
     with watch.step("network"):
-        net = net.to(device).eval()
+        net = fast_layout(net, device).eval()
         with torch.no_grad():
             out = forward(net, pair.moving, pair.fixed)
             fixed_probs = net(pair.fixed, pair.moving)["seg"][0] if segment_fixed else None

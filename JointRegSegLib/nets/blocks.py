@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
+from .layout import Conv3d
 
 UPSAMPLE_MODES = ("nearest", "trilinear")
 
@@ -20,7 +21,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.2, norm: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv = Conv3d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm = nn.InstanceNorm3d(out_channels, affine=True) if norm else nn.Identity()
         self.act = nn.LeakyReLU(negative_slope)
 
@@ -59,7 +60,7 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([up, skip], dim=1))
 
 
-class FlowHead(nn.Conv3d):
+class FlowHead(Conv3d):
     """3x3x3 convolution to a ``out_channels``-vector field, weights ~ N(0, ``std``^2), zero bias.
 
     The tiny initialisation makes an untrained network predict (almost) the identity transform,

@@ -47,6 +47,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..spatial.sampling import grid_sample_3d
+from .layout import Conv3d
 from .unet import RegistrationUNet
 
 EXTRACTION_ENCODER = (8, 16, 16, 32)
@@ -96,7 +97,7 @@ class AffineNet(nn.Module):
         layers: list[nn.Module] = []
         previous = 2
         for c in channels:
-            layers += [nn.Conv3d(previous, int(c), 3, stride=2, padding=1), nn.LeakyReLU(negative_slope)]
+            layers += [Conv3d(previous, int(c), 3, stride=2, padding=1), nn.LeakyReLU(negative_slope)]
             previous = int(c)
         self.encoder = nn.Sequential(*layers)
         self.fc = nn.Linear(previous, 12)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..spatial.warp import identity_grid
+from .layout import Conv3d
 
 SLOPE = 0.2
 
@@ -42,7 +43,7 @@ SLOPE = 0.2
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     """Convolution (``kernel``^3, stride, 'same' padding for odd kernels) followed by LeakyReLU."""
     return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2 if kernel % 2 else 0),
+        Conv3d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2 if kernel % 2 else 0),
         nn.LeakyReLU(SLOPE),
     )
 
@@ -52,8 +53,8 @@ class ResidualInput(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv(in_channels, out_channels), nn.Conv3d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Conv3d(in_channels, out_channels, 1)
+        self.body = nn.Sequential(_conv(in_channels, out_channels), Conv3d(out_channels, out_channels, 3, padding=1))
+        self.skip = Conv3d(in_channels, out_channels, 1)
         self.act = nn.LeakyReLU(SLOPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class Decoder(nn.Module):
         self.up1 = Up(c2, c1)
         self.up2 = Up(c1, c0)
         self.head = nn.Sequential(_conv(c0, c0), _conv(c0, c0))
-        self.last = nn.Conv3d(c0, out_channels, 3, padding=1)
+        self.last = Conv3d(c0, out_channels, 3, padding=1)
         if zero_last:
             nn.init.zeros_(self.last.weight)
             nn.init.zeros_(self.last.bias)

@@ -105,6 +105,7 @@ from ..methods.hof import N_CLASSES, build_net, class_probabilities, codes_to_cl
 from ..methods.options import defaults
 from ..metrics.similarity import ncc
 from ..nets.hof import HOFNet
+from ..nets.layout import fast_layout
 from ..spatial import affine_to_displacement, warp
 from ..synth import AffineRanges, DeformationOptions, random_deformation
 from ..synth.deform import random_affine_matrices
@@ -114,7 +115,7 @@ from .augment import deform_labels, render_t1
 from .common import config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities, with_real_pair
 from .gra import MODES as GRA_MODES
 from .gra import hypergradient
-from .loop import CommonConfig, Trainer, checkpoint_dir, fast_layout, held_apart_generator
+from .loop import CommonConfig, Trainer, checkpoint_dir, held_apart_generator
 from .prealign import align_maps, align_scans
 
 PHASES = ("pretrain", "registration", "segmentation", "refine")

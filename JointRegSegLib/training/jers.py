@@ -90,12 +90,13 @@ from ..metrics.foreground import fill_holes
 from ..methods.jers import CLASSES, GRID_SHAPE, SPACING, build_model, labels_to_onehot, to_network_image
 from ..nets.blocks import count_parameters
 from ..nets.jers import JERSOutput, affine_warp
+from ..nets.layout import fast_layout
 from ..spatial.affine import index_affine_to_normalised
 from ..synth.deform import AffineRanges, random_affine_matrices
 from . import bank
 from .augment import render_t1
 from .common import as_shape, config_from_dict, dice_present, run_device
-from .loop import CommonConfig, Trainer, fast_layout
+from .loop import CommonConfig, Trainer
 
 AUGMENT = AffineRanges(rotation_deg=10.0, scale=0.1, shear=0.02, translation=4.0)
 TRAIN_MAPS = 16

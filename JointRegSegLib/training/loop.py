@@ -51,6 +51,7 @@ import torch
 
 from ..errors import InputError, WeightsError
 from ..methods.base import ProgressCallback
+from ..nets.layout import fast_layout
 from ..weights import fit_state, load_weights, read_manifest, record_weights, weights_dir
 from .bank import training_dir
 from .common import (
@@ -167,27 +168,6 @@ def command_line() -> str:
     program = Path(sys.argv[0])
     name = f"python -m {__package__}" if program.name == "__main__.py" else program.name
     return " ".join([name, *sys.argv[1:]])
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The layout training uses on ``device``: channels-last on the CPU (module docstring)."""
-    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
-
-
-def fast_layout(value: Any, device: torch.device) -> Any:
-    """``value`` (a network, a tensor, or a dict / list of them) on ``device``, 5D floating-point tensors and the
-    network in `memory_format`; other values unchanged."""
-    layout = memory_format(device)
-    if isinstance(value, torch.nn.Module):
-        return value.to(device=device, memory_format=layout)
-    if isinstance(value, torch.Tensor):
-        value = value.to(device)
-        return value.contiguous(memory_format=layout) if value.ndim == 5 and value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: fast_layout(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(fast_layout(v, device) for v in value)
-    return value
 
 
 def checkpoint_dir(output: str | None) -> Path:

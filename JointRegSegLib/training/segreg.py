@@ -55,12 +55,13 @@ from ..methods.segreg import (
     region_box,
     region_loss,
 )
+from ..nets.layout import fast_layout
 from ..spatial import identity_grid, integrate_velocity, sample_at_indices
 from ..synth import DeformationOptions, render_image
 from . import bank
 from .augment import deform_labels
 from .common import as_shape, config_from_dict, run_device
-from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
+from .loop import CommonConfig, Trainer, held_apart_generator
 
 TRAIN_MAPS = 16
 VALIDATION_REGIONS = 8

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .all import SCHEDULE, label
+from ..nets.layout import fast_layout
 from . import make_trainer
-from .loop import _batches, fast_layout
+from .all import SCHEDULE, label
+from .loop import _batches
 
 
 def measure(name: str, settings: dict[str, Any], iterations: int, workers: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -50,13 +50,14 @@ from ..losses import gradient_l2
 from ..methods.tto import WEIGHT_NAMES, build_network, multi_axis_mi, predict
 from ..metrics.similarity import ncc
 from ..nets.blocks import count_parameters
+from ..nets.layout import fast_layout
 from ..spatial import warp
 from ..synth import DeformationOptions, render_image, smooth_noise_labelmap
 from ..weights import load_into, weights_dir
 from . import bank
 from .augment import deform_labels
 from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats
-from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
+from .loop import CommonConfig, Trainer, held_apart_generator
 
 STAGES = ("teacher", "student")
 MAP_SHAPE = (80, 96, 112)

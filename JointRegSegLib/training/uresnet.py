@@ -49,12 +49,13 @@ from ..errors import InputError
 from ..methods.uresnet import LOSS_WEIGHTS, N_CLASSES, WEIGHT_NAME, build_network, class_lookup, forward, uresnet_loss
 from ..metrics.similarity import ncc
 from ..nets.blocks import count_parameters
+from ..nets.layout import fast_layout
 from ..spatial import warp
 from ..synth import AffineRanges, DeformationOptions
 from . import bank
 from .augment import deform_labels, render_random, render_t1
 from .common import as_shape, config_from_dict, dice_present, image_array, run_device, set_floats, set_probabilities, with_real_pair
-from .loop import CommonConfig, Trainer, fast_layout, held_apart_generator
+from .loop import CommonConfig, Trainer, held_apart_generator
 
 TRAIN_MAPS = 16
 OASIS = ("oasis_unlabelled/OASIS_0001_0000.nii.gz", "oasis_unlabelled/OASIS_0075_0000.nii.gz")
