@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from JointRegSegLib import spatial
 from JointRegSegLib.errors import InputError
 from JointRegSegLib.nets import RegistrationUNet, count_parameters, student_unet, teacher_unet
-from JointRegSegLib.nets.layout import Conv3d, fast_layout
+from JointRegSegLib.nets.layout import Conv3d, Head, fast_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,3 +137,15 @@ def test_fast_layout_converts_networks_and_volumes_only():
     batch = fast_layout({"image": torch.rand(1, 2, 4, 4, 4), "labels": torch.zeros(1, 2, 4, 4, 4, dtype=torch.int64)}, torch.device("cpu"))
     assert batch["image"].is_contiguous(memory_format=torch.channels_last_3d)
     assert not batch["labels"].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_networks_return_the_standard_layout():
+    """A network's last layer is a `Head`: its output is contiguous (what callers index and reduce), with the values of
+    the channels-last convolution before it."""
+    torch.manual_seed(2)
+    net = fast_layout(RegistrationUNet(encoder=[4, 8], decoder=[8, 4]), torch.device("cpu"))
+    x = fast_layout(torch.rand(1, 2, 16, 16, 16), torch.device("cpu"))
+    out = net(x)
+    assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last_3d)
+    head = Head(2, 5, 1)
+    torch.testing.assert_close(head(x), F.conv3d(x, head.weight, head.bias), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
-from .layout import Conv3d
+from .layout import Conv3d, Head
 
 UPSAMPLE_MODES = ("nearest", "trilinear")
 
@@ -60,7 +60,7 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([up, skip], dim=1))
 
 
-class FlowHead(Conv3d):
+class FlowHead(Head):
     """3x3x3 convolution to a ``out_channels``-vector field, weights ~ N(0, ``std``^2), zero bias.
 
     The tiny initialisation makes an untrained network predict (almost) the identity transform,

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..spatial import integrate_velocity
 from .blocks import ConvBlock, FlowHead, UpBlock
-from .layout import Conv3d
+from .layout import Head
 
 ENCODER_CHANNELS = (8, 16, 32, 32)
 DECODER_CHANNELS = (32, 16, 16, 8)
@@ -118,7 +118,7 @@ class SegmentationDecoder(nn.Module):
         if n_classes < 2:
             raise InputError(f"the segmentation decoder needs at least 2 classes; got {n_classes}")
         self.decoder = _Decoder(tuple(encoder_channels), channels)
-        self.head = Conv3d(channels[-1], n_classes, kernel_size=1)
+        self.head = Head(channels[-1], n_classes, kernel_size=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.head(self.decoder(features))

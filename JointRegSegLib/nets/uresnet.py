@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..spatial.warp import identity_grid
-from .layout import Conv3d
+from .layout import Conv3d, Head
 
 SLOPE = 0.2
 
@@ -93,7 +93,7 @@ class Decoder(nn.Module):
         self.up1 = Up(c2, c1)
         self.up2 = Up(c1, c0)
         self.head = nn.Sequential(_conv(c0, c0), _conv(c0, c0))
-        self.last = Conv3d(c0, out_channels, 3, padding=1)
+        self.last = Head(c0, out_channels, 3, padding=1)
         if zero_last:
             nn.init.zeros_(self.last.weight)
             nn.init.zeros_(self.last.bias)
