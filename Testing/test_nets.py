@@ -147,5 +147,16 @@ def test_networks_return_the_standard_layout():
     x = fast_layout(torch.rand(1, 2, 16, 16, 16), torch.device("cpu"))
     out = net(x)
     assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last_3d)
-    head = Head(2, 5, 1)
-    torch.testing.assert_close(head(x), F.conv3d(x, head.weight, head.bias), rtol=1e-5, atol=1e-6)
+    for head in (Head(2, 5, 1), Head(2, 5, 1, bias=False), Head(2, 3, 3, padding=1)):  # 1x1x1: the matrix product
+        inputs = x.detach().clone().requires_grad_(True)
+        out = head(inputs)
+        assert out.is_contiguous()
+        expected_input = inputs.detach().contiguous().requires_grad_(True)
+        expected = F.conv3d(expected_input, head.weight, head.bias, padding=head.padding)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        ours = [inputs.grad, head.weight.grad.clone()]
+        head.weight.grad = None
+        expected.square().sum().backward()
+        torch.testing.assert_close(ours[0], expected_input.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[1], head.weight.grad, rtol=1e-4, atol=1e-4)
