@@ -59,9 +59,11 @@ class Conv3d(nn.Conv3d):
 
 def _on_onednn(input: torch.Tensor, padding_mode: str, padding: Any) -> bool:
     """Whether a convolution of ``input`` can go to oneDNN: a CPU float32 tensor, zero padding given in voxels,
-    oneDNN built in and enabled (``torch.backends.mkldnn``)."""
+    oneDNN built in and enabled (``torch.backends.mkldnn``), and torch's operator for it present (it is not in
+    PyTorch's documented API; the Slicer module may run another torch than the pinned one)."""
     return (
-        input.device.type == "cpu"
+        hasattr(torch, "mkldnn_convolution")
+        and input.device.type == "cpu"
         and input.dtype == torch.float32
         and padding_mode == "zeros"
         and not isinstance(padding, str)
