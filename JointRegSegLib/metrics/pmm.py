@@ -134,10 +134,7 @@ class PatchGrid:
         if joint.shape != (self.size,):
             raise InputError(f"the PMM needs one joint bin code per voxel of its domain ({self.size}), got {joint.shape}")
         scored = self.in_patch >= min_fraction * self.patch**3  # the minimal sample threshold
-        if device is None:
-            scores = self._scores(joint, bins, scored)
-        else:
-            scores = self._scores_on(torch.device(device), joint, bins, scored)
+        scores = self._scores(joint, bins, scored, None if device is None else torch.device(device))
         out = np.full(self.domain.shape, np.nan, dtype=np.float32)
         out[self.window] = self._spread(scores)
         return out
@@ -154,40 +151,31 @@ class PatchGrid:
             b0, b1 = p0, p1 + self.width - 1  # block rows feeding patch rows p0..p1-1
             yield slice(p0, p1), slice(self.row_starts[b0], self.row_starts[b1]), b0 * row_cells, b1 - b0
 
-    def _scores(self, joint: np.ndarray, bins: int, scored: np.ndarray) -> np.ndarray:
-        """I_k of every patch with enough domain voxels (NaN elsewhere), with numpy."""
+    def _scores(self, joint: np.ndarray, bins: int, scored: np.ndarray, device: torch.device | None) -> np.ndarray:
+        """I_k of every patch with enough domain voxels (``scored``; NaN elsewhere): with numpy on the CPU (``device``
+        None; 16-bit counts where a patch's count fits), else with torch on ``device`` (32-bit counts, entropies from
+        ``xlogy``, `_nmi_of_counts`)."""
         nbb = bins * bins
-        cells = self.blocks * np.int64(nbb) + joint  # every domain voxel's histogram cell: its block's, then its code
-        count_type = torch.int16 if self.patch**3 <= torch.iinfo(torch.int16).max else torch.int32  # a patch's counts fit
-        scores = np.full(scored.shape, np.nan)
+        if device is None:
+            cells = self.blocks * np.int64(nbb) + joint  # every domain voxel's histogram cell: its block's, then its code
+            count_type = torch.int16 if self.patch**3 <= torch.iinfo(torch.int16).max else torch.int32  # the counts fit
+            scores, scored_rows, nmi = np.full(scored.shape, np.nan), scored, arithmetic_nmi_from_joint
+        else:
+            if device not in self._on_device:
+                self._on_device[device] = torch.from_numpy(self.blocks).to(device=device, dtype=torch.int64)
+            cells = self._on_device[device] * nbb + torch.from_numpy(joint).to(device)
+            count_type = torch.int32
+            scores = torch.full(scored.shape, torch.nan, dtype=torch.float64, device=device)
+            scored_rows, nmi = torch.from_numpy(scored).to(device), _nmi_of_counts
         for rows, voxels, first, n_rows in self._chunks(bins, count_type.itemsize):
             hist = _counts(cells[voxels] - first, n_rows * self.n_blocks[1] * self.n_blocks[2] * nbb, count_type)
             hist = hist.reshape(n_rows, self.n_blocks[1], self.n_blocks[2], nbb)
             for axis in range(3):
                 hist = _box_sum(hist, self.width, axis)
-            chosen = scored[rows]
+            chosen = scored_rows[rows]
             if chosen.any():  # a chunk of rows outside the domain scores nothing (reshape(-1, ...) of 0 items fails)
-                scores[rows][chosen] = arithmetic_nmi_from_joint(hist[chosen].reshape(-1, bins, bins))
-        return scores
-
-    def _scores_on(self, device: torch.device, joint: np.ndarray, bins: int, scored: np.ndarray) -> np.ndarray:
-        """`_scores` on a torch device: 32-bit counts (an accumulating ``index_add_``), entropies from ``xlogy``."""
-        nbb = bins * bins
-        if device not in self._on_device:
-            self._on_device[device] = torch.from_numpy(self.blocks).to(device=device, dtype=torch.int64)
-        cells = self._on_device[device] * nbb + torch.from_numpy(joint).to(device)
-        chosen_rows = torch.from_numpy(scored).to(device)
-        scores = torch.full(scored.shape, torch.nan, dtype=torch.float64, device=device)
-        for rows, voxels, first, n_rows in self._chunks(bins, 4):
-            chunk = cells[voxels] - first
-            hist = torch.zeros(n_rows * self.n_blocks[1] * self.n_blocks[2] * nbb, dtype=torch.int32, device=device)
-            hist.index_add_(0, chunk, torch.ones(1, dtype=torch.int32, device=device).expand(len(chunk)))
-            hist = hist.view(n_rows, self.n_blocks[1], self.n_blocks[2], nbb)
-            for axis in range(3):
-                hist = _box_sum(hist, self.width, axis)
-            chosen = chosen_rows[rows]
-            scores[rows][chosen] = _nmi_of_counts(hist[chosen].unflatten(-1, (bins, bins)))
-        return scores.cpu().numpy()
+                scores[rows][chosen] = nmi(hist[chosen].reshape(-1, bins, bins))
+        return scores if device is None else scores.cpu().numpy()
 
     def _spread(self, scores: np.ndarray) -> np.ndarray:
         """MI_D(r) = (1 / N(r)) sum_k I_k over the scored patches covering r, on the window (NaN outside D)."""
@@ -257,13 +245,15 @@ def quantised(f: np.ndarray, w: np.ndarray, domain: np.ndarray, bins: int) -> np
     return joint_codes(quantise(f[domain], bins), quantise(w[domain], bins), bins)
 
 
-def _counts(cells: np.ndarray, size: int, count_type: torch.dtype) -> np.ndarray:
-    """How often each of ``size`` cells occurs in ``cells``, counted straight into ``count_type``: `np.bincount`'s
-    int64 table of the block histograms (220 MB on the benchmark pair, nearly all zeros) and its conversion took
-    0.14 s per map, torch's accumulating scatter into 16-bit counts 0.02 s."""
-    counts = torch.zeros(size, dtype=count_type)
-    one = torch.ones(1, dtype=counts.dtype).expand(len(cells))
-    return counts.index_put_((torch.from_numpy(cells),), one, accumulate=True).numpy()
+def _counts(cells: ArrayOrTensor, size: int, count_type: torch.dtype) -> ArrayOrTensor:
+    """How often each of ``size`` cells occurs in ``cells`` (a numpy array, or a tensor on its device), counted
+    straight into ``count_type`` by torch's accumulating scatter, as the same kind: `np.bincount`'s int64 table of the
+    block histograms (220 MB on the benchmark pair, nearly all zeros) and its conversion took 0.14 s per map, torch's
+    scatter into 16-bit counts 0.02 s."""
+    index = torch.from_numpy(cells) if isinstance(cells, np.ndarray) else cells
+    counts = torch.zeros(size, dtype=count_type, device=index.device)
+    counts.index_put_((index,), torch.ones(1, dtype=count_type, device=index.device).expand(len(index)), accumulate=True)
+    return counts.numpy() if isinstance(cells, np.ndarray) else counts
 
 
 def pmm_mean(pmm: np.ndarray | Volume, mask: np.ndarray | Volume | None = None) -> float:
