@@ -19,6 +19,7 @@ from JointRegSegLib.imageio.geometry import Geometry, Volume
 from JointRegSegLib.imageio.network_grid import network_geometry
 from JointRegSegLib.imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from JointRegSegLib.spatial import (
+    affine_displacement_at,
     affine_matrix,
     affine_to_displacement,
     compose,
@@ -32,6 +33,7 @@ from JointRegSegLib.spatial import (
     regrid_voxel_field,
     read_displacement_field,
     rescale_field,
+    sample_at_indices,
     to_sitk_affine,
     to_sitk_transform,
     voxel_to_physical_field,
@@ -127,6 +129,44 @@ def test_whole_voxel_shift_matches_numpy_slicing(axis, shift, mode):
         dst[axis], src[axis] = slice(-shift, n), slice(0, n + shift)
     expected[tuple(dst)] = image[0, 0].numpy()[tuple(src)]
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding, scipy_mode", [("zeros", "grid-constant"), ("border", "nearest")])
+def test_warp_of_a_random_field_matches_scipy_inside_and_outside_the_image(padding, scipy_mode):
+    """`warp` builds grid_sample's grid from the field in place (`_sampling_grid`); every value must equal scipy's
+    trilinear interpolation at ``p + u(p)``, for fields reaching beyond the image, in float64 to rounding; the
+    nearest mode the value of the nearest voxel (points off the half-voxel ties)."""
+    rng = np.random.default_rng(21)
+    shape = (9, 12, 7)
+    image = torch.as_tensor(rng.normal(size=(2, 2, *shape)))
+    disp = torch.as_tensor(rng.normal(scale=3.0, size=(2, 3, *shape)))
+    warped = warp(image, disp, padding_mode=padding).numpy()
+    points = all_indices(shape)
+    for b in range(2):
+        where = np.moveaxis(points + np.moveaxis(disp[b].numpy(), 0, -1), -1, 0)
+        for c in range(2):
+            expected = map_coordinates(image[b, c].numpy(), where, order=1, mode=scipy_mode, cval=0.0)
+            np.testing.assert_allclose(warped[b, c], expected, atol=1e-12)
+    nearest = warp(image, disp, mode="nearest", padding_mode="border").numpy()
+    rounded = np.clip(np.rint(np.moveaxis(points, -1, 0)[None] + disp.numpy()), 0, np.array(shape)[None, :, None, None, None] - 1).astype(int)
+    for b in range(2):
+        np.testing.assert_array_equal(nearest[b], image[b].numpy()[:, rounded[b, 0], rounded[b, 1], rounded[b, 2]])
+
+
+def test_affine_displacement_at_points_equals_sampling_the_affine_field_with_border_padding():
+    """What `compose` reads of an affine's displacement field (trilinear, border padding), computed from the matrix:
+    points inside the grid and up to 6 voxels beyond it on every side."""
+    rng = np.random.default_rng(4)
+    shape = (10, 13, 8)
+    matrix = np.eye(4)
+    matrix[:3, :3] += rng.normal(scale=0.1, size=(3, 3))
+    matrix[:3, 3] = (1.5, -2.0, 0.7)
+    points = torch.as_tensor(rng.uniform(-6, np.array(shape) + 5, size=(500, 3)))
+    field = affine_to_displacement(torch.as_tensor(matrix), shape)
+    expected = sample_at_indices(field, points.view(1, -1, 1, 1, 3), padding_mode="border").view(3, -1).T
+    computed = affine_displacement_at(matrix, points, shape)
+    assert computed.shape == points.shape
+    np.testing.assert_allclose(computed.numpy(), expected.numpy(), atol=1e-12)
 
 
 def test_warp_is_differentiable_in_image_and_field():

