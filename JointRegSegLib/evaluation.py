@@ -11,10 +11,14 @@ maps are given.
 intensities and foreground, the moving image and label map as they lie on the fixed grid, the
 numbers before registration), computed once on first use: the worker checks, maps and scores a
 result with it, the benchmark every tool's result of a pair, and the pictures reuse its arrays.
-Its steps are timed under ``evaluation: ...`` (`timing`). The numbers before registration are computed on a
-thread of their own while `Evaluation.maps` computes the PMM and the Jacobian (numpy's passes there run on one
-core; on 2 cores the evaluation of uresnet's result on the benchmark pair took 2.96-3.39 s in a row, 2.66-2.67 s so),
-and joined where the metrics need them.
+Its steps are timed under ``evaluation: ...`` (`timing`). The fixed image's side (foreground, bins, patches) and
+the numbers before registration are computed on a thread of their own (`Evaluation.numbers_before_beside`): the
+worker starts it before the registration, whose steps leave a core idle (uresnet's job on the benchmark pair 3.07 ->
+2.77 s, segreg's 6.21 -> 5.55 s with its other changes of that pass; `docs/results/call_profile.md`, eighteenth run),
+else `Evaluation.maps` starts it beside the PMM and the Jacobian (numpy's passes there run on one core; on 2 cores
+the evaluation of uresnet's result took 2.96-3.39 s in a row, 2.66-2.67 s so); it is joined where the metrics
+need its numbers. Scoring the labels on a thread beside the maps too made every job slower (uresnet 4.3-4.9 ->
+4.6-5.2 s, hof 6.3-6.5 -> 7.1 s): the cores are busy then (the maps, the background writing, the pictures' child).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Evaluation:
         self.watch = watch or Stopwatch()
         self._last: tuple[np.ndarray, np.ndarray] | None = None
         self._beside: threading.Thread | None = None
+        self._prepared: threading.Event | None = None
         self._windows: dict[int, tuple[np.ndarray, tuple[tuple[float, float], tuple[float, float]]]] = {}
 
     @cached_property
@@ -144,20 +149,35 @@ class Evaluation:
             return {f"{key}_initial": value for key, value in scores.items()}
 
     def numbers_before_beside(self) -> None:
-        """Start computing `initial_numbers` and `initial_seg` on a thread (module docstring), unless they are known
-        or under way; `wait_for_numbers_before` joins it. A failure there is raised again where they are asked for."""
+        """Start computing the fixed image's side (its foreground, PMM bins and patches) and then `initial_numbers`
+        and `initial_seg` on a thread (module docstring), unless they are known or under way; `wait_for_numbers_before`
+        joins it. The worker starts it before the registration, whose steps leave a core idle (resampling, the affine
+        stages, tto's refinement). The other steps wait for the fixed side where they need it (`_fixed_side`); a
+        failure there is raised again where its results are asked for."""
         if self._beside is not None or "initial_numbers" in self.__dict__:
             return
-        self.reference.bins(PMM_BINS)  # both threads read them: prepared first (else each thread bins the fixed image)
-        self.patches
+        prepared = threading.Event()
 
         def numbers() -> None:
+            try:
+                with suppress(Exception):
+                    self.reference.bins(PMM_BINS)  # both threads read them: prepared first (else each bins the image)
+                    self.patches
+            finally:
+                prepared.set()
             with suppress(Exception):
                 self.initial_numbers
                 self.initial_seg
 
+        self._prepared = prepared
         self._beside = threading.Thread(target=numbers, name="numbers before registration", daemon=True)
         self._beside.start()
+
+    def _fixed_side(self) -> None:
+        """Wait until the thread of `numbers_before_beside`, if one runs, has prepared the fixed image's side."""
+        if self._prepared is not None and not self._prepared.is_set():
+            with self.watch.step("evaluation: waiting for the fixed image's side"):
+                self._prepared.wait()
 
     def wait_for_numbers_before(self) -> None:
         """Join the thread of `numbers_before_beside`, if one runs."""
@@ -191,6 +211,7 @@ class Evaluation:
         values; images that do not overlap after registration give an empty warped image. Both would
         otherwise be written and scored as if they were results.
         """
+        self._fixed_side()
         for name, volume in (("displacement field", result.displacement), ("warped image", result.warped)):
             if not np.isfinite(volume.array).all():
                 raise InputError(
@@ -208,8 +229,9 @@ class Evaluation:
     def maps(self, result: Result, whole_jacobian: bool = False) -> Maps:
         """Jacobian-determinant maps of the result's field (the module docstring) and the PMM of (fixed, warped)
         inside the fixed foreground; ``whole_jacobian`` shows the whole mapping's det J instead."""
-        mask = self.mask
         self.numbers_before_beside()
+        self._fixed_side()
+        mask = self.mask
         with self.watch.step("evaluation: PMM"):
             pmm = self._pmm(self._in_mask(result.warped))
         with self.watch.step("evaluation: Jacobian"):
@@ -222,6 +244,7 @@ class Evaluation:
     def metrics(self, result: Result, maps: Maps) -> dict[str, Any]:
         """Metrics of a result, with the same numbers before registration (moving resampled as it lies)."""
         inputs, mask = self.inputs, maps.mask
+        self._fixed_side()
         with self.watch.step("evaluation: similarity"):
             metrics: dict[str, Any] = {
                 **similarity_scores(self.reference, self._in_mask(result.warped)),

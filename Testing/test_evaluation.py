@@ -166,3 +166,32 @@ def test_numbers_before_registration_beside_the_maps_equal_the_numbers_after_an_
     metrics = evaluation.metrics(identity, maps)
     for key in ("ncc", "mi", "nmi", "pmm_mean", "dice_mean"):
         assert np.isfinite(metrics[key]) and metrics[key] == metrics[f"{key}_initial"], key
+
+
+def test_evaluation_started_before_the_registration_equals_one_computed_in_turn():
+    """The worker starts the fixed image's side and the numbers before registration on a thread before it registers
+    (`numbers_before_beside`); checking, mapping and scoring a result then must give the metrics and maps of an
+    evaluation that computes everything in turn."""
+    from scipy.ndimage import gaussian_filter
+
+    from JointRegSegLib.evaluation import Evaluation
+    from JointRegSegLib.methods.base import Inputs, Result
+
+    rng = np.random.default_rng(12)
+    grid = Geometry((36, 40, 34), (1.0, 0.9, 1.2), (2.0, 1.0, -4.0), np.eye(3))
+    image = lambda: Volume((1000 * gaussian_filter(rng.random(grid.shape), 2.0)).astype(np.float32), grid)  # noqa: E731
+    labels = lambda: Volume(rng.integers(0, 5, grid.shape).astype(np.int32), grid)  # noqa: E731
+    inputs = Inputs(image(), image(), labels(), labels())
+    field = Volume(rng.normal(scale=0.3, size=(*grid.shape, 3)).astype(np.float32), grid)
+    result = Result(field, image(), warped_seg=labels())
+
+    in_turn = Evaluation(inputs)
+    expected_maps = in_turn.maps(result)
+    expected = in_turn.metrics(result, expected_maps)
+    early = Evaluation(inputs, workers=2)
+    early.numbers_before_beside()
+    early.check(result)
+    maps = early.maps(result)
+    assert early.metrics(result, maps) == expected
+    np.testing.assert_array_equal(maps.pmm.array, expected_maps.pmm.array)
+    np.testing.assert_array_equal(maps.mask, expected_maps.mask)

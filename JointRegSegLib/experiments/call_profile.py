@@ -63,8 +63,9 @@ GROUPS = (
     ("Jacobian", ("evaluation: Jacobian",)),
     ("PMM", ("evaluation: PMM",)),
     ("pictures' slices", ("evaluation: pictures' slices",)),
-    ("metrics", ("evaluation: foreground", "evaluation: similarity", "evaluation: waiting for the numbers before registration",
-                 "evaluation: Dice and HD95", "evaluation: own segmentations")),
+    ("metrics", ("evaluation: waiting for the fixed image's side", "evaluation: similarity",
+                 "evaluation: waiting for the numbers before registration", "evaluation: Dice and HD95",
+                 "evaluation: own segmentations")),
     ("pictures (waited for)", ("writing: pictures", "writing: overview")),
     ("writing NIfTI (waited for)", ("writing: waiting for the files", "writing: metrics")),
 )
@@ -73,9 +74,9 @@ slices are cut in the run's process; the pictures are drawn from them beside the
 (`worker.beside`): their column is what the run waited for after."""
 BACKGROUND = ("writing: images", "writing: displacement field", "writing: maps")
 """Steps run on the worker's background thread, overlapping the evaluation and the pictures."""
-BESIDE = "evaluation: before registration"
-"""The numbers before registration, on a thread beside the maps (`evaluation`); what the metrics then wait for
-counts in the metrics column."""
+BESIDE = {"fixed side and before registration (beside)": ("evaluation: foreground", "evaluation: before registration")}
+"""Steps on the evaluation's thread (`evaluation`): the fixed image's side and the numbers before registration, beside
+the registration; what the run then waits for counts in the metrics column."""
 
 
 def command(method: str, pair: PairSpec, out: Path, threads: int, pictures: bool, compress: bool = True) -> list[str]:
@@ -149,15 +150,15 @@ def coarse_steps(run: dict[str, Any]) -> dict[str, float]:
 
 def steps_of(run: dict[str, Any]) -> dict[str, float]:
     """The run's seconds per `GROUPS` column, ``registration, other``, ``other`` (the rest of its wall
-    time: the interpreter's exit, the job's own bookkeeping), ``background writing`` and ``before registration
-    (beside)`` (both overlapping)."""
+    time: the interpreter's exit, the job's own bookkeeping), ``background writing`` and the `BESIDE` columns
+    (overlapping)."""
     steps = run["timings"]["steps"]
     grouped = {title: sum(steps.get(name, 0.0) for name in names) for title, names in GROUPS}
     registration = [name for _, names in GROUPS for name in names if name.startswith("registration:")]
     grouped["registration, other"] = sum(v for k, v in steps.items() if k.startswith("registration:") and k not in registration)
     grouped["other"] = run["wall_s"] - sum(grouped.values())
     grouped["background writing"] = sum(steps.get(name, 0.0) for name in BACKGROUND)
-    grouped["before registration (beside)"] = steps.get(BESIDE, 0.0)
+    grouped.update({title: sum(steps.get(name, 0.0) for name in names) for title, names in BESIDE.items()})
     return grouped
 
 
@@ -240,16 +241,16 @@ def markdown(results: dict[str, Any]) -> str:
     titles = [title for title, _ in GROUPS] + ["registration, other", "other"]
     lines += ["", "Steps of this checkout's runs, in seconds (share of the wall time); the background writing "
               f"(NIfTI files, {'uncompressed' if as_module else 'compressed'}) overlaps the evaluation and the pictures, "
-              "the numbers before registration the maps:", "",
-              "| method | wall (s) | " + " | ".join(titles) + " | background writing | before registration (beside) |",
-              "|---|---:|" + "---:|" * (len(titles) + 2)]
+              "the evaluation's thread the registration:", "",
+              "| method | wall (s) | " + " | ".join([*titles, "background writing", *BESIDE]) + " |",
+              "|---|---:|" + "---:|" * (len(titles) + 1 + len(BESIDE))]
     for (method, source), median in chosen_runs.items():
         if source != "after":
             continue
         steps = steps_of(median)
         cells = [f"{steps[title]:.2f} ({100 * steps[title] / median['wall_s']:.0f} %)" for title in titles]
         lines.append(f"| {method} | {median['wall_s']:.1f} | " + " | ".join(cells)
-                     + f" | {steps['background writing']:.2f} | {steps['before registration (beside)']:.2f} |")
+                     + "".join(f" | {steps[title]:.2f}" for title in ("background writing", *BESIDE)) + " |")
     return "\n".join(lines) + "\n"
 
 

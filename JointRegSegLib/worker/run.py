@@ -201,11 +201,12 @@ def run_job(
             torch.set_num_threads(job.threads)
         options = Options(str(device), job.seed, job.iterations, job.time_budget, dict(job.options))
         events.log(f"{method.info.title} on {device_description(device)}")
+        threads = torch.get_num_threads()
+        evaluation = Evaluation(scored_inputs(job, inputs), str(device), threads, watch)
+        evaluation.numbers_before_beside()  # beside the registration, on the core its steps leave idle
         result = method.register(inputs, options, stage_progress(events, "register"))
         timings["register_s"] = time.monotonic() - tick
         _add_method_steps(watch, result.details, timings["register_s"], time.process_time() - cpu)
-        threads = torch.get_num_threads()
-        evaluation = Evaluation(scored_inputs(job, inputs), str(device), threads, watch)
         tick = time.monotonic()
         evaluation.check(result)
         writer.submit(partial(write_registration, staging.path, result, job.compress, watch, threads))
