@@ -111,10 +111,14 @@ def test_windowed_parzen_weights_match_the_whole_gaussian_window() -> None:
     np.testing.assert_allclose(weights.numpy(), expected, atol=2e-5)
 
 
-def test_draws_are_subsets_without_repeats_within_a_pass() -> None:
-    draw = _Draws(100, 30, torch.Generator().manual_seed(0))
+def test_draws_are_subsets_without_repeats_within_a_pass_and_every_table_gives_the_same_voxels_rows() -> None:
+    voxels = torch.arange(100)
+    pairs = torch.stack([torch.arange(100.0), -torch.arange(100.0)], dim=1)  # a second table: row v holds (v, -v)
+    draw = _Draws((voxels, pairs), 30, torch.Generator().manual_seed(0))
     first_pass = [draw() for _ in range(3)]
-    assert all(len(set(d.tolist())) == 30 for d in first_pass)
-    assert len(set(torch.cat(first_pass).tolist())) == 90  # three calls of one pass share no voxel
-    assert len(set(draw().tolist())) == 30  # the next pass: a new permutation
-    assert _Draws(20, 30, torch.Generator())() == slice(None)  # fewer voxels than samples: all, as a view
+    assert all(len(set(v.tolist())) == 30 for v, _ in first_pass)
+    assert len(set(torch.cat([v for v, _ in first_pass]).tolist())) == 90  # three calls of one pass share no voxel
+    assert all(torch.equal(rows, torch.stack([v.float(), -v.float()], dim=1)) for v, rows in first_pass)
+    assert len(set(draw()[0].tolist())) == 30  # the next pass: a new permutation
+    few = (voxels[:20],)
+    assert _Draws(few, 30, torch.Generator())()[0] is few[0]  # fewer voxels than samples: the table itself

@@ -132,26 +132,26 @@ def _pool_matrix(factor: int) -> torch.Tensor:
 class _ParzenNMI:
     """Negative Studholme NMI between fixed samples and warped samples, Gaussian Parzen window.
 
-    ``fixed`` holds the values of every fixed voxel; `select` picks the samples the next evaluations
-    use. The fixed Parzen weights of all voxels are computed once when they fit in `CACHED_WEIGHTS`
-    numbers (they are the same every iteration), else for each selection.
+    ``fixed`` holds the values of every fixed voxel; `select` gives the samples the next evaluations
+    use. The fixed Parzen weights of all voxels (``all_fixed_weights``) are computed once when they fit in
+    `CACHED_WEIGHTS` numbers (they are the same every iteration; `_fit` draws their rows with the samples), else
+    for each selection.
     """
 
     def __init__(self, fixed: torch.Tensor, bins: int = NMI_BINS, sigma_ratio: float = NMI_SIGMA_RATIO) -> None:
         self.centres = torch.linspace(0.0, 1.0, bins, device=fixed.device)
         self.sigma = sigma_ratio / (bins - 1)
-        self.fixed = fixed.reshape(-1)
-        self.all_fixed_weights = self._weights(self.fixed) if self.fixed.numel() * bins <= CACHED_WEIGHTS else None
-        self._chosen: torch.Tensor | slice | None = None
-        self.select(slice(None))
+        fixed = fixed.reshape(-1)
+        self.all_fixed_weights = self._weights(fixed) if fixed.numel() * bins <= CACHED_WEIGHTS else None
+        self._selected: torch.Tensor | None = None
 
-    def select(self, chosen: torch.Tensor | slice) -> "_ParzenNMI":
-        """Use the fixed samples ``chosen`` (flat indices, or a slice of the voxels) from now on."""
-        if isinstance(chosen, slice) and chosen == self._chosen:
-            return self  # the voxels of the last call (every voxel of a small grid, step after step): its weights
-        self._chosen = chosen
-        weights = self.all_fixed_weights
-        self.fixed_weights = _rows(weights, chosen) if weights is not None else self._weights(_rows(self.fixed, chosen))
+    def select(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> "_ParzenNMI":
+        """Use the fixed samples ``values`` (and their rows of ``all_fixed_weights``, where it is kept) from now on;
+        the same tensor again (every voxel of a small grid, step after step) keeps its weights and entropy."""
+        if values is self._selected:
+            return self
+        self._selected = values
+        self.fixed_weights = weights if weights is not None else self._weights(values)
         self.fixed_entropy = self._entropy(self.fixed_weights.mean(dim=0))
         return self
 
@@ -181,33 +181,34 @@ class _ParzenNMI:
         return -(self.fixed_entropy + self._entropy(joint.sum(dim=0))) / self._entropy(joint)
 
 
-def _rows(x: torch.Tensor, chosen: torch.Tensor | slice) -> torch.Tensor:
-    """``x[chosen]`` along the first axis (a `_Draws` draw): ``index_select`` for indices, 15 times as fast as
-    ``x[chosen]`` on the CPU (1.7 ms for 8000 rows of 32 Parzen weights, torch 2.13), a view for a slice."""
-    return x[chosen] if isinstance(chosen, slice) else x.index_select(0, chosen)
-
-
 class _Draws:
-    """Flat indices of ``samples`` voxels per call, drawn without replacement (every voxel, as ``slice(None)``, when
-    there are fewer: indexing with it is a view, not a gather).
+    """The rows of ``tables`` (one row per voxel each: the grid's points, the fixed values, their Parzen weights) of
+    ``samples`` voxels per call, drawn without replacement; every row (the tables themselves) when there are fewer
+    voxels.
 
     Successive calls take successive slices of one random permutation of the voxels, and a new permutation
     when it runs out: each call's set is a uniform random subset, and the calls of one pass never repeat
-    a voxel. One permutation serves ``voxels // samples`` calls (a permutation per call cost more than the
-    rest of the step at the finest level of a 2 mm grid).
+    a voxel. The tables are put in the permutation's order once (``index_select``), so that each call's rows are a
+    view of one block of them: one gather per table and permutation, not per call (gathering 8192 rows of 32
+    Parzen weights took 0.53 ms a call, a quarter of segreg's affine stage; one permutation serves ``voxels //
+    samples`` calls, 13 at segreg's 4 mm level). One permutation per pass, not per call: a permutation per call
+    cost more than the rest of the step at the finest level of a 2 mm grid.
     """
 
-    def __init__(self, voxels: int, samples: int, generator: torch.Generator) -> None:
-        self.voxels, self.samples, self.generator = voxels, min(int(samples), voxels), generator
-        self.order, self.next = torch.arange(voxels), voxels
+    def __init__(self, tables: Sequence[torch.Tensor], samples: int, generator: torch.Generator) -> None:
+        self.tables = tuple(tables)
+        self.voxels = self.tables[0].shape[0]
+        self.samples, self.generator = min(int(samples), self.voxels), generator
+        self.shuffled, self.next = self.tables, self.voxels
 
-    def __call__(self) -> torch.Tensor | slice:
+    def __call__(self) -> tuple[torch.Tensor, ...]:
         if self.samples == self.voxels:
-            return slice(None)
+            return self.tables
         if self.next + self.samples > self.voxels:
-            self.order, self.next = torch.randperm(self.voxels, generator=self.generator), 0
+            order = torch.randperm(self.voxels, generator=self.generator)
+            self.shuffled, self.next = tuple(table.index_select(0, order.to(table.device)) for table in self.tables), 0
         self.next += self.samples
-        return self.order[self.next - self.samples : self.next]
+        return tuple(table[self.next - self.samples : self.next] for table in self.shuffled)
 
 
 def _check(fixed: torch.Tensor, moving: torch.Tensor, iterations: Sequence[int], levels: Sequence[int], loss: str) -> None:
@@ -306,13 +307,13 @@ def _fit(
         pool, unpool = _pool_matrix(factor), torch.linalg.inv(_pool_matrix(factor))
         optimiser = Adam([params], lr=lr)
         nmi = _ParzenNMI(fixed_values) if loss == "nmi" and count > 0 else None
-        draw = _Draws(grid_points.shape[0], samples, generator)
+        cached = nmi is not None and nmi.all_fixed_weights is not None
+        draw = _Draws((grid_points, fixed_values, *([nmi.all_fixed_weights] if cached else [])), samples, generator)
         for step in range(count):
             optimiser.lr = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
-            chosen = draw()
-            points = _rows(grid_points, chosen)
-            target = _rows(fixed_values, chosen).view(1, 1, 1, 1, -1)
-            similarity = {"nmi": nmi.select(chosen) if nmi else None, "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
+            points, values, *weights = draw()
+            target = values.view(1, 1, 1, 1, -1)
+            similarity = {"nmi": nmi.select(values, *weights) if nmi else None, "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
             optimiser.zero_grad()
             matrix = unpool @ _matrix(params, centre, t0, radius) @ pool  # the affine on the pooled grid
             mapped = (points @ matrix[:3, :3].T + matrix[:3, 3]).float().to(fixed.device)
