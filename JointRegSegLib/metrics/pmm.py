@@ -23,14 +23,14 @@ Definitions (Appendix C; the choices the paper leaves open are marked *):
 
 Computation: the grid is split into ``stride``^3 blocks (`PatchGrid`, found once per domain with the number of
 domain voxels of every patch: the maps before and after registration share it); one accumulating scatter of the
-domain's voxels (torch's ``index_put_``, straight into 16-bit counts where a patch's count fits) gives every
-block's joint histogram; box sums over (patch/stride)^3 neighbouring blocks give every patch's histogram; NMI is
-evaluated for all patches at once (c log c from a lookup table); a second box sum over the
-patch grid averages, per block, the scores of the patches covering it, so every voxel of a block
-gets the same value (gathered from the blocks' means at the domain's voxels, whose blocks are known). Measured on 160x192x224 (2 shared CPU cores): about 0.2 s of CPU per map inside the
-benchmark pair's head foreground (2.1 million voxels), after the first (which meets fresh memory); 0.8 s before
-the 16-bit counts and the domain-only histogram, 0.55 s before the scatter (``np.bincount``'s 220 MB table of
-int64 counts, then converted) and the shared blocks. With a torch ``device`` (a GPU: `PatchGrid.pmm`) the
+domain's voxels (torch's ``index_put_``, straight into 16-bit counts where a patch's count fits) gives every block's
+joint histogram; box sums over (patch/stride)^3 neighbouring blocks give every patch's histogram; NMI is evaluated
+for all patches at once (c log c from a lookup table); a second box sum over the patch grid averages, per block, the
+scores of the patches covering it, so every voxel of a block gets the same value (gathered from the blocks' means at
+the domain's voxels, whose blocks are known). Measured on 160x192x224 (2 shared CPU cores): about 0.2 s of CPU per
+map inside the benchmark pair's head foreground (2.1 million voxels), after the first (which meets fresh memory);
+0.8 s before the 16-bit counts and the domain-only histogram, 0.55 s before the scatter (``np.bincount``'s 220 MB
+table of int64 counts, then converted) and the shared blocks. With a torch ``device`` (a GPU: `PatchGrid.pmm`) the
 histograms and the patches' scores are computed there, in 32-bit counts, the entropies with ``xlogy``; the box sums
 spreading the scores over the voxels stay on the CPU (a few hundred thousand patches).
 """

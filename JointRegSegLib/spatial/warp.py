@@ -94,7 +94,7 @@ def _sampling_grid(disp: torch.Tensor) -> torch.Tensor:
     """``grid_sample``'s grid of the points ``p + u(p)``: ``(B, I, J, K, 3)`` in its (k, j, i) order, ``2 (p + u(p)) /
     (n - 1) - 1`` along each axis, made in place on one reordered copy of the field: the identity's index added axis
     by axis, then one division and one subtraction (three passes and the copy, against seven for the identity grid, its
-    sum with the field and `sample_at_indices`' normalisation and reordering: 30 -> 13 ms on the benchmark pair's 1 mm
+    sum with the field and `sample_at_indices`' normalisation and reordering: 36 -> 12 ms on the benchmark pair's 1 mm
     grid, 2 threads). The same numbers bit for bit as those steps (``x / ((n - 1) / 2)`` rounds as ``2 x / (n - 1)``:
     halving and doubling are exact): where the field is about 0 the points lie on voxel centres, where one rounding
     more or less decides which neighbour a gradient is taken from, and a network's first steps of training follow it."""
