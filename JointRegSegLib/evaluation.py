@@ -11,14 +11,15 @@ maps are given.
 intensities and foreground, the moving image and label map as they lie on the fixed grid, the
 numbers before registration), computed once on first use: the worker checks, maps and scores a
 result with it, the benchmark every tool's result of a pair, and the pictures reuse its arrays.
-Its steps are timed under ``evaluation: ...`` (`timing`). The fixed image's side (foreground, bins, patches) and
-the numbers before registration are computed on a thread of their own (`Evaluation.numbers_before_beside`): the
-worker starts it before the registration, whose steps leave a core idle (the module's job on the benchmark pair,
-measured alone: 0.0-0.2 s shorter, the evaluation's share of uresnet's 37 -> 30 %, of segreg's 21 -> 14 %;
-`docs/results/call_profile.md`, eighteenth run), else `Evaluation.maps` starts it beside the PMM and the Jacobian (numpy's passes there run on one core; on 2 cores
-the evaluation of uresnet's result took 2.96-3.39 s in a row, 2.66-2.67 s so); it is joined where the metrics
-need its numbers. Scoring the labels on a thread beside the maps too made every job slower (uresnet 4.3-4.9 ->
-4.6-5.2 s, hof 6.3-6.5 -> 7.1 s): the cores are busy then (the maps, the background writing, the pictures' child).
+Its steps are timed under ``evaluation: ...`` (`timing`). The fixed image's side (foreground, bins, patches) and the
+numbers before registration are computed on a thread of their own (`Evaluation.numbers_before_beside`): the worker
+starts it before the registration, whose steps leave a core idle (the module's job on the benchmark pair, measured
+alone: 0.0-0.2 s shorter, the evaluation's share of uresnet's 37 -> 30 %, of segreg's 21 -> 14 %;
+`docs/results/call_profile.md`, eighteenth run), else `Evaluation.maps` starts it beside the PMM and the Jacobian
+(numpy's passes there run on one core; on 2 cores the evaluation of uresnet's result took 2.96-3.39 s in a row,
+2.66-2.67 s so); it is joined where the metrics need its numbers. Scoring the labels on a thread beside the maps too
+made every job slower (uresnet 4.3-4.9 -> 4.6-5.2 s, hof 6.3-6.5 -> 7.1 s): the cores are busy then (the maps, the
+background writing, the pictures' child).
 """
 
 from __future__ import annotations
