@@ -8,7 +8,8 @@ import torch
 from scipy.stats import norm
 
 from JointRegSegLib.errors import InputError
-from JointRegSegLib.methods.affine_stage import NMI_BINS, NMI_SIGMA_RATIO, _Draws, _ParzenNMI, fit_affine
+from JointRegSegLib.losses.parzen_nmi import NMI_BINS, NMI_SIGMA_RATIO, ParzenNMI
+from JointRegSegLib.methods.affine_stage import _Draws, _rows, fit_affine
 from JointRegSegLib.spatial import affine_matrix, affine_to_displacement, warp
 
 SHAPE = (48, 48, 48)
@@ -107,18 +108,29 @@ def test_windowed_parzen_weights_match_the_whole_gaussian_window() -> None:
     centres = np.linspace(0.0, 1.0, NMI_BINS)
     density = norm.pdf(np.clip(values, 0.0, 1.0)[:, None], loc=centres, scale=NMI_SIGMA_RATIO / (NMI_BINS - 1))
     expected = density / density.sum(axis=1, keepdims=True)
-    weights = _ParzenNMI(torch.zeros(4))._weights(torch.as_tensor(values, dtype=torch.float32))
+    weights = ParzenNMI().weights(torch.as_tensor(values, dtype=torch.float32))
     np.testing.assert_allclose(weights.numpy(), expected, atol=2e-5)
 
 
-def test_draws_are_subsets_without_repeats_within_a_pass_and_every_table_gives_the_same_voxels_rows() -> None:
-    voxels = torch.arange(100)
-    pairs = torch.stack([torch.arange(100.0), -torch.arange(100.0)], dim=1)  # a second table: row v holds (v, -v)
-    draw = _Draws((voxels, pairs), 30, torch.Generator().manual_seed(0))
+def test_draws_are_subsets_without_repeats_within_a_pass_and_rows_are_the_grid_voxels_at_them() -> None:
+    draw = _Draws(100, 30, torch.Generator().manual_seed(0))
     first_pass = [draw() for _ in range(3)]
-    assert all(len(set(v.tolist())) == 30 for v, _ in first_pass)
-    assert len(set(torch.cat([v for v, _ in first_pass]).tolist())) == 90  # three calls of one pass share no voxel
-    assert all(torch.equal(rows, torch.stack([v.float(), -v.float()], dim=1)) for v, rows in first_pass)
-    assert len(set(draw()[0].tolist())) == 30  # the next pass: a new permutation
-    few = (voxels[:20],)
-    assert _Draws(few, 30, torch.Generator())()[0] is few[0]  # fewer voxels than samples: the table itself
+    assert all(len(set(v.tolist())) == 30 for v in first_pass)
+    assert len(set(torch.cat(first_pass).tolist())) == 90  # three calls of one pass share no voxel
+    assert len(set(draw().tolist())) == 30  # the next pass: a new permutation
+    assert _Draws(20, 30, torch.Generator())() is None  # fewer voxels than samples: every voxel
+    shape = (4, 5, 5)
+    values = torch.rand(100)
+    points, rows = _rows(first_pass[0], values, shape)
+    every_point, every_value = _rows(None, values, shape)
+    np.testing.assert_array_equal(points.numpy(), np.argwhere(np.ones(shape))[first_pass[0].numpy()])
+    assert torch.equal(rows, values[first_pass[0]]) and torch.equal(every_point, points.new_tensor(np.argwhere(np.ones(shape))))
+    assert every_value is values
+
+
+def test_one_learning_rate_per_level_or_one_for_all(pair) -> None:
+    fixed, moving, expected = pair
+    found = fit_affine(fixed, moving, lr=[0.02, 0.01, 0.004])
+    assert mean_field_error(found, expected) < 0.5
+    with pytest.raises(InputError, match="learning rate"):
+        fit_affine(fixed, moving, lr=[0.02, 0.01])

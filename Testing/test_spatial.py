@@ -20,6 +20,8 @@ from JointRegSegLib.imageio.network_grid import network_geometry
 from JointRegSegLib.imageio.sitk_bridge import from_sitk, reference_image, to_sitk
 from JointRegSegLib.spatial import (
     affine_displacement_at,
+    affine_from_radians,
+    affine_jacobian,
     affine_matrix,
     affine_to_displacement,
     compose,
@@ -42,6 +44,7 @@ from JointRegSegLib.spatial import (
     write_displacement_field,
 )
 from JointRegSegLib.spatial.physical import _index_map, warp_volume_affine
+from JointRegSegLib.spatial.sampling import trilinear_with_gradient
 from JointRegSegLib.spatial.separable import axis_pairing, sample_separable
 
 SHAPE = (20, 24, 28)
@@ -167,6 +170,23 @@ def test_affine_displacement_at_points_equals_sampling_the_affine_field_with_bor
     computed = affine_displacement_at(matrix, points, shape)
     assert computed.shape == points.shape
     np.testing.assert_allclose(computed.numpy(), expected.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 12, 7), (1, 6, 5), (4, 1, 1)])
+def test_trilinear_with_gradient_is_scipy_and_autograd_inside_and_beyond_the_image(shape):
+    """Values: scipy's trilinear interpolation with edge values beyond the image (float64, to rounding). Slopes:
+    autograd's through `sample_at_indices` (grid_sample, border padding): 0 along an axis beyond the image."""
+    rng = np.random.default_rng(8)
+    image = torch.as_tensor(rng.normal(size=shape))
+    points = torch.as_tensor(rng.uniform(-3, np.array(shape) + 2, size=(400, 3)))
+    values, slopes = trilinear_with_gradient(image, points)
+    expected = map_coordinates(image.numpy(), points.numpy().T, order=1, mode="nearest")
+    np.testing.assert_allclose(values.numpy(), expected, atol=1e-12)
+    where = points.clone().requires_grad_(True)
+    sample_at_indices(image[None, None], where.view(1, -1, 1, 1, 3), padding_mode="border").sum().backward()
+    np.testing.assert_allclose(slopes.numpy(), where.grad.numpy(), atol=1e-9)
+    beyond = (points < 0) | (points > torch.tensor(shape) - 1)
+    assert beyond.any() and torch.all(slopes[beyond] == 0)
 
 
 def test_warp_is_differentiable_in_image_and_field():
@@ -561,6 +581,23 @@ def test_affine_matrix_rotation_matches_scipy_and_center_is_fixed():
     m = affine_matrix(rotation_deg=angles, center=centre)
     np.testing.assert_allclose(m[:3, :3], Rotation.from_euler("xyz", angles, degrees=True).as_matrix(), atol=1e-12)
     np.testing.assert_allclose(m[:3, :3] @ centre + m[:3, 3], centre, atol=1e-12)
+
+
+def test_affine_jacobian_matches_central_differences_and_radians_match_degrees():
+    rng = np.random.default_rng(5)
+    angles, translation, scale, shear, centre = rng.normal(0, 0.4, 3), rng.normal(0, 4, 3), rng.uniform(0.8, 1.2, 3), rng.normal(0, 0.1, 3), rng.normal(20, 5, 3)
+    np.testing.assert_allclose(
+        affine_from_radians(angles, translation, scale, shear, centre),
+        affine_matrix(np.rad2deg(angles), translation, scale, shear, centre), atol=1e-12,
+    )
+    x = np.concatenate([translation, angles, scale, shear])
+
+    def top(values: np.ndarray) -> np.ndarray:
+        return affine_from_radians(values[3:6], values[0:3], values[6:9], values[9:12], centre)[:3]
+
+    step = 1e-6
+    numeric = np.stack([(top(x + step * e) - top(x - step * e)) / (2 * step) for e in np.eye(12)])
+    np.testing.assert_allclose(affine_jacobian(angles, scale, shear, centre), numeric, atol=1e-7)
 
 
 def test_translation_matrix_gives_constant_displacement():

@@ -36,15 +36,29 @@ an affine stage; these are ours):
   when there are fewer) drawn afresh without replacement from a seeded generator (deterministic;
   successive slices of one permutation, `_Draws`): the Parzen window costs samples x bins per
   evaluation (only the 5 bins around a sample's own get a weight, the rest are below float32's
-  rounding: `_ParzenNMI._weights`), and re-drawing every iteration averages the sampling noise out
+  rounding: `losses.parzen_nmi`), and re-drawing every iteration averages the sampling noise out
   (a fixed sample set gave Dice 0.58-0.62 over seeds on the benchmark pair, re-drawing 0.61-0.63;
   ANTs affine: 0.61). The moving image is sampled at the mapped points
   only. Outside the moving image the warped value is the nearest edge value (border padding):
   zero padding adds an intensity class that the moving image's background may not have (e.g. an
   inverted contrast), which biased the fit on the test volume by almost 2 voxels;
-- schedule: per level, Adam with a learning rate decayed by a cosine from ``lr`` to ``lr / 10``;
-  the default iteration counts (150, 60, 30) converged on the benchmark pair at 2 mm (80 x 96 x
-  112) in 3-6 s on one busy CPU core;
+- gradient: for NMI written out (`losses.parzen_nmi.ParzenNMI.loss_and_gradient`, the moving image's trilinear
+  slope at the mapped points `spatial.sampling.trilinear_with_gradient`, the matrix's derivative by the parameters
+  `spatial.affine_jacobian`), the same numbers as autograd's to float32 rounding; autograd's graph of about a hundred
+  small operations a step cost more than the arithmetic (hof's stage on the benchmark pair, one thread: 1.59 ->
+  1.13 s, median of 16 seeds). MI and NCC take autograd's derivative by the mapped points, then the same chain;
+- schedule: per level, Adam with a learning rate decayed by a cosine from the level's rate to a tenth of it;
+  the level's rate is ``lr (f / f_0) ** LEVEL_LR_POWER`` (``f_0`` the coarsest pooling): 0.02, 0.0071 and 0.0025
+  for the default levels. With ``lr`` at every level, each finer level's first steps (Adam makes a step's size about
+  the rate, whatever the gradient) moved the image by up to 0.7 voxels on noisy 8000-sample gradients, and the
+  finest level left the affine worse and seed-dependent. On the benchmark pair (hof's 3 mm grid, seeds 0-15,
+  `experiments.affine_seeds`), the label maps' mean Dice after the affine alone: 0.51-0.53 after the middle level
+  (4 seeds), after the finest 0.518 (sd 0.022, least 0.468) with autograd's gradient and 0.510 (sd 0.044, least
+  0.366) with the written-out one, whose rounding differs. Rates 1, 0.5, 0.25 times ``lr``: 0.529 (sd 0.013);
+  this power's (1, 0.35, 0.125): 0.531 (sd 0.009, least 0.514); 1, 0.5, 0.1: 0.535 (sd 0.011). hof's Dice on the
+  pair over seeds 0-7 became 0.621-0.644 (mean 0.634), from 0.608-0.646 (mean 0.626; 0.571-0.652 over seeds
+  0-15). The default iteration counts (150, 60, 30) converged on the benchmark pair at 2 mm (80 x 96 x 112) in 3-6
+  s on one busy CPU core;
 - threads: every step works on ``samples`` points, so it runs on one CPU thread (`device.threads_for`;
   with two, every small operation waits at a barrier, twice as slow on a busy machine);
 - progress: an iteration counts by its expected cost (`step_cost`). Measured per step on one CPU
@@ -66,45 +80,41 @@ import torch.nn.functional as F
 from ..device import threads_for
 from ..errors import InputError
 from ..losses import mi_loss, ncc_loss
-from ..spatial import identity_grid, sample_at_indices
+from ..losses.parzen_nmi import NMI_BINS, ParzenNMI
+from ..spatial import affine_from_radians, affine_jacobian, identity_grid, sample_at_indices
+from ..spatial.sampling import trilinear_with_gradient
 from .adam import Adam
 from .base import ProgressCallback
 from .options import AFFINE_ITERATIONS
 
 LOSSES = ("nmi", "mi", "ncc")
-NMI_BINS = 32
-NMI_SIGMA_RATIO = 0.35
-PARZEN_REACH = 2  # bins each side of a sample's nearest bin that get a Parzen weight (`_ParzenNMI._weights`)
 DEFAULT_ITERATIONS = AFFINE_ITERATIONS
 DEFAULT_LEVELS = (4, 2, 1)
 DEFAULT_LR = 0.02
+LEVEL_LR_POWER = 1.5  # a level's rate: lr x (its pooling / the coarsest's) ** this (module docstring)
 DEFAULT_SAMPLES = 8000
-CACHED_WEIGHTS = 16_000_000
 STEP_SECONDS = (1.0e-2, 2.0e-6)  # one iteration: fixed, per sample (`step_cost`)
 
 
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    """``R = R_2 R_1 R_0`` (radians), the convention of `spatial.affine_matrix`."""
-    rotation = torch.eye(3, dtype=angles.dtype)
-    for axis in range(3):
-        a, b = (axis + 1) % 3, (axis + 2) % 3
-        c, s = torch.cos(angles[axis]), torch.sin(angles[axis])
-        r = torch.eye(3, dtype=angles.dtype).clone()
-        r = r.index_put((torch.tensor([a, b, a, b]), torch.tensor([a, b, b, a])), torch.stack([c, c, -s, s]))
-        rotation = r @ rotation
-    return rotation
+def _matrix(params: np.ndarray, centre: np.ndarray, t0: np.ndarray, radius: float) -> np.ndarray:
+    """4x4 index affine of the 12 parameters (see the module docstring)."""
+    return affine_from_radians(params[3:6], t0 + params[0:3] * radius, np.exp(params[6:9]), params[9:12], centre)
 
 
-def _matrix(params: torch.Tensor, centre: torch.Tensor, t0: torch.Tensor, radius: float) -> torch.Tensor:
-    """4x4 index affine of the 12 parameters (see the module docstring), differentiable."""
-    translation, angles, log_scale, shear = params[0:3] * radius, params[3:6], params[6:9], params[9:12]
-    shear_m = torch.eye(3, dtype=params.dtype).index_put(
-        (torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])), shear
-    )
-    linear = _rotation(angles) @ shear_m @ torch.diag(torch.exp(log_scale))
-    offset = centre + t0 + translation - linear @ centre
-    top = torch.cat([linear, offset[:, None]], dim=1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype)], dim=0)
+def _parameter_gradient(
+    d_mapped: torch.Tensor, points: torch.Tensor, pooling: tuple[np.ndarray, np.ndarray], params: np.ndarray,
+    centre: np.ndarray, radius: float,
+) -> np.ndarray:
+    """The loss's derivative by the 12 parameters from its derivative by each mapped point ``d_mapped (n, 3)``, the
+    pooled grid's ``points (n, 3)`` mapped by ``unpool @ _matrix(params) @ pool`` (``pooling = (pool, unpool)``):
+    ``sum_i d_i (p_i, 1)^T`` by that matrix's top rows, carried through the pooling matrices (their last rows 0 0 0 1)
+    and `spatial.affine_jacobian` (the translation in units of ``radius``, the scales as logarithms)."""
+    pool, unpool = pooling
+    d_pooled = d_mapped.double().cpu().T @ torch.cat([points, torch.ones(len(points), 1, dtype=points.dtype)], dim=1)
+    d_matrix = unpool[:3, :3].T @ d_pooled.numpy() @ pool.T
+    jacobian = affine_jacobian(params[3:6], np.exp(params[6:9]), params[9:12], centre)
+    chain = np.concatenate([np.full(3, radius), np.ones(3), np.exp(params[6:9]), np.ones(3)])
+    return chain * np.einsum("prc,rc->p", jacobian, d_matrix)
 
 
 def _centre_of_mass(image: torch.Tensor) -> torch.Tensor:
@@ -129,86 +139,39 @@ def _pool_matrix(factor: int) -> torch.Tensor:
     return s
 
 
-class _ParzenNMI:
-    """Negative Studholme NMI between fixed samples and warped samples, Gaussian Parzen window.
-
-    ``fixed`` holds the values of every fixed voxel; `select` gives the samples the next evaluations
-    use. The fixed Parzen weights of all voxels (``all_fixed_weights``) are computed once when they fit in
-    `CACHED_WEIGHTS` numbers (they are the same every iteration; `_fit` draws their rows with the samples), else
-    for each selection.
-    """
-
-    def __init__(self, fixed: torch.Tensor, bins: int = NMI_BINS, sigma_ratio: float = NMI_SIGMA_RATIO) -> None:
-        self.centres = torch.linspace(0.0, 1.0, bins, device=fixed.device)
-        self.sigma = sigma_ratio / (bins - 1)
-        fixed = fixed.reshape(-1)
-        self.all_fixed_weights = self._weights(fixed) if fixed.numel() * bins <= CACHED_WEIGHTS else None
-        self._selected: torch.Tensor | None = None
-
-    def select(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> "_ParzenNMI":
-        """Use the fixed samples ``values`` (and their rows of ``all_fixed_weights``, where it is kept) from now on;
-        the same tensor again (every voxel of a small grid, step after step) keeps its weights and entropy."""
-        if values is self._selected:
-            return self
-        self._selected = values
-        self.fixed_weights = weights if weights is not None else self._weights(values)
-        self.fixed_entropy = self._entropy(self.fixed_weights.mean(dim=0))
-        return self
-
-    def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(samples, bins) Parzen weights, each row summing to 1.
-
-        Only the ``2 PARZEN_REACH + 1`` bins around a sample's nearest one get a weight: a sample lies at
-        most half a bin from its nearest centre, so every bin left out is at least ``PARZEN_REACH + 0.5``
-        bins away, where the kernel is below ``exp(-0.5 (2.5 / 0.35)^2) = 8e-12`` of the nearest bin's
-        (float32 rounding); ``2 PARZEN_REACH + 1`` exponentials per sample instead of one per bin.
-        """
-        bins = self.centres.numel()
-        position = x.reshape(-1, 1).clamp(0.0, 1.0) * (bins - 1)  # in bins
-        window = position.detach().round().long() + torch.arange(-PARZEN_REACH, PARZEN_REACH + 1, device=x.device)
-        inside = (window >= 0) & (window < bins)
-        k = torch.exp(-0.5 * ((position - window) / (self.sigma * (bins - 1))) ** 2) * inside
-        k = k / k.sum(dim=1, keepdim=True)
-        return torch.zeros(k.shape[0], bins, dtype=k.dtype, device=k.device).scatter_add_(1, window.clamp(0, bins - 1), k)
-
-    @staticmethod
-    def _entropy(p: torch.Tensor) -> torch.Tensor:
-        return -(p * torch.log(p.clamp_min(1e-12))).sum()
-
-    def __call__(self, _fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-        w = self._weights(warped)
-        joint = self.fixed_weights.T @ w / w.shape[0]
-        return -(self.fixed_entropy + self._entropy(joint.sum(dim=0))) / self._entropy(joint)
-
-
 class _Draws:
-    """The rows of ``tables`` (one row per voxel each: the grid's points, the fixed values, their Parzen weights) of
-    ``samples`` voxels per call, drawn without replacement; every row (the tables themselves) when there are fewer
-    voxels.
+    """The flat indices of ``samples`` of a grid's ``voxels`` per call, drawn without replacement; None (every voxel)
+    when there are fewer voxels.
 
     Successive calls take successive slices of one random permutation of the voxels, and a new permutation
     when it runs out: each call's set is a uniform random subset, and the calls of one pass never repeat
-    a voxel. The tables are put in the permutation's order once (``index_select``), so that each call's rows are a
-    view of one block of them: one gather per table and permutation, not per call (gathering 8192 rows of 32
-    Parzen weights took 0.53 ms a call, a quarter of segreg's affine stage; one permutation serves ``voxels //
-    samples`` calls, 13 at segreg's 4 mm level). One permutation per pass, not per call: a permutation per call
-    cost more than the rest of the step at the finest level of a 2 mm grid.
+    a voxel. One permutation per pass, not per call: a permutation per call cost more than the rest of the step at
+    the finest level of a 2 mm grid. The caller reads its tables at the indices (`_rows`): 8192 values and points a
+    call cost less than putting whole tables in the permutation's order (``index_select`` of a (voxels, 3) table:
+    13 ms for the 409,600 voxels of hof's network grid).
     """
 
-    def __init__(self, tables: Sequence[torch.Tensor], samples: int, generator: torch.Generator) -> None:
-        self.tables = tuple(tables)
-        self.voxels = self.tables[0].shape[0]
-        self.samples, self.generator = min(int(samples), self.voxels), generator
-        self.shuffled, self.next = self.tables, self.voxels
+    def __init__(self, voxels: int, samples: int, generator: torch.Generator) -> None:
+        self.voxels, self.samples, self.generator = int(voxels), min(int(samples), int(voxels)), generator
+        self.order, self.next = torch.arange(0), self.voxels
 
-    def __call__(self) -> tuple[torch.Tensor, ...]:
+    def __call__(self) -> torch.Tensor | None:
         if self.samples == self.voxels:
-            return self.tables
+            return None
         if self.next + self.samples > self.voxels:
-            order = torch.randperm(self.voxels, generator=self.generator)
-            self.shuffled, self.next = tuple(table.index_select(0, order.to(table.device)) for table in self.tables), 0
+            self.order, self.next = torch.randperm(self.voxels, generator=self.generator), 0
         self.next += self.samples
-        return tuple(table[self.next - self.samples : self.next] for table in self.shuffled)
+        return self.order[self.next - self.samples : self.next]
+
+
+def _rows(indices: torch.Tensor | None, values: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid points ``(n, 3)`` (float64 voxel indices) and ``values`` of the voxels with flat ``indices`` of a grid
+    of ``shape`` (every voxel where None)."""
+    if indices is None:
+        return identity_grid(shape, dtype=torch.float64).reshape(3, -1).T, values
+    j_k = int(shape[1]) * int(shape[2])
+    points = torch.stack([indices // j_k, indices // int(shape[2]) % int(shape[1]), indices % int(shape[2])], dim=1)
+    return points.double(), values.take(indices.to(values.device))
 
 
 def _check(fixed: torch.Tensor, moving: torch.Tensor, iterations: Sequence[int], levels: Sequence[int], loss: str) -> None:
@@ -264,7 +227,7 @@ def fit_affine(
     iterations: int | Sequence[int] = DEFAULT_ITERATIONS,
     levels: Sequence[int] = DEFAULT_LEVELS,
     loss: str = "nmi",
-    lr: float = DEFAULT_LR,
+    lr: float | Sequence[float] = DEFAULT_LR,
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     progress: ProgressCallback | None = None,
@@ -274,55 +237,74 @@ def fit_affine(
     ``fixed`` and ``moving`` are ``(1, 1, I, J, K)`` tensors in [0, 1] on one grid. ``iterations`` is
     one count per pyramid level (or one count for every level); ``levels`` are average-pooling
     factors, coarse to fine; ``loss`` is ``"nmi"`` or ``"mi"`` (any contrasts) or ``"ncc"`` (same contrast);
-    ``samples`` voxels per level (drawn with ``seed``) enter the loss; ``lr`` is Adam's initial rate.
+    ``samples`` voxels per level (drawn with ``seed``) enter the loss; ``lr`` is Adam's initial rate at the coarsest
+    level (the finer levels' follow, module docstring), or one rate per level.
     ``progress(fraction, "affine")`` is called after every iteration, the fraction of the expected cost done.
     """
     levels = tuple(int(f) for f in levels)
     iterations = (int(iterations),) * len(levels) if isinstance(iterations, int) else tuple(int(n) for n in iterations)
+    rates = tuple(float(lr) * (f / levels[0]) ** LEVEL_LR_POWER for f in levels) if np.isscalar(lr) else tuple(map(float, lr))
     _check(fixed, moving, iterations, levels, loss)
+    if len(rates) != len(levels) or min(rates) <= 0:
+        raise InputError(f"give one positive learning rate, or one per pyramid level {levels}; got {lr}")
     with threads_for(samples, fixed.device):  # each step works on ``samples`` points: one thread is faster
-        return _fit(fixed, moving, iterations, levels, loss, lr, samples, seed, progress)
+        return _fit(fixed, moving, iterations, levels, loss, rates, samples, seed, progress)
 
 
 def _fit(
-    fixed: torch.Tensor, moving: torch.Tensor, iterations: tuple[int, ...], levels: tuple[int, ...], loss: str, lr: float,
-    samples: int, seed: int, progress: ProgressCallback | None,
+    fixed: torch.Tensor, moving: torch.Tensor, iterations: tuple[int, ...], levels: tuple[int, ...], loss: str,
+    rates: tuple[float, ...], samples: int, seed: int, progress: ProgressCallback | None,
 ) -> np.ndarray:
     """`fit_affine`'s optimisation, its arguments checked."""
     fixed = fixed.detach().float()
     moving = moving.detach().float()
     shape = fixed.shape[2:]
-    centre = _centre_of_mass(fixed)
-    t0 = _centre_of_mass(moving) - centre
+    centre = _centre_of_mass(fixed).numpy()
+    t0 = _centre_of_mass(moving).numpy() - centre
     radius = float(np.mean([(n - 1) / 2.0 for n in shape]))
-    params = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    params = torch.zeros(12, dtype=torch.float64)
     generator = torch.Generator().manual_seed(int(seed))
     total, done = max(expected_seconds(shape, iterations, levels, samples), 1e-9), 0.0
-    for factor, count in zip(levels, iterations):
+    for factor, count, level_lr in zip(levels, iterations, rates):
         cost = step_cost(shape, factor, samples)
         fixed_l = F.avg_pool3d(fixed, factor) if factor > 1 else fixed
         moving_l = F.avg_pool3d(moving, factor) if factor > 1 else moving
-        grid_points = identity_grid(fixed_l.shape[2:], dtype=torch.float64).reshape(3, -1).T  # (voxels, 3)
         fixed_values = fixed_l.reshape(-1)
-        pool, unpool = _pool_matrix(factor), torch.linalg.inv(_pool_matrix(factor))
-        optimiser = Adam([params], lr=lr)
-        nmi = _ParzenNMI(fixed_values) if loss == "nmi" and count > 0 else None
-        cached = nmi is not None and nmi.all_fixed_weights is not None
-        draw = _Draws((grid_points, fixed_values, *([nmi.all_fixed_weights] if cached else [])), samples, generator)
+        pool, unpool = _pool_matrix(factor).numpy(), np.linalg.inv(_pool_matrix(factor).numpy())
+        optimiser = Adam([params], lr=level_lr)
+        nmi = ParzenNMI() if loss == "nmi" and count > 0 else None
+        draw = _Draws(fixed_values.numel(), samples, generator)
+        every = _rows(None, fixed_values, fixed_l.shape[2:])  # the same tensors each step: their Parzen weights kept
         for step in range(count):
-            optimiser.lr = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
-            points, values, *weights = draw()
-            target = values.view(1, 1, 1, 1, -1)
-            similarity = {"nmi": nmi.select(values, *weights) if nmi else None, "mi": lambda a, b: mi_loss(a, b, bins=NMI_BINS), "ncc": ncc_loss}[loss]
-            optimiser.zero_grad()
-            matrix = unpool @ _matrix(params, centre, t0, radius) @ pool  # the affine on the pooled grid
+            optimiser.lr = level_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
+            indices = draw()
+            points, values = every if indices is None else _rows(indices, fixed_values, fixed_l.shape[2:])
+            matrix = torch.from_numpy(unpool @ _matrix(params.numpy(), centre, t0, radius) @ pool)  # on the pooled grid
             mapped = (points @ matrix[:3, :3].T + matrix[:3, 3]).float().to(fixed.device)
-            warped = sample_at_indices(moving_l, mapped.view(1, 1, 1, -1, 3), padding_mode="border")
-            value = similarity(target, warped)
-            value.backward()
+            if nmi is not None:
+                d_mapped = _nmi_gradient(nmi.select(values), moving_l, mapped)
+            else:
+                d_mapped = _autograd_gradient(loss, values, moving_l, mapped)
+            params.grad = torch.from_numpy(_parameter_gradient(d_mapped, points, (pool, unpool), params.numpy(), centre, radius))
             optimiser.step()
             done += cost
             if progress is not None:
                 progress(min(done / total, 1.0), "affine")
-    with torch.no_grad():
-        return _matrix(params, centre, t0, radius).numpy()
+    return _matrix(params.numpy(), centre, t0, radius)
+
+
+def _nmi_gradient(nmi: ParzenNMI, moving: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+    """d(-NMI)/d(each mapped point) ``(n, 3)``: the loss's derivative by each warped value (`ParzenNMI`) times the
+    moving image's trilinear slope there (`trilinear_with_gradient`), the chain rule autograd would apply."""
+    warped, slope = trilinear_with_gradient(moving[0, 0], mapped)
+    _, d_warped = nmi.loss_and_gradient(warped)
+    return d_warped[:, None] * slope
+
+
+def _autograd_gradient(loss: str, values: torch.Tensor, moving: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+    """d loss/d(each mapped point) ``(n, 3)`` of the MI or NCC loss, by autograd."""
+    mapped = mapped.detach().requires_grad_(True)
+    warped = sample_at_indices(moving, mapped.view(1, 1, 1, -1, 3), padding_mode="border")
+    target = values.view(1, 1, 1, 1, -1)
+    value = mi_loss(target, warped, bins=NMI_BINS) if loss == "mi" else ncc_loss(target, warped)
+    return torch.autograd.grad(value, mapped)[0]

@@ -10,6 +10,8 @@ from typing import Any
 
 from .affine import (
     affine_displacement_at,
+    affine_from_radians,
+    affine_jacobian,
     affine_matrix,
     affine_to_displacement,
     compose_affines,
@@ -36,6 +38,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "affine_displacement_at",
+    "affine_from_radians",
+    "affine_jacobian",
     "affine_matrix",
     "fit_to_points",
     "affine_to_displacement",

@@ -124,22 +124,70 @@ def affine_matrix(
     (right-handed, applied axis 0 first); ``Sh`` is upper triangular with ``Sh[0,1], Sh[0,2], Sh[1,2]
     = shear``; ``S = diag(scale)``; ``c`` is ``center`` (default: the origin); ``t`` is ``translation``.
     """
-    angles = np.deg2rad(np.asarray(rotation_deg, dtype=np.float64))
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles):
-        a, b = (axis + 1) % 3, (axis + 2) % 3
-        r = np.eye(3)
-        r[a, a] = r[b, b] = np.cos(angle)
-        r[a, b], r[b, a] = -np.sin(angle), np.sin(angle)
-        rotation = r @ rotation
-    shear_m = np.eye(3)
-    shear_m[0, 1], shear_m[0, 2], shear_m[1, 2] = (float(s) for s in shear)
-    linear = rotation @ shear_m @ np.diag(np.asarray(scale, dtype=np.float64))
+    return affine_from_radians(np.deg2rad(np.asarray(rotation_deg, dtype=np.float64)), translation, scale, shear, center)
+
+
+def affine_from_radians(
+    rotation: Sequence[float], translation: Sequence[float], scale: Sequence[float], shear: Sequence[float],
+    center: Sequence[float] | None = None,
+) -> np.ndarray:
+    """`affine_matrix` with the rotation angles in radians."""
+    rotation_m, shear_m = _rotation(rotation)[0], _shear(shear)
+    linear = rotation_m @ shear_m @ np.diag(np.asarray(scale, dtype=np.float64))
     c = np.zeros(3) if center is None else np.asarray(center, dtype=np.float64)
     m = np.eye(4)
     m[:3, :3] = linear
     m[:3, 3] = c + np.asarray(translation, dtype=np.float64) - linear @ c
     return m
+
+
+def affine_jacobian(
+    rotation: Sequence[float], scale: Sequence[float], shear: Sequence[float], center: Sequence[float] | None = None
+) -> np.ndarray:
+    """``(12, 3, 4)``: the derivatives of `affine_from_radians`' top rows by its translation (3), rotation angles (3,
+    radians), scales (3) and shears (3), in that order, at the given values (the translation enters linearly)."""
+    rotation_m, turns = _rotation(rotation)
+    shear_m, scale_m = _shear(shear), np.diag(np.asarray(scale, dtype=np.float64))
+    c = np.zeros(3) if center is None else np.asarray(center, dtype=np.float64)
+    linears = [turn @ shear_m @ scale_m for turn in turns]  # d linear / d angle a
+    for axis in range(3):  # d linear / d scale a: column a of R Sh
+        linears.append(np.outer((rotation_m @ shear_m)[:, axis], np.eye(3)[axis]))
+    for row, column in _SHEAR_ENTRIES:
+        linears.append(rotation_m[:, [row]] @ scale_m[[column], :])  # R E_rc S
+    jacobian = np.zeros((12, 3, 4))
+    jacobian[:3, :, 3] = np.eye(3)
+    for index, linear in enumerate(linears, start=3):
+        jacobian[index, :, :3] = linear
+        jacobian[index, :, 3] = -linear @ c
+    return jacobian
+
+
+_SHEAR_ENTRIES = ((0, 1), (0, 2), (1, 2))
+
+
+def _shear(shear: Sequence[float]) -> np.ndarray:
+    shear_m = np.eye(3)
+    for (row, column), value in zip(_SHEAR_ENTRIES, shear):
+        shear_m[row, column] = float(value)
+    return shear_m
+
+
+def _rotation(angles: Sequence[float]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``R = R_2 R_1 R_0`` of the angles (radians, `affine_matrix`) and its derivative by each angle."""
+    turns, slopes = [], []
+    for axis, angle in enumerate(np.asarray(angles, dtype=np.float64)):
+        a, b = (axis + 1) % 3, (axis + 2) % 3
+        cos, sin = np.cos(angle), np.sin(angle)
+        turn, slope = np.eye(3), np.zeros((3, 3))
+        turn[a, a] = turn[b, b] = cos
+        turn[a, b], turn[b, a] = -sin, sin
+        slope[a, a] = slope[b, b] = -sin
+        slope[a, b], slope[b, a] = -cos, cos
+        turns.append(turn)
+        slopes.append(slope)
+    r0, r1, r2 = turns
+    d0, d1, d2 = slopes
+    return r2 @ (r1 @ r0), [r2 @ r1 @ d0, r2 @ d1 @ r0, d2 @ r1 @ r0]  # R as affine_matrix always multiplied it
 
 
 def normaliser(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
