@@ -56,9 +56,8 @@ an affine stage; these are ours):
   (4 seeds), after the finest 0.518 (sd 0.022, least 0.468) with autograd's gradient and 0.510 (sd 0.044, least
   0.366) with the written-out one, whose rounding differs. Rates 1, 0.5, 0.25 times ``lr``: 0.529 (sd 0.013);
   this power's (1, 0.35, 0.125): 0.531 (sd 0.009, least 0.514); 1, 0.5, 0.1: 0.535 (sd 0.011). hof's Dice on the
-  pair over seeds 0-7 became 0.621-0.644 (mean 0.634), from 0.608-0.646 (mean 0.626; 0.571-0.652 over seeds
-  0-15). The default iteration counts (150, 60, 30) converged on the benchmark pair at 2 mm (80 x 96 x 112) in 3-6
-  s on one busy CPU core;
+  pair over seeds 0-15 became 0.621-0.647 (mean 0.635), from 0.571-0.652 (mean 0.626). The default iteration
+  counts (150, 60, 30) converged on the benchmark pair at 2 mm (80 x 96 x 112) in 3-6 s on one busy CPU core;
 - threads: every step works on ``samples`` points, so it runs on one CPU thread (`device.threads_for`;
   with two, every small operation waits at a barrier, twice as slow on a busy machine);
 - progress: an iteration counts by its expected cost (`step_cost`). Measured per step on one CPU
