@@ -25,7 +25,7 @@ from .errors import InputError
 from .timing import process_age
 from .methods import method_names
 from .methods.options import FLOAT, SETTINGS, describe, parse_options, specs
-from .worker.beside import Beside
+from .worker.beside import ForkedChild
 from .worker.events import EventWriter
 from .worker.failures import describe_failure
 from .worker.job import COMMAND_LINE, JACOBIAN_PARTS, Job, job_from_dict
@@ -190,7 +190,7 @@ def job_from_args(args: argparse.Namespace, inputs: dict[str, Path | None], out:
 def run_with_progress(job: Job, extra_outputs: Any = None) -> dict[str, Any]:
     """Run a job in this process with a progress bar. The process that draws the pictures is forked first, while
     this one is small and imports torch on one core: it imports matplotlib on the other (`worker.beside`)."""
-    painter = Beside(warm_up) if job.pictures else None
+    painter = ForkedChild(warm_up) if job.pictures else None
     try:
         from .worker.run import run_job
 
@@ -253,7 +253,7 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .sample_data import sample_pair
 
-    overview = Beside(warm_up)  # a child of its own draws the overview, warmed up during the start-up as well
+    overview = ForkedChild(warm_up)  # a child of its own draws the overview, warmed up during the start-up as well
     try:
         summary = run_with_progress(job_from_args(args, sample_pair(), args.out), partial(_demo_figure, overview))
     finally:
@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _demo_figure(
-    overview: Beside, folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]
+    overview: ForkedChild, folder: Path, inputs: Any, result: Any, maps: Any, metrics: dict[str, Any]
 ) -> dict[str, str]:
     """One overview PNG of the demo (fixed, moving, warped, checkerboard, Jacobian, PMM, contours), in the run's
     output, drawn by ``overview`` (so this process never imports matplotlib)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from JointRegSegLib.worker import beside
-from JointRegSegLib.worker.beside import Beside, ChildFailed, can_fork
+from JointRegSegLib.worker.beside import ForkedChild, ChildFailed, can_fork
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="work is forked off on Linux only (elsewhere it runs in place)")
 
@@ -58,7 +58,7 @@ def _gone(pid: int) -> bool:
 
 def test_the_work_runs_in_the_warmed_up_child_and_its_value_comes_back():
     data = bytes(range(256)) * 4096  # 1 MB: more than a pipe holds, sent while the child reads
-    work = Beside(_warm)
+    work = ForkedChild(_warm)
     work.submit(_who_and_sum, data)
     pid, total, warmed = work.result()
     assert pid != os.getpid() and total == sum(data) and warmed == ["warmed"] and _WARMED == []
@@ -69,7 +69,7 @@ def test_submit_does_not_wait_for_a_child_still_warming_up(tmp_path: Path):
     8 MB would never return (a watchdog opens the gate after 60 s, and the order shows it)."""
     gate_read, gate_write = os.pipe()
     events: list[str] = []
-    work = Beside(lambda: os.read(gate_read, 1))
+    work = ForkedChild(lambda: os.read(gate_read, 1))
     os.close(gate_read)
     watchdog = threading.Timer(60, lambda: (events.append("watchdog"), os.write(gate_write, b"x")))
     watchdog.start()
@@ -87,8 +87,8 @@ def test_submit_does_not_wait_for_a_child_still_warming_up(tmp_path: Path):
 def test_a_child_forked_later_does_not_hold_up_the_work_of_one_forked_before():
     """The second child inherits the first one's request pipe, open: the first must still see where its work
     ends (a watchdog kills it after 60 s, and the answer is then missing)."""
-    first = Beside()
-    second = Beside()
+    first = ForkedChild()
+    second = ForkedChild()
     watchdog = threading.Timer(60, lambda: os.kill(first._pid, signal.SIGKILL))
     watchdog.start()
     try:
@@ -100,7 +100,7 @@ def test_a_child_forked_later_does_not_hold_up_the_work_of_one_forked_before():
 
 
 def test_the_childs_exception_is_raised_in_the_parent_with_its_details():
-    work = Beside()
+    work = ForkedChild()
     work.submit(_full_disk)
     with pytest.raises(OSError) as caught:
         work.result()
@@ -108,14 +108,14 @@ def test_the_childs_exception_is_raised_in_the_parent_with_its_details():
 
 
 def test_an_exception_that_does_not_pickle_comes_back_as_its_text():
-    work = Beside()
+    work = ForkedChild()
     work.submit(_fails_with_a_local_class)
     with pytest.raises(RuntimeError, match="Local: the renderer failed"):
         work.result()
 
 
 def test_a_child_killed_before_answering_is_reported():
-    work = Beside()
+    work = ForkedChild()
     work.submit(_killed)
     with pytest.raises(ChildFailed, match="killed by SIGKILL"):
         work.result()
@@ -123,9 +123,9 @@ def test_a_child_killed_before_answering_is_reported():
 
 def test_close_stops_a_child_still_working_or_still_waiting():
     read, write = os.pipe()
-    working = Beside()
+    working = ForkedChild()
     working.submit(_waits_for, read)
-    waiting = Beside()
+    waiting = ForkedChild()
     pids = [working._pid, waiting._pid]
     working.close()
     waiting.close()
@@ -136,7 +136,7 @@ def test_close_stops_a_child_still_working_or_still_waiting():
 
 def test_a_child_whose_parent_sends_nothing_leaves_by_itself():
     """When the run ends without sending work (it failed, or died), the pipe closes and the child exits."""
-    waiting = Beside(_warm)
+    waiting = ForkedChild(_warm)
     os.close(waiting._requests)
     waiting._requests = None
     _, status = os.waitpid(waiting._pid, 0)
@@ -146,7 +146,7 @@ def test_a_child_whose_parent_sends_nothing_leaves_by_itself():
 
 def test_without_fork_the_work_runs_here_when_its_result_is_asked_for(monkeypatch):
     monkeypatch.setattr(beside, "can_fork", lambda: False)
-    work = Beside(_warm)
+    work = ForkedChild(_warm)
     work.submit(_who_and_sum, b"\x01\x02")
     assert work.result() == (os.getpid(), 3, [])
 
@@ -157,7 +157,7 @@ def test_sigterm_ends_the_child_although_the_worker_blocks_it():
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         read, write = os.pipe()
-        work = Beside()
+        work = ForkedChild()
         work.submit(_waits_for, read)
         os.close(read)
         pid = work._pid
@@ -183,8 +183,8 @@ def test_the_child_ends_with_the_process_that_forked_it(tmp_path: Path):
 
     code = (
         "import os, sys, time\n"
-        "from JointRegSegLib.worker.beside import Beside\n"
-        "work = Beside()\n"
+        "from JointRegSegLib.worker.beside import ForkedChild\n"
+        "work = ForkedChild()\n"
         "work.submit(time.sleep, 600)\n"
         "print(work._pid, flush=True)\n"
         "time.sleep(0.5)\n"

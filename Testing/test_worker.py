@@ -116,7 +116,7 @@ def test_pictures_drawn_by_the_child_equal_those_drawn_in_the_run(tmp_path, samp
     for where in ("child", "here"):
         if where == "here":
             monkeypatch.setattr(beside, "can_fork", lambda: False)
-        painter = beside.Beside(warm_up)
+        painter = beside.ForkedChild(warm_up)
         assert (painter._pid is not None) == (where == "child")
         try:
             job = job_from_dict(_job(sample_pair, tmp_path / where, pictures=True, threads=1), source="test")

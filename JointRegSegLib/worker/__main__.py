@@ -25,7 +25,7 @@ from ..allocator import keep_freed_memory
 from ..errors import InputError
 from ..quick_exit import exit_now
 from ..timing import process_age
-from .beside import Beside
+from .beside import ForkedChild
 from .events import EventWriter
 from .failures import EXIT_BAD_INPUT, describe_failure
 from .job import parse_job
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read the job file {path}: {getattr(error, 'strerror', None) or error}.") from error
         job = parse_job(text, source=f"job file {path}")
-        painter = Beside(warm_up) if job.pictures else None  # before the imports, where none were made (`beside`)
+        painter = ForkedChild(warm_up) if job.pictures else None  # before the imports, where none were made (`beside`)
         try:
             from .run import run_job
 

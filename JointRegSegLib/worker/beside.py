@@ -2,7 +2,7 @@
 
 Drawing the pictures (matplotlib, holding the GIL) and computing the metrics (numpy, HD95's search)
 are independent once the quality maps exist; in one process they run one after the other, in a
-thread they take turns at the GIL. A `Beside` forks its child when it is made, as early as the
+thread they take turns at the GIL. A `ForkedChild` forks its child process when it is made, as early as the
 caller can (the command line: before torch is imported, while the process is small and one core
 idles during the imports); the child runs its ``warm_up`` at once (matplotlib's imports) and then
 waits. `submit` sends it the work later, pickled (a module-level function and its arguments, e.g.
@@ -42,7 +42,7 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
-class Beside:
+class ForkedChild:
     """A child forked now (`can_fork`) that runs ``warm_up()`` and then the work `submit` sends it; elsewhere the
     work runs in this process when `result` is first asked for."""
 
@@ -77,7 +77,7 @@ class Beside:
         """Have the child run ``work(*args)`` (both pickled; sent on a thread, so a child still warming up does
         not hold the caller up)."""
         if self._work is not None:
-            raise RuntimeError("a Beside runs one piece of work")
+            raise RuntimeError("a ForkedChild runs one piece of work")
         self._work = (work, args)
         if self._pid is None:
             return

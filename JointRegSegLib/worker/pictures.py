@@ -1,5 +1,5 @@
 """A run's PNG pictures: what they show, cut from the run's volumes (`report.rows`), and their drawing
-(`report.figures`, matplotlib), which the run hands to a child process (`beside.Beside`)."""
+(`report.figures`, matplotlib), which the run hands to a child process (`beside.ForkedChild`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ FOLDER = "pictures"
 
 
 def warm_up() -> None:
-    """Import what drawing needs (matplotlib, about half a second), ahead of the work (`beside.Beside`)."""
+    """Import what drawing needs (matplotlib, about half a second), ahead of the work (`beside.ForkedChild`)."""
     from ..report import figures  # noqa: F401
 
 

@@ -35,7 +35,7 @@ from ..methods.catalogue import MethodInfo
 from ..methods.options import validate_options
 from ..timing import Stopwatch, process_age
 from ..weights import sha256_of
-from .beside import Beside
+from .beside import ForkedChild
 from .events import EventWriter
 from .failures import describe_failure
 from .job import INPUT_KEYS, Job
@@ -157,13 +157,13 @@ def seed_everything(seed: int) -> None:
 
 def run_job(
     job: Job, events: EventWriter, extra_outputs: ExtraOutputs | None = None, startup: float | None = None,
-    painter: Beside | None = None,
+    painter: ForkedChild | None = None,
 ) -> dict[str, Any]:
     """Run a job to completion; returns the `result` event's fields. Raises on failure (nothing written).
 
     The registration's files are written on a background thread (`outputs.BackgroundWriter`) while
     the result is evaluated, the maps while the metrics are computed; the pictures are drawn meanwhile
-    by a child process on Linux (``painter``, a `beside.Beside` warmed up with `pictures.warm_up`, forked by
+    by a child process on Linux (``painter``, a `beside.ForkedChild` warmed up with `pictures.warm_up`, forked by
     the caller as early as it can, else here; elsewhere they are drawn after the metrics); then the run waits
     for them. The caller closes its ``painter`` when the run returns or fails.
 
@@ -185,10 +185,10 @@ def run_job(
     resolve_inputs(job, method.info)
     staging = Staging(job.output, job.inputs(), job.overwrite, (*output_files(job.compress).values(), MANIFEST, PROVENANCE))
     writer = BackgroundWriter()
-    drawing: Beside | None = None
+    drawing: ForkedChild | None = None
     try:
         if job.pictures:
-            drawing = painter or Beside(warm_up)
+            drawing = painter or ForkedChild(warm_up)
         tick = time.monotonic()
         events.progress(0.0, "reading inputs")
         with watch.step("reading"):
