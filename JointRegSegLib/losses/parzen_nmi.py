@@ -40,13 +40,13 @@ class ParzenNMI:
         self.sigma = sigma_ratio / (bins - 1)
         self._selected: torch.Tensor | None = None
 
-    def select(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> "ParzenNMI":
-        """Use the fixed samples ``values`` (and their Parzen ``weights``, where known) from now on; the same
-        tensor again (every voxel of a small grid, step after step) keeps its weights and entropy."""
+    def select(self, values: torch.Tensor) -> "ParzenNMI":
+        """Use the fixed samples ``values`` from now on; the same tensor again (every voxel of a small grid, step
+        after step) keeps its Parzen weights and entropy."""
         if values is self._selected:
             return self
         self._selected = values
-        self.fixed_weights = weights if weights is not None else self.weights(values)
+        self.fixed_weights = self.weights(values)
         self.fixed_entropy = _entropy(self.fixed_weights.mean(dim=0))
         return self
 
