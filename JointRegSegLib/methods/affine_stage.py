@@ -269,11 +269,13 @@ def _fit(
         fixed_l = F.avg_pool3d(fixed, factor) if factor > 1 else fixed
         moving_l = F.avg_pool3d(moving, factor) if factor > 1 else moving
         fixed_values = fixed_l.reshape(-1)
-        pool, unpool = _pool_matrix(factor).numpy(), np.linalg.inv(_pool_matrix(factor).numpy())
+        pool = _pool_matrix(factor).numpy()
+        unpool = np.linalg.inv(pool)
         optimiser = Adam([params], lr=level_lr)
         nmi = ParzenNMI() if loss == "nmi" and count > 0 else None
         draw = _Draws(fixed_values.numel(), samples, generator)
-        every = _rows(None, fixed_values, fixed_l.shape[2:])  # the same tensors each step: their Parzen weights kept
+        # a grid with fewer voxels than the samples: the same tensors each step, their Parzen weights kept
+        every = _rows(None, fixed_values, fixed_l.shape[2:]) if draw.samples == draw.voxels else None
         for step in range(count):
             optimiser.lr = level_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(count, 1))))
             indices = draw()

@@ -167,8 +167,8 @@ _SHEAR_ENTRIES = ((0, 1), (0, 2), (1, 2))
 
 def _shear(shear: Sequence[float]) -> np.ndarray:
     shear_m = np.eye(3)
-    for (row, column), value in zip(_SHEAR_ENTRIES, shear):
-        shear_m[row, column] = float(value)
+    (a, b), (c, d), (e, f) = _SHEAR_ENTRIES
+    shear_m[a, b], shear_m[c, d], shear_m[e, f] = (float(s) for s in shear)  # exactly three, as before
     return shear_m
 
 
