@@ -385,8 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(done.code or 0)
     if argv is None and args.func in (cmd_register, cmd_demo):  # this process runs one job
         from .allocator import keep_freed_memory
+        from .openmp import sleeping_threads
 
         keep_freed_memory()
+        sleeping_threads()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..allocator import keep_freed_memory
 from ..errors import InputError
+from ..openmp import sleeping_threads
 from ..quick_exit import exit_now
 from ..timing import process_age
 from .beside import ForkedChild
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr  # anything printed by libraries must not corrupt the event stream
     install_cancel_handler(events)
     keep_freed_memory()
+    sleeping_threads()
     try:
         if len(argv) != 1:
             raise InputError("usage: python -m JointRegSegLib.worker JOB.json | --wait")
